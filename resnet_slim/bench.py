@@ -1,0 +1,121 @@
+"""Benchmark ONNX files on onnxruntime CPU: latency percentiles, throughput, size, peak memory,
+accuracy on the test split, and a fingerprint of the hardware the numbers came from.
+
+Timing wraps only `session.run`, after a warm-up that is discarded (as airbench does).
+Peak memory is measured in a fresh child process that only loads the model and runs it, so the
+number is what a deployment process would need, not what this benchmarking process holds.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from resnet_slim.errors import UserError
+from resnet_slim.export import check_input_size, make_session, run_onnx
+from resnet_slim.params import BenchmarkParams
+
+
+def latency_ms(session: ort.InferenceSession, image: np.ndarray, *, warmup: int, runs: int) -> dict:
+    name = session.get_inputs()[0].name
+    feed = {name: image}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times[i] = time.perf_counter() - start
+    times *= 1000.0
+    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
+            "p99_ms": float(np.percentile(times, 99)), "mean_ms": float(times.mean())}
+
+
+def throughput(session: ort.InferenceSession, batch: np.ndarray, *, runs: int = 5) -> float:
+    """Images per second at a larger batch (best of `runs`, after one warm-up run)."""
+    name = session.get_inputs()[0].name
+    session.run(None, {name: batch})
+    best = min(_timed(session, {name: batch}) for _ in range(runs))
+    return len(batch) / best
+
+
+def _timed(session, feed) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(path: str | Path, *, threads: int, image_size: int) -> dict:
+    """Peak resident memory of a fresh process that imports onnxruntime, loads, and runs the model.
+
+    Also reports the same process's peak before loading the model (the runtime's own share).
+    """
+    code = ("import sys, json, resource, numpy as np, onnxruntime as ort\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "o = ort.SessionOptions(); o.intra_op_num_threads = int(sys.argv[2])\n"
+            "s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+            "x = np.zeros((1, 3, int(sys.argv[3]), int(sys.argv[3])), np.float32)\n"
+            "[s.run(None, {s.get_inputs()[0].name: x}) for _ in range(10)]\n"
+            "print(json.dumps([base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(image_size)],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise UserError(f"{path}: the memory probe process failed: {result.stderr.strip()[-300:]}")
+    base_kb, peak_kb = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"peak_rss_mb": peak_kb / 1024.0, "runtime_rss_mb": base_kb / 1024.0}
+
+
+def onnx_stats(path: str | Path) -> dict:
+    """File size, parameter count and the op types in the file (before ORT's optimisation)."""
+    model = onnx.load(str(path))
+    n_params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    ops = sorted({node.op_type for node in model.graph.node})
+    return {"size_mb": Path(path).stat().st_size / 1e6, "params": n_params, "onnx_ops": ops}
+
+
+def top1(session: ort.InferenceSession, images: torch.Tensor, labels: torch.Tensor) -> float:
+    logits = run_onnx(session, images)
+    return float(100.0 * (logits.argmax(1) == labels.numpy()).mean())
+
+
+def benchmark_model(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
+                    p: BenchmarkParams) -> dict:
+    """Every number for one ONNX file. `images` are the normalised test split."""
+    image_size = images.shape[-1]
+    session = make_session(path, threads=p.threads)
+    check_input_size(session, image_size, path)
+    one = images[:1].numpy()
+    batch = images[:p.throughput_batch].numpy()
+    result = {"top1": top1(session, images, labels), "n_test": int(len(labels)), **onnx_stats(path)}
+    result.update(latency_ms(session, one, warmup=p.warmup, runs=p.runs))
+    result["throughput_ips"] = throughput(session, batch)
+    result["throughput_batch"] = int(len(batch))
+    result.update(peak_rss_mb(path, threads=p.threads, image_size=image_size))
+    result["threads"] = p.threads
+    return result
+
+
+def hardware_fingerprint() -> dict:
+    """Where the numbers were measured: CPU model, cores, the SIMD flags INT8 speed depends on."""
+    cpu_model, flags = platform.processor() or "unknown", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and cpu_model in ("unknown", "", "x86_64"):
+                cpu_model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu": cpu_model, "logical_cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+            "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}

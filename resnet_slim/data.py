@@ -1,0 +1,279 @@
+"""Datasets: read a source, split it, write it prepared; load prepared splits as batches.
+
+Sources: `digits` (scikit-learn's bundled 8x8 digits, the offline default), `imagefolder`
+(`root/<class>/<image>`), `cifar10` (torchvision's python-format files, never downloaded).
+A prepared dataset is a directory with one `.npz` per split (uint8 NHWC images + int64 labels),
+`manifest.csv` (one row per image) and `meta.json` (class names, size, normalisation).
+"""
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+
+from resnet_slim.errors import UserError
+from resnet_slim.io import atomic_path, read_json, write_json
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RawDataset:
+    images: np.ndarray  # uint8, N x H x W x 3, already resized
+    labels: np.ndarray  # int64, N
+    class_names: list[str]
+    ids: list[str]  # where each image came from
+    sha256: list[str]  # of the source bytes: finds duplicates and leaks across splits
+    sizes: list[tuple[int, int]]  # original (width, height)
+    skipped: list[str]  # files left out under on_bad_image=skip, with the reason
+
+
+def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
+    """The one preprocessing every image goes through: RGB, square `image_size`, uint8 HWC."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_digits(image_size: int) -> RawDataset:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    gray = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 levels -> 0..255
+    images = np.stack([to_rgb_array(Image.fromarray(g), image_size) for g in gray])
+    return RawDataset(images=images, labels=digits.target.astype(np.int64),
+                      class_names=[str(d) for d in range(10)],
+                      ids=[f"digits/{i}" for i in range(len(gray))],
+                      sha256=[hashlib.sha256(g.tobytes()).hexdigest() for g in gray],
+                      sizes=[(8, 8)] * len(gray), skipped=[])
+
+
+def load_imagefolder(root: Path, image_size: int, on_bad_image: str = "fail") -> RawDataset:
+    if not root.is_dir():
+        raise UserError(f"{root}: imagefolder root not found (expected {root}/<class>/<image>)")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise UserError(f"{root}: found {len(class_dirs)} class directories; need at least 2")
+    images, labels, ids, hashes, sizes, skipped = [], [], [], [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        kept_before = len(images)
+        for file in files:
+            rel = file.relative_to(root).as_posix()
+            try:
+                if file.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise ValueError(f"not an image file type ({file.suffix or 'no suffix'})")
+                data = file.read_bytes()
+                if not data:
+                    raise ValueError("empty file")
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()
+                    sizes.append(image.size)
+                    images.append(to_rgb_array(image, image_size))
+            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+                reason = f"{rel}: {err.__class__.__name__}: {err}"
+                if on_bad_image == "fail":
+                    raise UserError(f"bad image {reason} (set prepare.on_bad_image: skip to "
+                                    f"leave such files out)") from None
+                skipped.append(reason)
+                continue
+            labels.append(label)
+            ids.append(rel)
+            hashes.append(hashlib.sha256(data).hexdigest())
+        if len(images) == kept_before:
+            raise UserError(f"{class_dir}: class '{class_dir.name}' has no readable images")
+    return RawDataset(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64),
+                      class_names=[d.name for d in class_dirs], ids=ids, sha256=hashes,
+                      sizes=sizes, skipped=skipped)
+
+
+def load_cifar10(root: Path, image_size: int) -> RawDataset:
+    from torchvision.datasets import CIFAR10
+
+    parts = []
+    for train in (True, False):
+        try:
+            parts.append(CIFAR10(str(root), train=train, download=False))
+        except RuntimeError:
+            raise UserError(
+                f"{root}: CIFAR-10 not found. Download cifar-10-python.tar.gz from "
+                f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it so that "
+                f"{root}/cifar-10-batches-py/ exists (this tool never downloads)") from None
+    raw = np.concatenate([p.data for p in parts])
+    images = np.stack([to_rgb_array(Image.fromarray(a), image_size) for a in raw])
+    labels = np.concatenate([np.asarray(p.targets) for p in parts]).astype(np.int64)
+    split_names = ["train"] * len(parts[0].data) + ["test"] * len(parts[1].data)
+    return RawDataset(images=images, labels=labels, class_names=list(parts[0].classes),
+                      ids=[f"cifar10/{s}/{i}" for i, s in enumerate(split_names)],
+                      sha256=[hashlib.sha256(a.tobytes()).hexdigest() for a in raw],
+                      sizes=[(32, 32)] * len(raw), skipped=[])
+
+
+def select(raw: RawDataset, keep: np.ndarray) -> RawDataset:
+    """The images at indices `keep`, in that order."""
+    pick = lambda values: [values[i] for i in keep]  # noqa: E731
+    return RawDataset(images=raw.images[keep], labels=raw.labels[keep],
+                      class_names=raw.class_names, ids=pick(raw.ids), sha256=pick(raw.sha256),
+                      sizes=pick(raw.sizes), skipped=raw.skipped)
+
+
+def drop_duplicates(raw: RawDataset) -> tuple[RawDataset, int]:
+    """Keep the first copy of byte-identical images, so no image can land in two splits."""
+    _, first = np.unique(np.asarray(raw.sha256), return_index=True)
+    keep = np.sort(first)
+    return select(raw, keep), len(raw.ids) - len(keep)
+
+
+def subsample_per_class(raw: RawDataset, max_per_class: int, seed: int) -> RawDataset:
+    rng = np.random.default_rng(seed)
+    keep = np.sort(np.concatenate([
+        rng.permutation(np.flatnonzero(raw.labels == c))[:max_per_class]
+        for c in range(len(raw.class_names))]))
+    return select(raw, keep)
+
+
+def stratified_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float,
+                     seed: int) -> np.ndarray:
+    """Assign each index to train/val/test, keeping class proportions in every split."""
+    index = np.arange(len(labels))
+    try:
+        rest, test = train_test_split(index, test_size=test_fraction, stratify=labels,
+                                      random_state=seed)
+        train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction),
+                                      stratify=labels[rest], random_state=seed)
+    except ValueError as err:
+        raise UserError(f"cannot split {len(labels)} images into train/val/test with every class "
+                        f"in every split: {err}") from None
+    split = np.empty(len(labels), dtype=object)
+    split[train], split[val], split[test] = "train", "val", "test"
+    return split
+
+
+def write_prepared(out_dir: str | Path, raw: RawDataset, split: np.ndarray, extra_meta: dict) -> None:
+    """Write the prepared dataset directory atomically."""
+    train_pixels = raw.images[split == "train"].astype(np.float64) / 255.0
+    meta = {"class_names": raw.class_names, "image_size": int(raw.images.shape[1]),
+            "mean": train_pixels.mean(axis=(0, 1, 2)).round(6).tolist(),
+            "std": train_pixels.std(axis=(0, 1, 2)).clip(1e-3).round(6).tolist(),
+            "counts": {s: int((split == s).sum()) for s in SPLITS},
+            "skipped_images": raw.skipped, **extra_meta}
+    manifest = pd.DataFrame({
+        "id": raw.ids, "split": split, "label": raw.labels,
+        "class_name": [raw.class_names[label] for label in raw.labels], "sha256": raw.sha256,
+        "width": [w for w, _ in raw.sizes], "height": [h for _, h in raw.sizes]})
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name in SPLITS:
+            mask = split == name
+            np.savez(tmp / f"{name}.npz", images=raw.images[mask], labels=raw.labels[mask])
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+        write_json(tmp / "meta.json", meta)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, N x 3 x H x W
+    labels: torch.Tensor  # int64, N
+
+
+def load_meta(prepared_dir: str | Path) -> dict:
+    return read_json(Path(prepared_dir) / "meta.json", what="prepared dataset metadata")
+
+
+def load_manifest(prepared_dir: str | Path) -> pd.DataFrame:
+    path = Path(prepared_dir) / "manifest.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found; run the prepare stage first")
+    text_columns = {c: str for c in ("id", "split", "class_name", "sha256")}
+    return pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+
+
+def load_split(prepared_dir: str | Path, name: str) -> Split:
+    path = Path(prepared_dir) / f"{name}.npz"
+    if not path.is_file():
+        raise UserError(f"{path}: prepared split not found; run the prepare stage first")
+    with np.load(path) as arrays:
+        images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).contiguous()
+        return Split(images=images, labels=torch.from_numpy(arrays["labels"]))
+
+
+def normalize(images: torch.Tensor, meta: dict) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW, standardised with the training-set mean/std (the model input)."""
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def augment_batch(images: torch.Tensor, *, crop_padding: int, hflip: bool,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Random translation (pad + crop) and optional flip, done on a whole uint8 batch at once."""
+    n, _, h, w = images.shape
+    if crop_padding > 0:
+        padded = torch.nn.functional.pad(images, [crop_padding] * 4)
+        dx = torch.randint(0, 2 * crop_padding + 1, (n,), generator=generator)
+        dy = torch.randint(0, 2 * crop_padding + 1, (n,), generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, 3, h, w)
+        cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, 3, h, w)
+        batch = torch.arange(n).view(n, 1, 1, 1)
+        channel = torch.arange(3).view(1, 3, 1, 1)
+        images = padded[batch, channel, rows, cols]
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(flip.view(n, 1, 1, 1), images.flip(3), images)
+    return images
+
+
+class BatchLoader:
+    """Batches of (normalised images, targets...) from in-memory tensors.
+
+    Extra per-image tensors (e.g. cached teacher logits) ride along with the labels, so the
+    shared training loop can hand them to the loss unchanged.
+    """
+
+    def __init__(self, images: torch.Tensor, *targets: torch.Tensor, meta: dict, batch_size: int,
+                 shuffle: bool = False, augment=None, seed: int = 0):
+        self.images, self.targets, self.meta = images, targets, meta
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return (len(self.images) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = len(self.images)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            images = self.images[idx]
+            if self.augment is not None:
+                images = augment_batch(images, crop_padding=self.augment.crop_padding,
+                                       hflip=self.augment.hflip, generator=self.generator)
+            targets = tuple(t[idx] for t in self.targets)
+            yield normalize(images, self.meta), (targets[0] if len(targets) == 1 else targets)
+
+
+def train_val_loaders(prepared_dir: str | Path, *, batch_size: int, augment, seed: int):
+    """(train loader with augmentation and shuffling, val loader, meta) of a prepared dataset."""
+    meta = load_meta(prepared_dir)
+    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    train_loader = BatchLoader(train.images, train.labels, meta=meta, batch_size=batch_size,
+                               shuffle=True, augment=augment, seed=seed)
+    val_loader = BatchLoader(val.images, val.labels, meta=meta, batch_size=256)
+    return train_loader, val_loader, meta
+
+
+def normalized_split(prepared_dir: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as (normalised float images, labels): what exported models are fed."""
+    split = load_split(prepared_dir, name)
+    return normalize(split.images, load_meta(prepared_dir)), split.labels

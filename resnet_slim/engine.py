@@ -1,0 +1,140 @@
+"""The one training loop, shared by teacher training, fine-tuning, QAT and distillation.
+
+What differs between those is passed in: the loss (`loss_fn(logits, targets)`, e.g. cross-entropy
+or a distillation loss whose targets carry cached teacher logits), a hook that runs between
+`backward()` and `step()` (e.g. network slimming's L1 on BN gamma), and a per-epoch hook (e.g.
+freezing observers during QAT).
+"""
+
+import math
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from resnet_slim.errors import UserError
+from resnet_slim.params import TrainParams
+
+LossFn = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _labels(targets) -> torch.Tensor:
+    """Targets are labels, or a tuple whose first item is the labels (extras: cached logits)."""
+    return targets[0] if isinstance(targets, tuple) else targets
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(logits: torch.Tensor, targets) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, _labels(targets), label_smoothing=label_smoothing)
+    return loss_fn
+
+
+def make_optimizer(model: nn.Module, p: TrainParams, steps_per_epoch: int):
+    """SGD + nesterov with linear warm-up then cosine decay, stepped every batch."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            # no weight decay on BN / biases (1-D): it would fight network slimming's own L1
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": p.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0)
+    total = max(1, p.epochs * steps_per_epoch)
+    warmup = int(p.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: LossFn, *, scheduler=None,
+                    after_backward: Callable[[nn.Module], None] | None = None, epoch: int = 0,
+                    desc: str = "train") -> dict:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=None)
+    for step, (images, targets) in enumerate(bar):
+        logits = model(images)
+        loss = loss_fn(logits, targets)
+        if not torch.isfinite(loss):
+            raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step "
+                            f"{step + 1}; lower the learning rate (nothing was saved)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(model)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(images)
+        total_loss += loss.item() * n
+        correct += (logits.argmax(1) == _labels(targets)).sum().item()
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+    return {"loss": total_loss / seen, "top1": 100.0 * correct / seen}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of a loader, in order."""
+    model.eval()
+    logits, labels = [], []
+    for images, targets in loader:
+        logits.append(model(images))
+        labels.append(_labels(targets))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loader) -> dict:
+    logits, labels = predict(model, loader)
+    return {"loss": nn.functional.cross_entropy(logits, labels).item(),
+            "top1": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
+
+
+def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: LossFn,
+        live_dir: str | Path, desc: str,
+        after_backward: Callable[[nn.Module], None] | None = None,
+        on_epoch_start: Callable[[nn.Module, int], None] | None = None) -> list[dict]:
+    """Train for `p.epochs`, evaluating on `val_loader` after each epoch; log with DVCLive.
+
+    Returns the per-epoch history. The caller saves the final model (atomically).
+    """
+    from dvclive import Live
+
+    optimizer, scheduler = make_optimizer(model, p, len(train_loader))
+    history = []
+    # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.
+    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for epoch in range(p.epochs):
+            if on_epoch_start is not None:
+                on_epoch_start(model, epoch)
+            train = train_one_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
+                                    after_backward=after_backward, epoch=epoch, desc=desc)
+            val = evaluate(model, val_loader)
+            row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
+                   "val_loss": val["loss"], "val_top1": val["top1"],
+                   "lr": optimizer.param_groups[0]["lr"]}
+            for key, value in row.items():
+                if key != "epoch":
+                    live.log_metric(key, value)
+            live.next_step()
+            history.append(row)
+            print(f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
+                  f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%",
+                  flush=True)
+    return history

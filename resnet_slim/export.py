@@ -1,0 +1,90 @@
+"""Export to ONNX and check the file against PyTorch on real data (parity)."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from resnet_slim.errors import UserError
+from resnet_slim.io import atomic_path
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, image_size: int, opset: int) -> None:
+    """Write an ONNX model with a dynamic batch axis, named input/output, checked by onnx."""
+    model.eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # dynamo=False: the TorchScript exporter is the one that emits QuantizeLinear /
+        # DequantizeLinear for fake-quant modules, so FP32 and QAT models share one path.
+        torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          dynamo=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+
+def make_session(path: str | Path, *, threads: int = 1,
+                 optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with full graph optimisation and a fixed thread count."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX model not found")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise UserError(f"{path}: onnxruntime cannot load this model: {first_line}") from None
+    shape = session.get_inputs()[0].shape
+    if len(shape) != 4 or shape[1] != 3:
+        raise UserError(f"{path}: expected one NCHW input with 3 channels, got shape {shape}")
+    return session
+
+
+def check_input_size(session: ort.InferenceSession, image_size: int, path: str | Path) -> None:
+    _, _, h, w = session.get_inputs()[0].shape
+    if (isinstance(h, int) and h != image_size) or (isinstance(w, int) and w != image_size):
+        raise UserError(f"{path}: model expects {h}x{w} images but the dataset is "
+                        f"{image_size}x{image_size}")
+
+
+def run_onnx(session: ort.InferenceSession, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    outputs = [session.run(None, {name: images[i:i + batch_size].numpy()})[0]
+               for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs)
+
+
+@torch.no_grad()
+def parity(model: nn.Module, session: ort.InferenceSession, images: torch.Tensor) -> dict:
+    """Compare PyTorch and onnxruntime logits on the same (normalised) images."""
+    model.eval()
+    torch_logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)]).numpy()
+    onnx_logits = run_onnx(session, images)
+    return {"max_abs_diff": float(np.abs(torch_logits - onnx_logits).max()),
+            "top1_agreement": float((torch_logits.argmax(1) == onnx_logits.argmax(1)).mean()),
+            "n_images": int(len(images))}
+
+
+def check_parity(result: dict, *, min_top1_agreement: float, max_abs_diff: float | None) -> list[str]:
+    """The parity problems, if any (an empty list means the export is trusted)."""
+    problems = []
+    if not result["top1_agreement"] >= min_top1_agreement:
+        problems.append(f"top-1 agreement {result['top1_agreement']:.4f} < {min_top1_agreement}")
+    if max_abs_diff is not None and not result["max_abs_diff"] <= max_abs_diff:
+        problems.append(f"max |logit diff| {result['max_abs_diff']:.3g} > {max_abs_diff}")
+    return problems

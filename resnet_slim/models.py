@@ -1,0 +1,128 @@
+"""ResNets built from torchvision's blocks, with the width and the stem as builder arguments.
+
+With `width=64, small_input=False` the module tree and state_dict keys are exactly torchvision's
+`resnet18/34/50`, so weights trained elsewhere load unchanged. A pruned network is the same
+architecture plus per-layer channel counts (`arch["channels"]`), so checkpoints never pickle
+modules: `build_model(checkpoint["arch"])` rebuilds it and `load_state_dict` fills it.
+"""
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from resnet_slim.errors import UserError
+
+ARCHS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet (He et al. 2015, arXiv:1512.03385) with stage widths w, 2w, 4w, 8w."""
+
+    def __init__(self, block, layers: list[int], *, num_classes: int, width: int = 64,
+                 small_input: bool = False):
+        super().__init__()
+        self.inplanes = width
+        if small_input:
+            # CIFAR-style stem: a 7x7/2 conv plus max-pool would shrink 32 px to 8 px at once.
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of layer1..layer4 (for feature distillation)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)[-1]
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool = True) -> dict:
+    """The plain-data architecture record stored in every checkpoint."""
+    if name not in ARCHS:
+        raise UserError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}")
+    return {"name": name, "num_classes": int(num_classes), "width": int(width),
+            "small_input": bool(small_input), "channels": None}
+
+
+def build_model(arch: dict) -> nn.Module:
+    """Rebuild a model from its architecture record (pruned channel counts included)."""
+    try:
+        block, layers = ARCHS[arch["name"]]
+        model = ResNet(block, layers, num_classes=arch["num_classes"], width=arch["width"],
+                       small_input=arch["small_input"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"bad architecture record {arch!r}: {err}") from None
+    if arch.get("channels"):
+        resize_to_channels(model, arch["channels"])
+    return model
+
+
+def channel_record(model: nn.Module) -> dict[str, list[int]]:
+    """[out, in] channels of every conv, [features] of every BN and [out, in] of the classifier."""
+    record = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            record[name] = [module.out_channels, module.in_channels]
+        elif isinstance(module, nn.BatchNorm2d):
+            record[name] = [module.num_features]
+        elif isinstance(module, nn.Linear):
+            record[name] = [module.out_features, module.in_features]
+    return record
+
+
+def resize_to_channels(model: nn.Module, channels: dict[str, list[int]]) -> None:
+    """Re-create conv/BN/linear layers with recorded channel counts (weights are loaded after)."""
+    for name, module in list(model.named_modules()):
+        if name not in channels:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, nn.Conv2d):
+            out_c, in_c = channels[name]
+            new = nn.Conv2d(in_c, out_c, module.kernel_size, module.stride, module.padding,
+                            module.dilation, module.groups, module.bias is not None)
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(channels[name][0], eps=module.eps, momentum=module.momentum)
+        elif isinstance(module, nn.Linear):
+            out_f, in_f = channels[name]
+            new = nn.Linear(in_f, out_f, bias=module.bias is not None)
+        else:
+            raise UserError(f"architecture record names {name!r}, which is a "
+                            f"{module.__class__.__name__}, not a conv/BN/linear layer")
+        setattr(parent, child, new)

@@ -1,0 +1,131 @@
+"""Typed params.yaml: one pydantic model per stage section; unknown keys and bad values are errors.
+
+Every stage validates the whole file at start, so a typo anywhere (`prune.raito`) fails fast with
+one line naming the key, the value and what is allowed.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from resnet_slim.errors import UserError
+
+PosInt = Field(gt=0)
+Fraction = Field(ge=0.0, lt=1.0)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(Section):
+    seed: int = 0  # splits, weight init and data order
+    threads: int = Field(2, ge=1)  # torch intra-op threads for training
+
+
+class PrepareParams(Section):
+    source: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    root: str | None = None  # imagefolder / cifar10 directory, relative to the repo root
+    image_size: int = Field(16, ge=8, le=512)  # px; every image is resized to a square of this side
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    max_images_per_class: int | None = Field(None, gt=0)  # subsample big datasets for quick runs
+    on_bad_image: Literal["skip", "fail"] = "fail"  # unreadable / corrupt image files
+
+
+class ValidateDataParams(Section):
+    min_class_share: float = Field(0.02, ge=0.0, le=1.0)  # each class ≥ this share of every split
+    max_class_share: float = Field(0.5, ge=0.0, le=1.0)  # and ≤ this share
+
+
+class Augment(Section):
+    crop_padding: int = Field(2, ge=0)  # px of zero padding before a random crop back to size
+    hflip: bool = False  # random horizontal flip (wrong for digits, right for CIFAR-style photos)
+
+
+class TrainParams(Section):
+    """Hyper-parameters of one run of the shared training loop."""
+
+    epochs: int = PosInt
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.1, gt=0.0)  # peak learning rate (SGD, nesterov momentum)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)  # linear warm-up, then cosine decay to zero
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    augment: Augment = Augment()
+
+
+class TeacherParams(TrainParams):
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    width: int = Field(64, gt=0)  # channels of the first stage; 64 is the standard ResNet
+    small_input: bool = True  # 3x3 stride-1 stem and no max-pool, for images of ≤ 64 px
+
+
+class ExportParams(Section):
+    opset: int = Field(17, ge=13)
+    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)  # ONNX vs PyTorch argmax agreement
+    max_abs_diff: float = Field(1e-3, gt=0.0)  # largest |logit difference| allowed (FP32 models)
+
+
+class PtqParams(Section):
+    calibration_images: int = Field(256, gt=0)  # training images fed to the calibrator
+    per_channel: bool = True  # per-output-channel weight scales (better accuracy for convs)
+
+
+class BenchmarkParams(Section):
+    threads: int = Field(1, ge=1)  # onnxruntime intra-op threads for the latency numbers
+    warmup: int = Field(50, ge=0)  # untimed batch-1 runs before timing
+    runs: int = Field(300, gt=0)  # timed batch-1 runs
+    throughput_batch: int = Field(64, gt=0)
+
+
+class GateParams(Section):
+    release: str = "teacher_ptq_int8"  # model (benchmark name) the pipeline would ship
+    reference: str = "teacher"  # the FP32 teacher it is compared with
+    max_acc_drop_pp: float = 1.0  # top-1 may drop at most this many percentage points
+    min_speedup: float = Field(2.0, ge=0.0)  # reference p50 / release p50, batch 1
+    max_size_ratio: float = Field(0.3, gt=0.0)  # release file size / reference file size
+    max_size_mb: float | None = Field(None, gt=0.0)  # optional absolute cap
+    enforce: bool = True  # false: record failures in gate.json but exit 0 (for sweeps)
+
+
+class Params(Section):
+    base: BaseParams = BaseParams()
+    prepare: PrepareParams = PrepareParams()
+    validate_data: ValidateDataParams = ValidateDataParams()
+    teacher: TeacherParams
+    export: ExportParams = ExportParams()
+    ptq: PtqParams = PtqParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    gate: GateParams = GateParams()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (typo?)"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise UserError(f"{source}: {problems}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, source=str(path))

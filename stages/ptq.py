@@ -1,0 +1,30 @@
+"""ptq: onnxruntime post-training INT8 (static QDQ, calibrated) of an FP32 ONNX file: the baseline a
+user gets without this pipeline."""
+
+import argparse
+
+from resnet_slim.data import normalized_split
+from resnet_slim.errors import run_stage
+from resnet_slim.params import load_params
+from resnet_slim.quant import calibration_images, quantize_static_int8
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("fp32_onnx")
+    parser.add_argument("int8_onnx")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+
+    train_images, _ = normalized_split(args.data, "train")
+    calibration = calibration_images(train_images, params.ptq.calibration_images,
+                                     seed=params.base.seed)
+    quantize_static_int8(args.fp32_onnx, args.int8_onnx, calibration,
+                         per_channel=params.ptq.per_channel)
+    print(f"ptq: {args.fp32_onnx} -> {args.int8_onnx} ({len(calibration)} calibration images)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))
