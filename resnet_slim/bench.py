@@ -53,20 +53,27 @@ def _timed(session, feed) -> float:
     return time.perf_counter() - start
 
 
+_RSS_PROBE = """
+import json, sys, numpy as np, onnxruntime as ort
+def hwm_kb():  # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, via fork)
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
+base = hwm_kb()
+o = ort.SessionOptions(); o.intra_op_num_threads = int(sys.argv[2])
+s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])
+x = np.zeros((1, 3, int(sys.argv[3]), int(sys.argv[3])), np.float32)
+for _ in range(10):
+    s.run(None, {s.get_inputs()[0].name: x})
+print(json.dumps([base, hwm_kb()]))
+"""
+
+
 def peak_rss_mb(path: str | Path, *, threads: int, image_size: int) -> dict:
     """Peak resident memory of a fresh process that imports onnxruntime, loads, and runs the model.
 
-    Also reports the same process's peak before loading the model (the runtime's own share).
+    Also reports that process's peak before loading the model (the runtime's own share).
     """
-    code = ("import sys, json, resource, numpy as np, onnxruntime as ort\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "o = ort.SessionOptions(); o.intra_op_num_threads = int(sys.argv[2])\n"
-            "s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
-            "x = np.zeros((1, 3, int(sys.argv[3]), int(sys.argv[3])), np.float32)\n"
-            "[s.run(None, {s.get_inputs()[0].name: x}) for _ in range(10)]\n"
-            "print(json.dumps([base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(image_size)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(threads),
+                             str(image_size)], capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise UserError(f"{path}: the memory probe process failed: {result.stderr.strip()[-300:]}")
     base_kb, peak_kb = json.loads(result.stdout.strip().splitlines()[-1])

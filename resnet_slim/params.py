@@ -64,6 +64,38 @@ class TeacherParams(TrainParams):
     small_input: bool = True  # 3x3 stride-1 stem and no max-pool, for images of ≤ 64 px
 
 
+class SparsityParams(TrainParams):
+    """Network slimming's sparsity training: the shared loop plus L1 on every BN gamma."""
+
+    epochs: int = Field(2, ge=0)  # 0: prune the teacher's gammas as they are
+    lr: float = Field(0.02, gt=0.0)
+    l1_lambda: float = Field(1e-4, ge=0.0)  # weight of sum|gamma| (Liu et al. 2017 use 1e-4..1e-5)
+
+
+class PruneParams(Section):
+    method: Literal["bn_slimming", "l1_filter", "magnitude"] = "bn_slimming"
+    ratio: float = Field(0.3, ge=0.0, lt=1.0)  # fraction of prunable channels removed
+    global_pruning: bool = True  # rank channels across layers (true) or within each layer
+    round_to: int | None = Field(16, ge=1)  # keep channel counts multiples of this (int8 kernels)
+    kd_alpha: float = Field(0.0, ge=0.0, le=1.0)  # fine-tune with the teacher as soft target (0: off)
+    temperature: float = Field(4.0, gt=0.0)  # KD softmax temperature
+    sparsity: SparsityParams = SparsityParams()
+    finetune: TrainParams = TrainParams(epochs=4, lr=0.02, warmup_epochs=0.0)
+
+
+class QatParams(TrainParams):
+    """Quantization-aware training (fake-quant INT8) starting from the pruned FP32 model."""
+
+    epochs: int = Field(3, gt=0)
+    lr: float = Field(0.005, gt=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    freeze_observer_epoch: int = Field(2, ge=0)  # stop updating activation ranges from this epoch
+    freeze_bn_epoch: int = Field(1, ge=0)  # use running BN statistics from this epoch on
+    calibration_images: int = Field(256, gt=0)  # images to initialise observers before training
+    max_top1_diff_pp: float = Field(1.0, ge=0.0)  # ONNX vs PyTorch QAT top-1 on the test split
+
+
 class ExportParams(Section):
     opset: int = Field(17, ge=13)
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)  # ONNX vs PyTorch argmax agreement
@@ -97,6 +129,8 @@ class Params(Section):
     prepare: PrepareParams = PrepareParams()
     validate_data: ValidateDataParams = ValidateDataParams()
     teacher: TeacherParams
+    prune: PruneParams = PruneParams()
+    qat: QatParams = QatParams()
     export: ExportParams = ExportParams()
     ptq: PtqParams = PtqParams()
     benchmark: BenchmarkParams = BenchmarkParams()
