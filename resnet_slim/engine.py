@@ -1,9 +1,9 @@
 """The one training loop, shared by teacher training, fine-tuning, QAT and distillation.
 
-What differs between those is passed in: the loss (`loss_fn(logits, targets)`, e.g. cross-entropy
-or a distillation loss whose targets carry cached teacher logits), a hook that runs between
-`backward()` and `step()` (e.g. network slimming's L1 on BN gamma), and a per-epoch hook (e.g.
-freezing observers during QAT).
+What differs between those is passed in: the loss (`loss_fn(model, images, targets) -> (loss,
+logits)`, so it may run the forward its own way: cross-entropy, or distillation that also needs
+student features and a teacher), a hook that runs between `backward()` and `step()` (network
+slimming's L1 on BN gamma), and a per-epoch hook (freezing observers / BN statistics in QAT).
 """
 
 import math
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from resnet_slim.errors import UserError
 from resnet_slim.params import TrainParams
 
-LossFn = Callable[[torch.Tensor, object], torch.Tensor]
+LossFn = Callable[[nn.Module, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -36,8 +36,10 @@ def _labels(targets) -> torch.Tensor:
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(logits: torch.Tensor, targets) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, _labels(targets), label_smoothing=label_smoothing)
+    def loss_fn(model: nn.Module, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, _labels(targets), label_smoothing=label_smoothing)
+        return loss, logits
     return loss_fn
 
 
@@ -69,8 +71,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: LossFn, *, sch
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=None)
     for step, (images, targets) in enumerate(bar):
-        logits = model(images)
-        loss = loss_fn(logits, targets)
+        loss, logits = loss_fn(model, images, targets)
         if not torch.isfinite(loss):
             raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step "
                             f"{step + 1}; lower the learning rate (nothing was saved)")
