@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from resnet_slim import engine
+from resnet_slim.data import train_val_loaders
+from resnet_slim.errors import UserError
+from resnet_slim.io import load_checkpoint, save_checkpoint
+from resnet_slim.models import build_model, channel_record, make_arch
+from resnet_slim.params import TrainParams
+
+
+def test_fit_learns_and_logs_with_dvclive(tiny_prepared, tmp_path):
+    engine.seed_everything(0, 2)
+    # no translation: a 2 px shift is a quarter of these 8 px images and slows learning a lot
+    p = TrainParams(epochs=6, lr=0.05, batch_size=16, warmup_epochs=0.5, augment={"crop_padding": 0})
+    train, val, meta = train_val_loaders(tiny_prepared, batch_size=16, augment=p.augment, seed=0)
+    model = build_model(make_arch(name="resnet18", num_classes=10, width=16))
+    before = engine.evaluate(model, val)["top1"]
+    history = engine.fit(model, train, val, p, loss_fn=engine.cross_entropy(), live_dir=tmp_path / "live",
+                         desc="test")
+    assert len(history) == 6
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_top1"] > max(before, 80.0)  # 10 classes: chance is 10%
+    assert (tmp_path / "live" / "metrics.json").is_file()
+    assert (tmp_path / "live" / "plots" / "metrics" / "val_top1.tsv").is_file()
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_prepared, tmp_path):
+    train, val, _ = train_val_loaders(tiny_prepared, batch_size=32, augment=None, seed=0)
+    model = build_model(make_arch(name="resnet18", num_classes=10, width=8))
+
+    def exploding(model, images, targets):
+        logits = model(images)
+        return logits.sum() * float("nan"), logits
+
+    with pytest.raises(UserError, match="epoch 1, step 1"):
+        engine.fit(model, train, val, TrainParams(epochs=1), loss_fn=exploding,
+                   live_dir=tmp_path / "live", desc="test")
+
+
+def test_after_backward_hook_runs_between_backward_and_step(tiny_prepared):
+    train, _, _ = train_val_loaders(tiny_prepared, batch_size=64, augment=None, seed=0)
+    model = build_model(make_arch(name="resnet18", num_classes=10, width=8))
+    grads_seen = []
+    optimizer, _ = engine.make_optimizer(model, TrainParams(epochs=1), len(train))
+    engine.train_one_epoch(model, train, optimizer, engine.cross_entropy(),
+                           after_backward=lambda m: grads_seen.append(m.fc.weight.grad is not None))
+    assert grads_seen == [True] * len(train)
+
+
+def test_warmup_then_cosine_schedule():
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = engine.make_optimizer(model, TrainParams(epochs=2, lr=1.0, warmup_epochs=1), 10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 0.05
+
+
+def test_checkpoint_round_trip_rebuilds_from_arch(tmp_path, tiny_model):
+    arch = make_arch(name="resnet18", num_classes=10, width=8)
+    save_checkpoint(tmp_path / "m.pt", model=tiny_model, arch=arch, params={"lr": 0.1}, metrics={"top1": 1.0})
+    checkpoint = load_checkpoint(tmp_path / "m.pt")
+    model = build_model(checkpoint["arch"])
+    model.load_state_dict(checkpoint["state_dict"])
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model.eval()(x), tiny_model(x))
+    assert channel_record(model) == channel_record(tiny_model)
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    torch.save({"state_dict": {}, "arch": {}, "evil": object()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_torchvision_layout_is_kept_for_the_standard_width():
+    import torchvision
+
+    ours = build_model(make_arch(name="resnet50", num_classes=1000, width=64, small_input=False))
+    theirs = torchvision.models.resnet50()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+        {k: v.shape for k, v in theirs.state_dict().items()}

@@ -1,0 +1,84 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from resnet_slim.bench import benchmark_model, hardware_fingerprint, latency_ms
+from resnet_slim.data import normalized_split
+from resnet_slim.errors import UserError
+from resnet_slim.export import check_parity, export_onnx, make_session, parity
+from resnet_slim.params import BenchmarkParams
+from resnet_slim.quant import calibration_images, quantize_static_int8
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path, tiny_model):
+    path = tmp_path / "tiny.onnx"
+    export_onnx(tiny_model, path, image_size=8, opset=17)
+    return path
+
+
+def test_export_has_named_io_and_dynamic_batch(tiny_onnx, tiny_model):
+    graph = onnx.load(str(tiny_onnx)).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
+    session = make_session(tiny_onnx)
+    out = session.run(None, {"input": np.zeros((5, 3, 8, 8), np.float32)})[0]
+    assert out.shape == (5, 10)
+
+
+def test_parity_agrees_for_a_faithful_export_and_catches_a_wrong_one(tiny_onnx, tiny_model, tiny_prepared):
+    images, _ = normalized_split(tiny_prepared, "test")
+    result = parity(tiny_model, make_session(tiny_onnx), images)
+    assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
+    assert check_parity(result, min_top1_agreement=0.99, max_abs_diff=1e-3) == []
+    torch.manual_seed(1)
+    other = type(tiny_model)  # a differently initialised model stands in for a broken export
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(torch.randn_like(p))
+    bad = parity(tiny_model, make_session(tiny_onnx), images)
+    problems = check_parity(bad, min_top1_agreement=0.99, max_abs_diff=1e-3)
+    assert problems and "max |logit diff|" in " ".join(problems)
+    assert other is not None
+
+
+def test_broken_or_wrong_shape_onnx_is_a_clear_error(tmp_path, tiny_onnx):
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="onnxruntime cannot load"):
+        make_session(tmp_path / "junk.onnx")
+    images = torch.zeros(4, 3, 16, 16)
+    from resnet_slim.export import check_input_size
+    session = make_session(tiny_onnx)
+    check_input_size(session, 8, tiny_onnx)  # dynamic H/W from export: accepted
+
+
+def test_benchmark_reports_every_number(tiny_onnx, tiny_prepared):
+    images, labels = normalized_split(tiny_prepared, "test")
+    result = benchmark_model(tiny_onnx, images, labels, BenchmarkParams(warmup=2, runs=20, throughput_batch=8))
+    for key in ("top1", "p50_ms", "p90_ms", "p99_ms", "size_mb", "params", "throughput_ips",
+                "peak_rss_mb", "runtime_rss_mb"):
+        assert np.isfinite(result[key]) and result[key] > 0, key
+    assert result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"]
+    assert result["peak_rss_mb"] > result["runtime_rss_mb"]
+    assert result["peak_rss_mb"] < 2000  # the probe's own peak, not the test process's
+    assert "Conv" in result["onnx_ops"]
+
+
+def test_latency_percentiles_are_ordered(tiny_onnx):
+    stats = latency_ms(make_session(tiny_onnx), np.zeros((1, 3, 8, 8), np.float32), warmup=1, runs=30)
+    assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+
+
+def test_static_ptq_quantizes_convs_and_shrinks_the_file(tmp_path, tiny_onnx, tiny_prepared):
+    images, labels = normalized_split(tiny_prepared, "train")
+    out = tmp_path / "int8.onnx"
+    quantize_static_int8(tiny_onnx, out, calibration_images(images, 64, seed=0))
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    with pytest.raises(UserError, match="empty"):
+        calibration_images(images[:0], 64, seed=0)
+
+
+def test_hardware_fingerprint_names_cpu_and_int8_flags():
+    hw = hardware_fingerprint()
+    assert hw["logical_cores"] >= 1 and "avx512_vnni" in hw and hw["onnxruntime"]
