@@ -32,8 +32,36 @@ def _check(name: str, *, measured, threshold, op: str, unit: str, error: str | N
 
 
 def evaluate_gate(results: dict, g: GateParams) -> dict:
-    """Run every check; returns {"passed", "release", "reference", "checks", "failed"}."""
-    ref, rel = g.reference, g.release
+    """Gate the release model; with `release: auto`, pick the fastest candidate that passes.
+
+    Returns {"passed", "release", "reference", "checks", "failed", "selection"}.
+    """
+    if g.release != "auto":
+        return {**check_release(results, g, g.release), "selection": None}
+    if not g.candidates:
+        verdict = check_release(results, g, "auto")
+        return {**verdict, "failed": ["gate.release is auto but gate.candidates is empty"],
+                "passed": False, "selection": None}
+    verdicts = [check_release(results, g, name) for name in g.candidates]
+    passing = [v for v in verdicts if v["passed"]]
+    speed = {c: _number(results, c, "p50_ms")[0] for c in g.candidates}
+    if passing:
+        chosen = min(passing, key=lambda v: speed[v["release"]])
+        why = (f"fastest of {len(passing)} candidate(s) passing every check "
+               f"(p50 {speed[chosen['release']]:.4g} ms)")
+    else:
+        chosen = verdicts[0]  # report the first candidate's checks; every failure is listed
+        why = "no candidate passed every check"
+        chosen = {**chosen, "failed": [f"{v['release']}: {f}" for v in verdicts for f in v["failed"]]}
+    selection = {"why": why, "candidates": [
+        {"model": v["release"], "passed": v["passed"], "p50_ms": speed[v["release"]],
+         "failed": v["failed"]} for v in verdicts]}
+    return {**chosen, "selection": selection}
+
+
+def check_release(results: dict, g: GateParams, rel: str) -> dict:
+    """Every check for one release model against the reference."""
+    ref = g.reference
     checks = []
 
     ref_top1, err1 = _number(results, ref, "top1")

@@ -96,6 +96,26 @@ class QatParams(TrainParams):
     max_top1_diff_pp: float = Field(1.0, ge=0.0)  # ONNX vs PyTorch QAT top-1 on the test split
 
 
+class StudentArch(Section):
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    width: int = Field(16, gt=0)  # 16 = 1/4 of the standard width: ~1/16 of the MACs
+    small_input: bool = True
+
+
+class DistillParams(TrainParams):
+    """Teacher -> student distillation with the shared loop (Hinton et al. 2015 + FitNets)."""
+
+    student: StudentArch = StudentArch()
+    epochs: int = Field(15, gt=0)
+    lr: float = Field(0.05, gt=0.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)  # weight of the soft (KL) term
+    temperature: float = Field(4.0, gt=0.0)
+    feature_weight: float = Field(0.0, ge=0.0)  # β of the feature MSE term (0: logits only)
+    feature_stages: list[Literal[1, 2, 3, 4]] = [4]  # teacher stages matched by feature KD
+    cache_teacher: bool = True  # reuse cached teacher outputs (see resnet_slim/distill.py)
+    train_baseline: bool = True  # also train the same student without the teacher, for the report
+
+
 class ExportParams(Section):
     opset: int = Field(17, ge=13)
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)  # ONNX vs PyTorch argmax agreement
@@ -115,7 +135,8 @@ class BenchmarkParams(Section):
 
 
 class GateParams(Section):
-    release: str = "teacher_ptq_int8"  # model (benchmark name) the pipeline would ship
+    release: str = "auto"  # a benchmark name (ONNX file stem), or auto: the fastest passing candidate
+    candidates: list[str] = []  # models `auto` chooses among
     reference: str = "teacher"  # the FP32 teacher it is compared with
     max_acc_drop_pp: float = 1.0  # top-1 may drop at most this many percentage points
     min_speedup: float = Field(2.0, ge=0.0)  # reference p50 / release p50, batch 1
@@ -131,6 +152,7 @@ class Params(Section):
     teacher: TeacherParams
     prune: PruneParams = PruneParams()
     qat: QatParams = QatParams()
+    distill: DistillParams = DistillParams()
     export: ExportParams = ExportParams()
     ptq: PtqParams = PtqParams()
     benchmark: BenchmarkParams = BenchmarkParams()

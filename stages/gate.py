@@ -25,10 +25,12 @@ def main(argv=None) -> int:
         mark = "PASS" if check["passed"] else "FAIL"
         print(f"gate: {mark} {check['name']}: {check['measured']} {check['op']} {check['threshold']}"
               + (f" ({check['reason']})" if check["reason"] else ""))
+    if verdict["selection"]:
+        print(f"gate: release auto -> '{verdict['release']}': {verdict['selection']['why']}")
     if verdict["passed"]:
-        print(f"gate: release '{g.release}' passed every check")
+        print(f"gate: release '{verdict['release']}' passed every check")
         return 0
-    message = f"gate: release '{g.release}' FAILED: " + "; ".join(verdict["failed"])
+    message = f"gate: release '{verdict['release']}' FAILED: " + "; ".join(verdict["failed"])
     if not g.enforce:
         print(message + " (gate.enforce is false: recorded, not enforced)")
         return 0

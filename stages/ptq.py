@@ -6,13 +6,14 @@ import argparse
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import run_stage
 from resnet_slim.params import load_params
-from resnet_slim.quant import calibration_images, quantize_static_int8
+from resnet_slim.quant import calibration_images, quantize_dynamic_int8, quantize_static_int8
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("fp32_onnx")
     parser.add_argument("int8_onnx")
+    parser.add_argument("--dynamic-out", help="also write onnxruntime dynamic INT8 here")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="data/prepared")
     args = parser.parse_args(argv)
@@ -24,6 +25,9 @@ def main(argv=None) -> None:
     quantize_static_int8(args.fp32_onnx, args.int8_onnx, calibration,
                          per_channel=params.ptq.per_channel)
     print(f"ptq: {args.fp32_onnx} -> {args.int8_onnx} ({len(calibration)} calibration images)")
+    if args.dynamic_out:
+        quantize_dynamic_int8(args.fp32_onnx, args.dynamic_out)
+        print(f"ptq: {args.fp32_onnx} -> {args.dynamic_out} (dynamic)")
 
 
 if __name__ == "__main__":

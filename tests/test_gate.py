@@ -55,3 +55,32 @@ def test_fails_closed_on_missing_or_malformed_metrics(broken, reason):
     verdict = evaluate_gate(results, GATE)
     assert not verdict["passed"]
     assert any(reason in f for f in verdict["failed"]), verdict["failed"]
+
+
+AUTO = GATE.model_copy(update={"release": "auto", "candidates": ["slow", "fast", "inaccurate"]})
+CANDIDATES = {"teacher": GOOD["teacher"],
+              "slow": {"top1": 98.0, "p50_ms": 0.7, "size_mb": 1.0},
+              "fast": {"top1": 97.9, "p50_ms": 0.3, "size_mb": 1.0},
+              "inaccurate": {"top1": 90.0, "p50_ms": 0.1, "size_mb": 0.5}}
+
+
+def test_auto_release_picks_the_fastest_candidate_that_passes():
+    verdict = evaluate_gate(CANDIDATES, AUTO)
+    assert verdict["passed"] and verdict["release"] == "fast"
+    assert "fastest of 2 candidate(s)" in verdict["selection"]["why"]
+    assert [c["passed"] for c in verdict["selection"]["candidates"]] == [True, True, False]
+
+
+def test_auto_release_fails_when_no_candidate_passes_and_names_every_failure():
+    results = {**CANDIDATES, "slow": {**CANDIDATES["slow"], "top1": 50.0},
+               "fast": {"top1": 97.9, "p50_ms": 0.3}}
+    verdict = evaluate_gate(results, AUTO)
+    assert not verdict["passed"] and verdict["selection"]["why"] == "no candidate passed every check"
+    failed = " ".join(verdict["failed"])
+    assert "slow: accuracy_drop_pp" in failed and "fast: metric fast.size_mb is missing" in failed
+    assert "inaccurate: accuracy_drop_pp" in failed
+
+
+def test_auto_release_without_candidates_fails_closed():
+    verdict = evaluate_gate(CANDIDATES, AUTO.model_copy(update={"candidates": []}))
+    assert not verdict["passed"] and "candidates is empty" in verdict["failed"][0]

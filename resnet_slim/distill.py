@@ -1,0 +1,130 @@
+"""Knowledge distillation: a small student learns from the FP32 teacher's logits and features.
+
+Loss (Hinton et al. 2015, arXiv:1503.02531; feature term as in FitNets, arXiv:1412.6550):
+    α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y) + β·Σ_stages MSE(proj(s_k), t_k)
+The T² keeps the soft term's gradient scale independent of T.
+
+Teacher outputs are computed once per training image and cached (a DVC-tracked file keyed by the
+teacher checkpoint's hash), so re-running distillation with another α or T never re-runs the
+teacher. The cache is exact when the student sees the same un-augmented images; with augmentation
+on, the student sees shifted/flipped images while the targets stay those of the clean image (a
+common, cheap approximation) — set `distill.cache_teacher: false` to run the teacher on every
+augmented batch instead (exact, slower).
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from resnet_slim.errors import UserError
+from resnet_slim.io import atomic_path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, images: torch.Tensor, *, stages: list[int],
+                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Logits and the chosen stage outputs (1..4 = layer1..layer4) for every image, in order."""
+    teacher.eval()
+    logits, features = [], {k: [] for k in stages}
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        stage_outputs = teacher.forward_features(batch)
+        logits.append(teacher.fc(torch.flatten(teacher.avgpool(stage_outputs[-1]), 1)))
+        for k in stages:
+            features[k].append(stage_outputs[k - 1])
+    return {"logits": torch.cat(logits), **{f"layer{k}": torch.cat(v) for k, v in features.items()}}
+
+
+def save_teacher_cache(path: str | Path, outputs: dict[str, torch.Tensor], *, teacher_sha256: str,
+                       n_images: int) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"outputs": outputs, "teacher_sha256": teacher_sha256, "n_images": n_images}, tmp)
+
+
+def load_teacher_cache(path: str | Path, *, teacher_sha256: str, n_images: int) -> dict:
+    """Cached outputs, refused when they belong to another teacher or another training split."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: teacher-output cache not found; run the cache_teacher stage")
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    if cache.get("teacher_sha256") != teacher_sha256:
+        raise UserError(f"{path}: cached outputs are from another teacher checkpoint "
+                        f"({str(cache.get('teacher_sha256'))[:12]} != {teacher_sha256[:12]}); "
+                        f"re-run the cache_teacher stage")
+    if cache.get("n_images") != n_images:
+        raise UserError(f"{path}: cache holds {cache.get('n_images')} images, the training split "
+                        f"has {n_images}; re-run the cache_teacher stage")
+    return cache["outputs"]
+
+
+def kd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                  *, alpha: float, temperature: float) -> torch.Tensor:
+    """α·T²·KL(p_t^T ‖ p_s^T) + (1−α)·CE(s, y)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"distill.alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise UserError(f"distill.temperature must be > 0, got {temperature}")
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return alpha * temperature ** 2 * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+class StudentWithProjectors(nn.Module):
+    """The student plus 1x1-conv projectors to the teacher's channel counts (training only).
+
+    `forward` is the student's, so evaluation and export see the plain student; the projectors
+    sit here so the shared loop's optimizer trains them too.
+    """
+
+    def __init__(self, student: nn.Module, projections: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.student = student
+        self.projectors = nn.ModuleDict({
+            name: nn.Conv2d(c_student, c_teacher, kernel_size=1, bias=False)
+            for name, (c_student, c_teacher) in projections.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def stage_channels(model: nn.Module, image_size: int, stages: list[int]) -> dict[str, int]:
+    with torch.no_grad():
+        outputs = model.eval().forward_features(torch.zeros(1, 3, image_size, image_size))
+    return {f"layer{k}": outputs[k - 1].shape[1] for k in stages}
+
+
+def distillation_loss(*, alpha: float, temperature: float, feature_weight: float,
+                      teacher: nn.Module | None = None, stages: list[int] = ()):
+    """A loss for the shared loop. Targets are (labels, teacher_logits, *teacher_features) from
+    the cache, or just labels when `teacher` is given (run on each batch: exact under augmentation).
+    """
+    def loss_fn(model: StudentWithProjectors, images: torch.Tensor, targets):
+        if teacher is not None:
+            labels = targets[0] if isinstance(targets, tuple) else targets
+            cached = teacher_outputs(teacher, images, stages=list(stages), batch_size=len(images))
+            t_logits, t_features = cached["logits"], [cached[f"layer{k}"] for k in stages]
+        else:
+            labels, t_logits, *t_features = targets
+        s_features = model.student.forward_features(images)
+        logits = model.student.fc(torch.flatten(model.student.avgpool(s_features[-1]), 1))
+        loss = kd_logit_loss(logits, t_logits, labels, alpha=alpha, temperature=temperature)
+        if feature_weight > 0:
+            for k, t_feature in zip(stages, t_features):
+                projected = model.projectors[f"layer{k}"](s_features[k - 1])
+                if projected.shape[-1] != t_feature.shape[-1]:  # stems may differ in stride
+                    projected = F.adaptive_avg_pool2d(projected, t_feature.shape[-2:])
+                loss = loss + feature_weight * F.mse_loss(projected, t_feature)
+        return loss, logits
+    return loss_fn

@@ -1,0 +1,35 @@
+"""cache_teacher: run the teacher once over the training split; save its logits and features,
+keyed by the teacher checkpoint's sha256, for every distillation run and sweep to reuse."""
+
+import argparse
+
+from resnet_slim.data import normalized_split
+from resnet_slim.distill import file_sha256, save_teacher_cache, teacher_outputs
+from resnet_slim.engine import seed_everything
+from resnet_slim.errors import run_stage
+from resnet_slim.io import load_checkpoint
+from resnet_slim.models import build_model
+from resnet_slim.params import load_params
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--teacher", default="models/teacher.pt")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--out", default="models/teacher_outputs.pt")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params.base.seed, params.base.threads)
+
+    checkpoint = load_checkpoint(args.teacher)
+    teacher = build_model(checkpoint["arch"])
+    teacher.load_state_dict(checkpoint["state_dict"])
+    images, _ = normalized_split(args.data, "train")
+    outputs = teacher_outputs(teacher, images, stages=list(params.distill.feature_stages))
+    save_teacher_cache(args.out, outputs, teacher_sha256=file_sha256(args.teacher), n_images=len(images))
+    print(f"cache_teacher: {len(images)} images, {sorted(outputs)} -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))
