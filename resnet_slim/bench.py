@@ -110,8 +110,8 @@ def benchmark_model(path: str | Path, images: torch.Tensor, labels: torch.Tensor
     return result
 
 
-def hardware_fingerprint() -> dict:
-    """Where the numbers were measured: CPU model, cores, the SIMD flags INT8 speed depends on."""
+def cpu_info() -> tuple[str, set[str]]:
+    """(CPU model name, its feature flags) from /proc/cpuinfo; empty flags elsewhere."""
     cpu_model, flags = platform.processor() or "unknown", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -120,6 +120,18 @@ def hardware_fingerprint() -> dict:
                 cpu_model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
+    return cpu_model, flags
+
+
+def has_int8_dot_product() -> bool:
+    """VNNI (AVX-512 or AVX) accumulates u8*s8 products in int32; without it x86 uses int16 pairs."""
+    _, flags = cpu_info()
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def hardware_fingerprint() -> dict:
+    """Where the numbers were measured: CPU model, cores, the SIMD flags INT8 speed depends on."""
+    cpu_model, flags = cpu_info()
     return {"cpu": cpu_model, "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,

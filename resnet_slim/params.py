@@ -20,9 +20,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Augment(Section):
+    crop_padding: int = Field(2, ge=0)  # px of zero padding before a random crop back to size
+    hflip: bool = False  # random horizontal flip (wrong for digits, right for CIFAR-style photos)
+
+
 class BaseParams(Section):
     seed: int = 0  # splits, weight init and data order
     threads: int = Field(2, ge=1)  # torch intra-op threads for training
+    augment: Augment = Augment()  # training augmentation, shared by every training stage
 
 
 class PrepareParams(Section):
@@ -40,11 +46,6 @@ class ValidateDataParams(Section):
     max_class_share: float = Field(0.5, ge=0.0, le=1.0)  # and ≤ this share
 
 
-class Augment(Section):
-    crop_padding: int = Field(2, ge=0)  # px of zero padding before a random crop back to size
-    hflip: bool = False  # random horizontal flip (wrong for digits, right for CIFAR-style photos)
-
-
 class TrainParams(Section):
     """Hyper-parameters of one run of the shared training loop."""
 
@@ -55,7 +56,6 @@ class TrainParams(Section):
     weight_decay: float = Field(5e-4, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)  # linear warm-up, then cosine decay to zero
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    augment: Augment = Augment()
 
 
 class TeacherParams(TrainParams):
@@ -125,6 +125,8 @@ class ExportParams(Section):
 class PtqParams(Section):
     calibration_images: int = Field(256, gt=0)  # training images fed to the calibrator
     per_channel: bool = True  # per-output-channel weight scales (better accuracy for convs)
+    # 7-bit weights: without VNNI, x86 int8 kernels sum u8*s8 pairs in int16, which can saturate
+    reduce_range: Literal["auto", True, False] = "auto"  # auto: on when this CPU lacks VNNI
 
 
 class BenchmarkParams(Section):

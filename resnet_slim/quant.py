@@ -32,10 +32,12 @@ def calibration_images(images: torch.Tensor, count: int, seed: int) -> np.ndarra
 
 
 def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *,
-                         per_channel: bool = True) -> None:
+                         per_channel: bool = True, reduce_range: bool = False) -> None:
     """Static INT8 in QDQ form: uint8 activations, int8 (symmetric) weights, min-max calibrated.
 
-    U8S8 is the combination ORT's x86 int8 kernels (VNNI) run fastest.
+    U8S8 is the combination ORT's x86 int8 kernels run fastest. `reduce_range` uses 7-bit
+    weights: on x86 without VNNI the kernels add u8*s8 pairs in int16, which full 8-bit weights
+    can saturate (measured here on an AVX2-only CPU: 96.7% instead of 97.4% top-1).
     """
     if len(calibration) == 0:
         raise UserError("calibration set is empty")
@@ -46,7 +48,7 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibratio
         quantize_static(str(prepared), str(tmp), _Batches(calibration),
                         quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
 
 
 def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> None:

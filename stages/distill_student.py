@@ -15,11 +15,12 @@ from resnet_slim.prune import count_macs_params
 from resnet_slim.params import load_params
 
 
-def train_student(arch, loss_fn, train_targets, p, args, meta, *, desc, live_dir, projections):
+def train_student(arch, loss_fn, train_targets, params, args, meta, *, desc, live_dir, projections):
+    p = params.distill
     train = load_split(args.data, "train")
     val = load_split(args.data, "val")
     loaders = (BatchLoader(train.images, *train_targets, meta=meta, batch_size=p.batch_size,
-                           shuffle=True, augment=p.augment, seed=0),
+                           shuffle=True, augment=params.base.augment, seed=params.base.seed),
                BatchLoader(val.images, val.labels, meta=meta, batch_size=256))
     model = StudentWithProjectors(build_model(arch), projections)
     engine.fit(model, *loaders, p, loss_fn=loss_fn, live_dir=live_dir, desc=desc)
@@ -63,14 +64,14 @@ def main(argv=None) -> None:
         loss_fn = distillation_loss(alpha=p.alpha, temperature=p.temperature,
                                     feature_weight=p.feature_weight, teacher=teacher.eval(), stages=stages)
     engine.seed_everything(params.base.seed, params.base.threads)
-    student, kd_top1 = train_student(arch, loss_fn, targets, p, args, meta, desc="distill",
+    student, kd_top1 = train_student(arch, loss_fn, targets, params, args, meta, desc="distill",
                                      live_dir=f"{args.reports}/kd", projections=projections)
     metrics = {"student_top1_kd": kd_top1, "alpha": p.alpha, "temperature": p.temperature,
                "feature_weight": p.feature_weight, "cache_teacher": p.cache_teacher}
     if p.train_baseline:
         engine.seed_everything(params.base.seed, params.base.threads)
         _, metrics["student_top1_no_kd"] = train_student(
-            arch, engine.cross_entropy(p.label_smoothing), (labels,), p, args, meta,
+            arch, engine.cross_entropy(p.label_smoothing), (labels,), params, args, meta,
             desc="student without teacher", live_dir=f"{args.reports}/no_kd", projections={})
         metrics["kd_gain_pp"] = kd_top1 - metrics["student_top1_no_kd"]
     macs, n_params = count_macs_params(student, size)

@@ -3,6 +3,7 @@ user gets without this pipeline."""
 
 import argparse
 
+from resnet_slim.bench import has_int8_dot_product
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import run_stage
 from resnet_slim.params import load_params
@@ -22,9 +23,13 @@ def main(argv=None) -> None:
     train_images, _ = normalized_split(args.data, "train")
     calibration = calibration_images(train_images, params.ptq.calibration_images,
                                      seed=params.base.seed)
+    reduce_range = params.ptq.reduce_range
+    if reduce_range == "auto":
+        reduce_range = not has_int8_dot_product()
     quantize_static_int8(args.fp32_onnx, args.int8_onnx, calibration,
-                         per_channel=params.ptq.per_channel)
-    print(f"ptq: {args.fp32_onnx} -> {args.int8_onnx} ({len(calibration)} calibration images)")
+                         per_channel=params.ptq.per_channel, reduce_range=reduce_range)
+    print(f"ptq: {args.fp32_onnx} -> {args.int8_onnx} ({len(calibration)} calibration images, "
+          f"reduce_range={reduce_range})")
     if args.dynamic_out:
         quantize_dynamic_int8(args.fp32_onnx, args.dynamic_out)
         print(f"ptq: {args.fp32_onnx} -> {args.dynamic_out} (dynamic)")

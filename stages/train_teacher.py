@@ -22,7 +22,7 @@ def main(argv=None) -> None:
 
     engine.seed_everything(params.base.seed, params.base.threads)
     train_loader, val_loader, meta = train_val_loaders(args.data, batch_size=p.batch_size,
-                                                       augment=p.augment, seed=params.base.seed)
+                                                       augment=params.base.augment, seed=params.base.seed)
     arch = make_arch(name=p.arch, num_classes=len(meta["class_names"]), width=p.width,
                      small_input=p.small_input)
     model = build_model(arch)

@@ -6,14 +6,14 @@ from resnet_slim.data import train_val_loaders
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint, save_checkpoint
 from resnet_slim.models import build_model, channel_record, make_arch
-from resnet_slim.params import TrainParams
+from resnet_slim.params import Augment, TrainParams
 
 
 def test_fit_learns_and_logs_with_dvclive(tiny_prepared, tmp_path):
     engine.seed_everything(0, 2)
     # no translation: a 2 px shift is a quarter of these 8 px images and slows learning a lot
-    p = TrainParams(epochs=6, lr=0.05, batch_size=16, warmup_epochs=0.5, augment={"crop_padding": 0})
-    train, val, meta = train_val_loaders(tiny_prepared, batch_size=16, augment=p.augment, seed=0)
+    p = TrainParams(epochs=6, lr=0.05, batch_size=16, warmup_epochs=0.5)
+    train, val, meta = train_val_loaders(tiny_prepared, batch_size=16, augment=Augment(crop_padding=0), seed=0)
     model = build_model(make_arch(name="resnet18", num_classes=10, width=16))
     before = engine.evaluate(model, val)["top1"]
     history = engine.fit(model, train, val, p, loss_fn=engine.cross_entropy(), live_dir=tmp_path / "live",
