@@ -40,7 +40,7 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor, *, stages: list[in
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         stage_outputs = teacher.forward_features(batch)
-        logits.append(teacher.fc(torch.flatten(teacher.avgpool(stage_outputs[-1]), 1)))
+        logits.append(teacher.forward_head(stage_outputs[-1]))
         for k in stages:
             features[k].append(stage_outputs[k - 1])
     return {"logits": torch.cat(logits), **{f"layer{k}": torch.cat(v) for k, v in features.items()}}
@@ -118,7 +118,7 @@ def distillation_loss(*, alpha: float, temperature: float, feature_weight: float
         else:
             labels, t_logits, *t_features = targets
         s_features = model.student.forward_features(images)
-        logits = model.student.fc(torch.flatten(model.student.avgpool(s_features[-1]), 1))
+        logits = model.student.forward_head(s_features[-1])
         loss = kd_logit_loss(logits, t_logits, labels, alpha=alpha, temperature=temperature)
         if feature_weight > 0:
             for k, t_feature in zip(stages, t_features):

@@ -7,6 +7,7 @@ modules: `build_model(checkpoint["arch"])` rebuilds it and `load_state_dict` fil
 """
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
@@ -67,15 +68,54 @@ class ResNet(nn.Module):
             features.append(x)
         return features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)[-1]
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the last stage's output."""
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x)[-1])
+
+
+class MobileNetV3Small(nn.Module):
+    """torchvision's mobilenet_v3_small (Howard et al. 2019, arXiv:1905.02244) as a student.
+
+    `width` is the stem's channel count (16 = the standard model; width_mult = width / 16).
+    For small inputs the stem and the first block run at stride 1 (a 16 px image would otherwise
+    be 4 px after two layers). Stages for feature distillation end where the resolution drops.
+    """
+
+    STAGE_ENDS = (1, 3, 8, 12)  # indices into `features`: 16, 24, 48 and 576 channels at width 16
+
+    def __init__(self, *, num_classes: int, width: int = 16, small_input: bool = True):
+        super().__init__()
+        net = torchvision.models.mobilenet_v3_small(num_classes=num_classes, width_mult=width / 16)
+        if small_input:
+            net.features[0][0].stride = (1, 1)
+            net.features[1].block[0][0].stride = (1, 1)
+        self.features, self.avgpool, self.classifier = net.features, net.avgpool, net.classifier
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in self.STAGE_ENDS:
+                outputs.append(x)
+        return outputs
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x)[-1])
+
+
+STUDENT_ONLY = ("mobilenet_v3_small",)
 
 
 def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool = True) -> dict:
     """The plain-data architecture record stored in every checkpoint."""
-    if name not in ARCHS:
-        raise UserError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}")
+    if name not in ARCHS and name not in STUDENT_ONLY:
+        raise UserError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS) + list(STUDENT_ONLY)}")
     return {"name": name, "num_classes": int(num_classes), "width": int(width),
             "small_input": bool(small_input), "channels": None}
 
@@ -83,14 +123,34 @@ def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool
 def build_model(arch: dict) -> nn.Module:
     """Rebuild a model from its architecture record (pruned channel counts included)."""
     try:
-        block, layers = ARCHS[arch["name"]]
-        model = ResNet(block, layers, num_classes=arch["num_classes"], width=arch["width"],
-                       small_input=arch["small_input"])
+        if arch["name"] == "mobilenet_v3_small":
+            model = MobileNetV3Small(num_classes=arch["num_classes"], width=arch["width"],
+                                     small_input=arch["small_input"])
+        else:
+            block, layers = ARCHS[arch["name"]]
+            model = ResNet(block, layers, num_classes=arch["num_classes"], width=arch["width"],
+                           small_input=arch["small_input"])
     except (KeyError, TypeError) as err:
         raise UserError(f"bad architecture record {arch!r}: {err}") from None
     if arch.get("channels"):
         resize_to_channels(model, arch["channels"])
     return model
+
+
+def load_model(path) -> tuple[nn.Module, dict]:
+    """(model rebuilt from a checkpoint's architecture record with its weights, the checkpoint)."""
+    from resnet_slim.io import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    model = build_model(checkpoint["arch"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        raise UserError(f"{path}: weights do not match the checkpoint's architecture record "
+                        f"({detail})") from None
+    return model, checkpoint
 
 
 def channel_record(model: nn.Module) -> dict[str, list[int]]:

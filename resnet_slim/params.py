@@ -97,8 +97,9 @@ class QatParams(TrainParams):
 
 
 class StudentArch(Section):
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    width: int = Field(16, gt=0)  # 16 = 1/4 of the standard width: ~1/16 of the MACs
+    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small"] = "resnet18"
+    width: int = Field(16, gt=0)  # ResNet: 16 = 1/4 of the standard width (~1/16 of the MACs);
+    # mobilenet_v3_small: stem channels, 16 = the standard model
     small_input: bool = True
 
 

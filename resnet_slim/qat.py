@@ -51,7 +51,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session
 from resnet_slim.io import atomic_path
-from resnet_slim.models import build_model
+from resnet_slim.models import ResNet, build_model
 
 # x86 int8 kernels without VNNI (fbgemm's, and ORT's MLAS) add pairs of u8 x s8 products in int16
 # (VPMADDUBSW), which saturates: 2 x 255 x 128 > 32767. Like torch's x86/fbgemm qconfigs we give up
@@ -128,6 +128,9 @@ def _quantizable(model_fp32: nn.Module, *, train: bool) -> QuantReady:
 
 def prepare_qat_model(model_fp32: nn.Module, *, backend: str = "x86") -> QuantReady:
     """A fake-quant copy of an FP32 ResNet (pruned or not), ready for calibration and training."""
+    if not isinstance(model_fp32, ResNet):
+        raise UserError(f"QAT supports the ResNet family; got {type(model_fp32).__name__} "
+                        f"(quantize it with the ptq stage: onnxruntime static INT8)")
     _check_backend(backend)
     model = _quantizable(model_fp32, train=True)
     model.qconfig = qat_qconfig(backend)

@@ -7,8 +7,7 @@ from resnet_slim.data import normalized_split
 from resnet_slim.distill import file_sha256, save_teacher_cache, teacher_outputs
 from resnet_slim.engine import seed_everything
 from resnet_slim.errors import run_stage
-from resnet_slim.io import load_checkpoint
-from resnet_slim.models import build_model
+from resnet_slim.models import load_model
 from resnet_slim.params import load_params
 
 
@@ -22,9 +21,7 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     seed_everything(params.base.seed, params.base.threads)
 
-    checkpoint = load_checkpoint(args.teacher)
-    teacher = build_model(checkpoint["arch"])
-    teacher.load_state_dict(checkpoint["state_dict"])
+    teacher, checkpoint = load_model(args.teacher)
     images, _ = normalized_split(args.data, "train")
     outputs = teacher_outputs(teacher, images, stages=list(params.distill.feature_stages))
     save_teacher_cache(args.out, outputs, teacher_sha256=file_sha256(args.teacher), n_images=len(images))

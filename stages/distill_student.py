@@ -9,8 +9,8 @@ from resnet_slim.data import BatchLoader, load_meta, load_split
 from resnet_slim.distill import (StudentWithProjectors, distillation_loss, file_sha256,
                                  load_teacher_cache, stage_channels)
 from resnet_slim.errors import run_stage
-from resnet_slim.io import load_checkpoint, save_checkpoint, write_json
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.io import save_checkpoint, write_json
+from resnet_slim.models import build_model, load_model, make_arch
 from resnet_slim.prune import count_macs_params
 from resnet_slim.params import load_params
 
@@ -43,9 +43,7 @@ def main(argv=None) -> None:
 
     meta = load_meta(args.data)
     labels = load_split(args.data, "train").labels
-    checkpoint = load_checkpoint(args.teacher)
-    teacher = build_model(checkpoint["arch"])
-    teacher.load_state_dict(checkpoint["state_dict"])
+    teacher, checkpoint = load_model(args.teacher)
     arch = make_arch(name=p.student.arch, num_classes=len(meta["class_names"]), width=p.student.width,
                      small_input=p.student.small_input)
     size = meta["image_size"]

@@ -6,8 +6,8 @@ from pathlib import Path
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import check_parity, export_onnx, make_session, parity
-from resnet_slim.io import load_checkpoint, write_json
-from resnet_slim.models import build_model
+from resnet_slim.io import write_json
+from resnet_slim.models import load_model
 from resnet_slim.params import load_params
 
 
@@ -21,9 +21,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     p = load_params(args.params).export
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    model = build_model(checkpoint["arch"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model, checkpoint = load_model(args.checkpoint)
     images, _ = normalized_split(args.data, "test")
     export_onnx(model, args.onnx, image_size=images.shape[-1], opset=p.opset)
     result = parity(model, make_session(args.onnx), images)

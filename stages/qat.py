@@ -15,8 +15,8 @@ from resnet_slim.bench import top1
 from resnet_slim.data import normalized_split, train_val_loaders
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import make_session
-from resnet_slim.io import load_checkpoint, save_checkpoint, write_json
-from resnet_slim.models import build_model
+from resnet_slim.io import save_checkpoint, write_json
+from resnet_slim.models import load_model
 from resnet_slim.params import load_params
 from resnet_slim.qat import (calibrate, export_qat_onnx, int8_kernel_report, prepare_qat_model,
                              qat_epoch_hook)
@@ -36,9 +36,7 @@ def main(argv=None) -> None:
     p = params.qat
 
     engine.seed_everything(params.base.seed, params.base.threads)
-    checkpoint = load_checkpoint(args.checkpoint)
-    fp32 = build_model(checkpoint["arch"])
-    fp32.load_state_dict(checkpoint["state_dict"])
+    fp32, checkpoint = load_model(args.checkpoint)
     model = prepare_qat_model(fp32, backend=p.backend)
     train_images, _ = normalized_split(args.data, "train")
     calibrate(model, torch.from_numpy(calibration_images(train_images, p.calibration_images,

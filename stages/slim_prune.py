@@ -5,8 +5,8 @@ import argparse
 from resnet_slim import engine, prune
 from resnet_slim.data import BatchLoader, load_split, train_val_loaders
 from resnet_slim.errors import run_stage
-from resnet_slim.io import load_checkpoint, save_checkpoint, write_json
-from resnet_slim.models import build_model, channel_record
+from resnet_slim.io import save_checkpoint, write_json
+from resnet_slim.models import build_model, channel_record, load_model
 from resnet_slim.params import load_params
 
 
@@ -22,9 +22,7 @@ def main(argv=None) -> None:
     p, seed = params.prune, params.base.seed
 
     engine.seed_everything(seed, params.base.threads)
-    checkpoint = load_checkpoint(args.teacher)
-    teacher = build_model(checkpoint["arch"])
-    teacher.load_state_dict(checkpoint["state_dict"])
+    teacher, checkpoint = load_model(args.teacher)
     model = build_model(checkpoint["arch"])
     model.load_state_dict(checkpoint["state_dict"])
 

@@ -10,8 +10,8 @@ import torch
 from resnet_slim import engine
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import run_stage
-from resnet_slim.io import load_checkpoint, write_json
-from resnet_slim.models import build_model
+from resnet_slim.io import write_json
+from resnet_slim.models import load_model
 from resnet_slim.params import load_params
 from resnet_slim.qat import eager_ptq_int8, torch_latency_ms
 from resnet_slim.quant import calibration_images
@@ -37,9 +37,7 @@ def main(argv=None) -> None:
     # not engine.seed_everything: its deterministic mode only adds warnings about quantized ops
     torch.manual_seed(params.base.seed)
     torch.set_num_threads(params.base.threads)
-    checkpoint = load_checkpoint(args.checkpoint)
-    fp32 = build_model(checkpoint["arch"])
-    fp32.load_state_dict(checkpoint["state_dict"])
+    fp32, checkpoint = load_model(args.checkpoint)
     train_images, _ = normalized_split(args.data, "train")
     calibration = torch.from_numpy(calibration_images(train_images, params.ptq.calibration_images,
                                                       seed=params.base.seed))

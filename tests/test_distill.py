@@ -76,3 +76,21 @@ def test_student_exports_without_projectors(tmp_path):
     export_onnx(wrapped.student, tmp_path / "s.onnx", image_size=16, opset=17)
     out = make_session(tmp_path / "s.onnx").run(None, {"input": torch.zeros(1, 3, 16, 16).numpy()})[0]
     assert out.shape == (1, 10)
+
+
+def test_mobilenet_student_distils_and_exports(tmp_path):
+    teacher, _ = _models()
+    student = build_model(make_arch(name="mobilenet_v3_small", num_classes=10, width=16, small_input=True))
+    stages = [3, 4]
+    s_ch, t_ch = stage_channels(student, 16, stages), stage_channels(teacher, 16, stages)
+    assert s_ch == {"layer3": 48, "layer4": 576}
+    model = StudentWithProjectors(student, {k: (s_ch[k], t_ch[k]) for k in s_ch}).train()
+    images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    cache = teacher_outputs(teacher, images, stages=stages)
+    loss, logits = distillation_loss(alpha=0.7, temperature=4.0, feature_weight=1.0, stages=stages)(
+        model, images, (labels, cache["logits"], cache["layer3"], cache["layer4"]))
+    loss.backward()
+    assert logits.shape == (4, 10) and torch.isfinite(loss)
+    export_onnx(student.eval(), tmp_path / "m.onnx", image_size=16, opset=17)
+    out = make_session(tmp_path / "m.onnx").run(None, {"input": images.numpy()})[0]
+    assert abs(out - student(images).detach().numpy()).max() < 1e-4

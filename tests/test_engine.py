@@ -5,7 +5,7 @@ from resnet_slim import engine
 from resnet_slim.data import train_val_loaders
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint, save_checkpoint
-from resnet_slim.models import build_model, channel_record, make_arch
+from resnet_slim.models import build_model, channel_record, load_model, make_arch
 from resnet_slim.params import Augment, TrainParams
 
 
@@ -69,6 +69,13 @@ def test_checkpoint_round_trip_rebuilds_from_arch(tmp_path, tiny_model):
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(model.eval()(x), tiny_model(x))
     assert channel_record(model) == channel_record(tiny_model)
+
+
+def test_checkpoint_whose_weights_do_not_match_its_arch_is_a_clear_error(tmp_path, tiny_model):
+    wrong_arch = make_arch(name="resnet18", num_classes=10, width=16)
+    save_checkpoint(tmp_path / "m.pt", model=tiny_model, arch=wrong_arch, params={}, metrics={})
+    with pytest.raises(UserError, match="weights do not match the checkpoint's architecture record"):
+        load_model(tmp_path / "m.pt")
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):

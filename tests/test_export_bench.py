@@ -6,7 +6,7 @@ import torch
 from resnet_slim.bench import benchmark_model, hardware_fingerprint, latency_ms
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.export import check_parity, export_onnx, make_session, parity
+from resnet_slim.export import check_input_size, check_parity, export_onnx, make_session, parity
 from resnet_slim.params import BenchmarkParams
 from resnet_slim.quant import calibration_images, quantize_static_int8
 
@@ -32,24 +32,24 @@ def test_parity_agrees_for_a_faithful_export_and_catches_a_wrong_one(tiny_onnx, 
     assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
     assert check_parity(result, min_top1_agreement=0.99, max_abs_diff=1e-3) == []
     torch.manual_seed(1)
-    other = type(tiny_model)  # a differently initialised model stands in for a broken export
-    with torch.no_grad():
+    with torch.no_grad():  # the file no longer matches the model: what a broken export looks like
         for p in tiny_model.parameters():
             p.add_(torch.randn_like(p))
     bad = parity(tiny_model, make_session(tiny_onnx), images)
     problems = check_parity(bad, min_top1_agreement=0.99, max_abs_diff=1e-3)
     assert problems and "max |logit diff|" in " ".join(problems)
-    assert other is not None
 
 
 def test_broken_or_wrong_shape_onnx_is_a_clear_error(tmp_path, tiny_onnx):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(UserError, match="onnxruntime cannot load"):
         make_session(tmp_path / "junk.onnx")
-    images = torch.zeros(4, 3, 16, 16)
-    from resnet_slim.export import check_input_size
-    session = make_session(tiny_onnx)
-    check_input_size(session, 8, tiny_onnx)  # dynamic H/W from export: accepted
+    with pytest.raises(UserError, match="not found"):
+        make_session(tmp_path / "missing.onnx")
+    fixed = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    torch.onnx.export(fixed, (torch.zeros(1, 3, 8, 8),), str(tmp_path / "fixed.onnx"), dynamo=False)
+    with pytest.raises(UserError, match="expects 8x8 images but the dataset is 16x16"):
+        check_input_size(make_session(tmp_path / "fixed.onnx"), 16, tmp_path / "fixed.onnx")
 
 
 def test_benchmark_reports_every_number(tiny_onnx, tiny_prepared):

@@ -227,3 +227,10 @@ def test_qat_and_torch_ptq_stages_end_to_end(tmp_path, tiny_prepared):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "tp.json").read_text())
     assert 0 <= report["top1"] <= 100 and report["p50_ms"] > 0 and report["size_mb"] > 0
+
+
+def test_qat_refuses_a_non_resnet_with_a_clear_message():
+    from resnet_slim.models import build_model, make_arch
+    mobilenet = build_model(make_arch(name="mobilenet_v3_small", num_classes=10, width=16))
+    with pytest.raises(UserError, match="QAT supports the ResNet family; got MobileNetV3Small"):
+        qat.prepare_qat_model(mobilenet, backend="x86")
