@@ -8,6 +8,7 @@ A prepared dataset is a directory with one `.npz` per split (uint8 NHWC images +
 
 import hashlib
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+    elif image.mode == "F":  # float grayscale (TIFF): [0, 1] or any range, scaled to 8 bits
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(0.0, None)
+        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
     image = image.convert("RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -62,7 +66,10 @@ def load_digits(image_size: int) -> RawDataset:
 def load_imagefolder(root: Path, image_size: int, on_bad_image: str = "fail") -> RawDataset:
     if not root.is_dir():
         raise UserError(f"{root}: imagefolder root not found (expected {root}/<class>/<image>)")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:  # e.g. no read permission on the root
+        raise UserError(f"{root}: cannot list the imagefolder root ({err.strerror or err})") from None
     if len(class_dirs) < 2:
         raise UserError(f"{root}: found {len(class_dirs)} class directories; need at least 2")
     images, labels, ids, hashes, sizes, skipped = [], [], [], [], [], []
@@ -82,7 +89,9 @@ def load_imagefolder(root: Path, image_size: int, on_bad_image: str = "fail") ->
                     sizes.append(image.size)
                     images.append(to_rgb_array(image, image_size))
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-                reason = f"{rel}: {err.__class__.__name__}: {err}"
+                detail = ("not a recognised image format (corrupt, or not an image)"
+                          if isinstance(err, UnidentifiedImageError) else str(err))
+                reason = f"{rel}: {err.__class__.__name__}: {detail}"
                 if on_bad_image == "fail":
                     raise UserError(f"bad image {reason} (set prepare.on_bad_image: skip to "
                                     f"leave such files out)") from None
@@ -107,7 +116,7 @@ def load_cifar10(root: Path, image_size: int) -> RawDataset:
             parts.append(CIFAR10(str(root), train=train, download=False))
         except RuntimeError:
             raise UserError(
-                f"{root}: CIFAR-10 not found. Download cifar-10-python.tar.gz from "
+                f"{root}: CIFAR-10 not found or incomplete. Download cifar-10-python.tar.gz from "
                 f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it so that "
                 f"{root}/cifar-10-batches-py/ exists (this tool never downloads)") from None
     raw = np.concatenate([p.data for p in parts])
@@ -126,6 +135,18 @@ def select(raw: RawDataset, keep: np.ndarray) -> RawDataset:
     return RawDataset(images=raw.images[keep], labels=raw.labels[keep],
                       class_names=raw.class_names, ids=pick(raw.ids), sha256=pick(raw.sha256),
                       sizes=pick(raw.sizes), skipped=raw.skipped)
+
+
+def label_conflicts(raw: RawDataset) -> list[str]:
+    """Byte-identical images filed under different classes ("a/1.png = b/7.png"), for the user to fix.
+
+    drop_duplicates keeps the first copy (the first class), which may be the wrong label.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, digest in enumerate(raw.sha256):
+        groups.setdefault(digest, []).append(index)
+    return [" = ".join(raw.ids[i] for i in group) for group in groups.values()
+            if len({int(raw.labels[i]) for i in group}) > 1]
 
 
 def drop_duplicates(raw: RawDataset) -> tuple[RawDataset, int]:
@@ -153,8 +174,10 @@ def stratified_split(labels: np.ndarray, *, val_fraction: float, test_fraction: 
         train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction),
                                       stratify=labels[rest], random_state=seed)
     except ValueError as err:
+        counts = np.bincount(labels) if len(labels) else np.zeros(1, dtype=int)
         raise UserError(f"cannot split {len(labels)} images into train/val/test with every class "
-                        f"in every split: {err}") from None
+                        f"in every split (smallest class: {counts.min()} image(s); add images or "
+                        f"drop that class): {err}") from None
     split = np.empty(len(labels), dtype=object)
     split[train], split[val], split[test] = "train", "val", "test"
     return split
@@ -188,7 +211,13 @@ class Split:
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
-    return read_json(Path(prepared_dir) / "meta.json", what="prepared dataset metadata")
+    path = Path(prepared_dir) / "meta.json"
+    meta = read_json(path, what="prepared dataset metadata")
+    missing = {"class_names", "image_size", "mean", "std"} - set(meta if isinstance(meta, dict) else ())
+    if missing:
+        raise UserError(f"{path}: prepared dataset metadata lacks {sorted(missing)}; re-run the "
+                        f"prepare stage")
+    return meta
 
 
 def load_manifest(prepared_dir: str | Path) -> pd.DataFrame:
@@ -196,16 +225,32 @@ def load_manifest(prepared_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: manifest not found; run the prepare stage first")
     text_columns = {c: str for c in ("id", "split", "class_name", "sha256")}
-    return pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+    try:
+        return pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError,
+            OSError) as err:
+        raise UserError(f"{path}: manifest is not a readable CSV ({err.__class__.__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'no detail'}); re-run the "
+                        f"prepare stage") from None
 
 
 def load_split(prepared_dir: str | Path, name: str) -> Split:
     path = Path(prepared_dir) / f"{name}.npz"
     if not path.is_file():
         raise UserError(f"{path}: prepared split not found; run the prepare stage first")
-    with np.load(path) as arrays:
-        images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).contiguous()
-        return Split(images=images, labels=torch.from_numpy(arrays["labels"]))
+    try:
+        with np.load(path) as arrays:
+            images, labels = arrays["images"], arrays["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        # np.load of a non-npz file raises ValueError about pickles; a truncated one BadZipFile
+        raise UserError(f"{path}: prepared split is corrupt or incomplete ({err.__class__.__name__});"
+                        f" re-run the prepare stage") from None
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 \
+            or labels.shape != (len(images),):
+        raise UserError(f"{path}: prepared split has images {images.shape} {images.dtype} and labels "
+                        f"{labels.shape}; expected N x H x W x 3 uint8 and N labels")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return Split(images=images, labels=torch.from_numpy(labels.astype(np.int64, copy=False)))
 
 
 def normalize(images: torch.Tensor, meta: dict) -> torch.Tensor:

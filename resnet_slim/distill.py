@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path
+from resnet_slim.io import atomic_path, safe_torch_load
 
 
 def file_sha256(path: str | Path) -> str:
@@ -52,12 +52,16 @@ def save_teacher_cache(path: str | Path, outputs: dict[str, torch.Tensor], *, te
         torch.save({"outputs": outputs, "teacher_sha256": teacher_sha256, "n_images": n_images}, tmp)
 
 
-def load_teacher_cache(path: str | Path, *, teacher_sha256: str, n_images: int) -> dict:
+def load_teacher_cache(path: str | Path, *, teacher_sha256: str, n_images: int,
+                       stages: list[int] = ()) -> dict:
     """Cached outputs, refused when they belong to another teacher or another training split."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: teacher-output cache not found; run the cache_teacher stage")
-    cache = torch.load(path, map_location="cpu", weights_only=True)
+    cache = safe_torch_load(path, what="teacher-output cache")
+    if not isinstance(cache, dict) or not isinstance(cache.get("outputs"), dict):
+        raise UserError(f"{path}: not a teacher-output cache written by the cache_teacher stage; "
+                        f"re-run that stage")
     if cache.get("teacher_sha256") != teacher_sha256:
         raise UserError(f"{path}: cached outputs are from another teacher checkpoint "
                         f"({str(cache.get('teacher_sha256'))[:12]} != {teacher_sha256[:12]}); "
@@ -65,6 +69,10 @@ def load_teacher_cache(path: str | Path, *, teacher_sha256: str, n_images: int) 
     if cache.get("n_images") != n_images:
         raise UserError(f"{path}: cache holds {cache.get('n_images')} images, the training split "
                         f"has {n_images}; re-run the cache_teacher stage")
+    missing = sorted({"logits", *(f"layer{k}" for k in stages)} - set(cache["outputs"]))
+    if missing:
+        raise UserError(f"{path}: cache lacks {missing} (distill.feature_stages changed?); "
+                        f"re-run the cache_teacher stage")
     return cache["outputs"]
 
 

@@ -117,6 +117,10 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
     """
     from dvclive import Live
 
+    for name, loader in (("training", train_loader), ("validation", val_loader)):
+        if len(loader) == 0:
+            raise UserError(f"{desc}: the {name} split is empty; re-run the prepare stage with "
+                            f"more images (nothing was saved)")
     optimizer, scheduler = make_optimizer(model, p, len(train_loader))
     history = []
     # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.

@@ -1,5 +1,6 @@
 """Export to ONNX and check the file against PyTorch on real data (parity)."""
 
+import re
 import warnings
 from pathlib import Path
 
@@ -11,12 +12,18 @@ from torch import nn
 
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
+from resnet_slim.params import max_export_opset
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+_CPP_FRAME = re.compile(r"/onnxruntime_src/\S+:\d+ \S+\(.*?\) ")
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, image_size: int, opset: int) -> None:
     """Write an ONNX model with a dynamic batch axis, named input/output, checked by onnx."""
+    max_opset = max_export_opset()
+    if max_opset is not None and opset > max_opset:  # torch would dump its whole graph to stderr
+        raise UserError(f"export.opset {opset} is newer than this torch can export "
+                        f"(at most {max_opset})")
     model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
     with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -27,7 +34,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: int, opset: i
                           output_names=[OUTPUT_NAME], opset_version=opset,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           dynamo=False)
-        onnx.checker.check_model(str(tmp), full_check=True)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+            raise UserError(f"{path}: the exported ONNX graph is invalid (opset {opset}): "
+                            f"{first}") from None
 
 
 def make_session(path: str | Path, *, threads: int = 1,
@@ -48,6 +60,7 @@ def make_session(path: str | Path, *, threads: int = 1,
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        first_line = _CPP_FRAME.sub("", first_line)  # "/onnxruntime_src/...cc:256 ort::X::X(...) "
         raise UserError(f"{path}: onnxruntime cannot load this model: {first_line}") from None
     shape = session.get_inputs()[0].shape
     if len(shape) != 4 or shape[1] != 3:

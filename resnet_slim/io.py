@@ -7,6 +7,8 @@ complete, so a crash, Ctrl-C or SIGTERM never leaves a half-written file for DVC
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +66,8 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: {what} is not valid JSON ({err})") from None
+    except OSError as err:  # permissions, I/O errors
+        raise UserError(f"{path}: cannot read {what} ({err.strerror or err})") from None
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, arch: dict, params: dict,
@@ -80,12 +84,30 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt / unsafe files
-        raise UserError(f"{path}: not a loadable checkpoint ({err.__class__.__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    checkpoint = safe_torch_load(path, what="checkpoint")
     missing = {"state_dict", "arch"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
         raise UserError(f"{path}: checkpoint lacks {sorted(missing)}; was it written by this tool?")
     return checkpoint
+
+
+def safe_torch_load(path: str | Path, *, what: str):
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never pickled code.
+
+    Every failure (truncated file, not a torch file, pickled modules refused) is one UserError.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt / unsafe files
+        raise UserError(f"{path}: not a loadable {what} ({_load_failure(err)})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+        detail = " ".join(found.group(1).split()) if found else "unsupported content"
+        return (f"refused by the safe loader, weights_only=True: {detail}; the file holds pickled "
+                f"Python objects or is not a torch file at all")
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else "no detail"
+    return f"{err.__class__.__name__}: {first}; is the file truncated or corrupt?"

@@ -130,24 +130,32 @@ def build_model(arch: dict) -> nn.Module:
             block, layers = ARCHS[arch["name"]]
             model = ResNet(block, layers, num_classes=arch["num_classes"], width=arch["width"],
                            small_input=arch["small_input"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"bad architecture record {arch!r}: {err}") from None
-    if arch.get("channels"):
-        resize_to_channels(model, arch["channels"])
+        if arch.get("channels"):
+            resize_to_channels(model, arch["channels"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"bad architecture record {str(arch)[:200]}: "
+                        f"{err.__class__.__name__}: {err}") from None
     return model
 
 
-def load_model(path) -> tuple[nn.Module, dict]:
-    """(model rebuilt from a checkpoint's architecture record with its weights, the checkpoint)."""
+def load_model(path, *, num_classes: int | None = None) -> tuple[nn.Module, dict]:
+    """(model rebuilt from a checkpoint's architecture record with its weights, the checkpoint).
+
+    With `num_classes` (the prepared dataset's), a model trained for another dataset is refused.
+    """
     from resnet_slim.io import load_checkpoint
 
     checkpoint = load_checkpoint(path)
     model = build_model(checkpoint["arch"])
+    if num_classes is not None and checkpoint["arch"]["num_classes"] != num_classes:
+        raise UserError(f"{path}: model has {checkpoint['arch']['num_classes']} classes but the "
+                        f"prepared dataset has {num_classes}; re-train it on this dataset")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
         raise UserError(f"{path}: weights do not match the checkpoint's architecture record "
                         f"({detail})") from None
     return model, checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from resnet_slim.errors import UserError
 
@@ -17,7 +17,9 @@ Fraction = Field(ge=0.0, lt=1.0)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are typos or traps (lr: .inf trains to NaN,
+    # gate thresholds of .inf would pass anything), never meaningful settings.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Augment(Section):
@@ -117,10 +119,28 @@ class DistillParams(TrainParams):
     train_baseline: bool = True  # also train the same student without the teacher, for the report
 
 
+def max_export_opset() -> int | None:
+    """The newest ONNX opset torch's TorchScript exporter writes (None: unknown, let torch decide)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET  # private, cheap once torch is loaded
+    except ImportError:
+        return None
+    return int(ONNX_MAX_OPSET)
+
+
 class ExportParams(Section):
     opset: int = Field(17, ge=13)
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)  # ONNX vs PyTorch argmax agreement
     max_abs_diff: float = Field(1e-3, gt=0.0)  # largest |logit difference| allowed (FP32 models)
+
+    @field_validator("opset")
+    @classmethod
+    def _exportable(cls, opset: int) -> int:
+        # checked here so a stage fails at start, not after training (export.py checks again)
+        max_opset = max_export_opset()
+        if max_opset is not None and opset > max_opset:
+            raise ValueError(f"this torch exports ONNX opsets up to {max_opset}")
+        return opset
 
 
 class PtqParams(Section):
@@ -184,7 +204,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML ({err.__class__.__name__}{where})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not valid UTF-8); expected YAML") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read params file ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, source=str(path))

@@ -10,7 +10,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from resnet_slim.errors import UserError
-from resnet_slim.export import INPUT_NAME
+from resnet_slim.export import INPUT_NAME, make_session
 from resnet_slim.io import atomic_path
 
 
@@ -41,6 +41,7 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibratio
     """
     if len(calibration) == 0:
         raise UserError("calibration set is empty")
+    make_session(fp32_path)  # missing / unloadable input: one clear error, before any output
     with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(out_path) as tmp:
         # shape inference + graph cleanup first, as onnxruntime's quantization docs advise
         prepared = Path(tmp_dir) / "pre.onnx"
@@ -53,5 +54,6 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibratio
 
 def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> None:
     """Dynamic INT8: weights quantized ahead of time, activations at run time."""
+    make_session(fp32_path)
     with atomic_path(out_path) as tmp:
         quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8)

@@ -11,6 +11,7 @@ import os
 import pandas as pd
 
 from resnet_slim.data import SPLITS
+from resnet_slim.errors import UserError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 import great_expectations as gx  # noqa: E402
@@ -71,6 +72,9 @@ def _unexpected_rows(result, table: pd.DataFrame) -> list:
 def validate_manifest(manifest: pd.DataFrame, class_names: list[str], *, min_class_share: float,
                       max_class_share: float) -> dict:
     """Run the suite; return {"success", "checks": [...], "failed": ["table: expectation ..."]}."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if missing:  # the per-class / per-hash tables below cannot even be built
+        raise UserError(f"manifest lacks column(s) {missing}; re-run the prepare stage")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

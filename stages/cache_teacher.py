@@ -3,7 +3,7 @@ keyed by the teacher checkpoint's sha256, for every distillation run and sweep t
 
 import argparse
 
-from resnet_slim.data import normalized_split
+from resnet_slim.data import load_meta, normalized_split
 from resnet_slim.distill import file_sha256, save_teacher_cache, teacher_outputs
 from resnet_slim.engine import seed_everything
 from resnet_slim.errors import run_stage
@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     seed_everything(params.base.seed, params.base.threads)
 
-    teacher, checkpoint = load_model(args.teacher)
+    teacher, checkpoint = load_model(args.teacher,
+                                     num_classes=len(load_meta(args.data)["class_names"]))
     images, _ = normalized_split(args.data, "train")
     outputs = teacher_outputs(teacher, images, stages=list(params.distill.feature_stages))
     save_teacher_cache(args.out, outputs, teacher_sha256=file_sha256(args.teacher), n_images=len(images))

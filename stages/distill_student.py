@@ -43,7 +43,7 @@ def main(argv=None) -> None:
 
     meta = load_meta(args.data)
     labels = load_split(args.data, "train").labels
-    teacher, checkpoint = load_model(args.teacher)
+    teacher, checkpoint = load_model(args.teacher, num_classes=len(meta["class_names"]))
     arch = make_arch(name=p.student.arch, num_classes=len(meta["class_names"]), width=p.student.width,
                      small_input=p.student.small_input)
     size = meta["image_size"]
@@ -53,7 +53,8 @@ def main(argv=None) -> None:
         if p.feature_weight > 0 else {}
 
     if p.cache_teacher:
-        cache = load_teacher_cache(args.cache, teacher_sha256=file_sha256(args.teacher), n_images=len(labels))
+        cache = load_teacher_cache(args.cache, teacher_sha256=file_sha256(args.teacher),
+                                   n_images=len(labels), stages=stages)
         targets = (labels, cache["logits"], *[cache[f"layer{k}"] for k in stages])
         loss_fn = distillation_loss(alpha=p.alpha, temperature=p.temperature,
                                     feature_weight=p.feature_weight, stages=stages)

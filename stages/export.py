@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from resnet_slim.data import normalized_split
+from resnet_slim.data import load_meta, normalized_split
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import check_parity, export_onnx, make_session, parity
 from resnet_slim.io import write_json
@@ -21,7 +21,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     p = load_params(args.params).export
 
-    model, checkpoint = load_model(args.checkpoint)
+    model, checkpoint = load_model(args.checkpoint,
+                                   num_classes=len(load_meta(args.data)["class_names"]))
     images, _ = normalized_split(args.data, "test")
     export_onnx(model, args.onnx, image_size=images.shape[-1], opset=p.opset)
     result = parity(model, make_session(args.onnx), images)

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from resnet_slim.errors import run_stage
+from resnet_slim.errors import UserError, run_stage
 from resnet_slim.gate import evaluate_gate
 from resnet_slim.io import read_json, write_json
 from resnet_slim.params import load_params
@@ -17,7 +17,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     g = load_params(args.params).gate
 
-    bench = read_json(args.benchmark, what="benchmark results")
+    try:
+        bench = read_json(args.benchmark, what="benchmark results")
+    except UserError as err:  # fail closed: never leave an older, passing gate.json behind
+        write_json(args.out, {"passed": False, "release": g.release, "reference": g.reference,
+                              "enforce": g.enforce, "checks": [], "failed": [str(err)],
+                              "selection": None})
+        raise
     models = bench.get("models") if isinstance(bench, dict) else None
     verdict = evaluate_gate(models if isinstance(models, dict) else {}, g)
     write_json(args.out, verdict)

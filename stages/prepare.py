@@ -24,16 +24,22 @@ def main(argv=None) -> None:
         raw = data.load_imagefolder(Path(p.root), p.image_size, on_bad_image=p.on_bad_image)
     else:
         raw = data.load_cifar10(Path(p.root), p.image_size)
+    conflicts = data.label_conflicts(raw)  # same bytes, different classes: the label is a guess
     raw, n_duplicates = data.drop_duplicates(raw)
     if p.max_images_per_class is not None:
         raw = data.subsample_per_class(raw, p.max_images_per_class, seed=params.base.seed)
     split = data.stratified_split(raw.labels, val_fraction=p.val_fraction,
                                   test_fraction=p.test_fraction, seed=params.base.seed)
     data.write_prepared(args.out, raw, split, extra_meta={
-        "source": p.source, "root": p.root, "duplicates_dropped": n_duplicates})
+        "source": p.source, "root": p.root, "duplicates_dropped": n_duplicates,
+        "duplicate_label_conflicts": conflicts})
     counts = {s: int((split == s).sum()) for s in data.SPLITS}
     print(f"prepare: {len(raw.labels)} images, {len(raw.class_names)} classes, {counts}, "
           f"{n_duplicates} duplicates dropped, {len(raw.skipped)} bad files skipped -> {args.out}")
+    if conflicts:
+        print(f"prepare: warning: {len(conflicts)} image(s) filed under more than one class; the "
+              f"first class was kept (see meta.json duplicate_label_conflicts): "
+              + "; ".join(conflicts[:3]))
 
 
 if __name__ == "__main__":

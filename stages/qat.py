@@ -12,7 +12,7 @@ import torch
 
 from resnet_slim import engine
 from resnet_slim.bench import top1
-from resnet_slim.data import normalized_split, train_val_loaders
+from resnet_slim.data import load_meta, normalized_split, train_val_loaders
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import make_session
 from resnet_slim.io import save_checkpoint, write_json
@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     p = params.qat
 
     engine.seed_everything(params.base.seed, params.base.threads)
-    fp32, checkpoint = load_model(args.checkpoint)
+    fp32, checkpoint = load_model(args.checkpoint,
+                                  num_classes=len(load_meta(args.data)["class_names"]))
     model = prepare_qat_model(fp32, backend=p.backend)
     train_images, _ = normalized_split(args.data, "train")
     calibrate(model, torch.from_numpy(calibration_images(train_images, p.calibration_images,

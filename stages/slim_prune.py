@@ -3,7 +3,7 @@
 import argparse
 
 from resnet_slim import engine, prune
-from resnet_slim.data import BatchLoader, load_split, train_val_loaders
+from resnet_slim.data import BatchLoader, load_meta, load_split, train_val_loaders
 from resnet_slim.errors import run_stage
 from resnet_slim.io import save_checkpoint, write_json
 from resnet_slim.models import build_model, channel_record, load_model
@@ -22,7 +22,8 @@ def main(argv=None) -> None:
     p, seed = params.prune, params.base.seed
 
     engine.seed_everything(seed, params.base.threads)
-    teacher, checkpoint = load_model(args.teacher)
+    teacher, checkpoint = load_model(args.teacher,
+                                     num_classes=len(load_meta(args.data)["class_names"]))
     model = build_model(checkpoint["arch"])
     model.load_state_dict(checkpoint["state_dict"])
 

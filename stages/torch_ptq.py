@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from resnet_slim import engine
-from resnet_slim.data import normalized_split
+from resnet_slim.data import load_meta, normalized_split
 from resnet_slim.errors import run_stage
 from resnet_slim.io import write_json
 from resnet_slim.models import load_model
@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     # not engine.seed_everything: its deterministic mode only adds warnings about quantized ops
     torch.manual_seed(params.base.seed)
     torch.set_num_threads(params.base.threads)
-    fp32, checkpoint = load_model(args.checkpoint)
+    fp32, checkpoint = load_model(args.checkpoint,
+                                  num_classes=len(load_meta(args.data)["class_names"]))
     train_images, _ = normalized_split(args.data, "train")
     calibration = torch.from_numpy(calibration_images(train_images, params.ptq.calibration_images,
                                                       seed=params.base.seed))

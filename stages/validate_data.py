@@ -21,6 +21,7 @@ def main(argv=None) -> None:
     report = validate_manifest(load_manifest(args.data), meta["class_names"],
                                min_class_share=p.min_class_share, max_class_share=p.max_class_share)
     report["skipped_images"] = meta.get("skipped_images", [])
+    report["duplicate_label_conflicts"] = meta.get("duplicate_label_conflicts", [])
     write_json(args.report, report)
     if not report["success"]:
         raise UserError(f"data validation failed ({len(report['failed'])} checks, see "

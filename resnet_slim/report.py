@@ -1,0 +1,137 @@
+"""A report a person reads: reports/report.md, a self-contained reports/report.html and figures.
+
+`load_inputs` gathers what the pipeline wrote (only benchmark.json is required; each other input
+is optional and its section then says "not run"), `build_report` turns it into blocks
+(report_sections.py), `make_plots` draws the figures (plots.py) and `write_report` writes all of
+it atomically. The HTML embeds the figures as base64 PNGs and references nothing outside itself.
+"""
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import yaml
+
+from resnet_slim import plots
+from resnet_slim import report_sections as sec
+from resnet_slim.errors import UserError
+from resnet_slim.io import atomic_path, read_json
+from resnet_slim.render import render_html, render_markdown
+
+
+def optional_json(path: Path, kind: type = dict):
+    """The parsed file, or None when it is missing, unreadable or not a `kind` (section: not run)."""
+    try:
+        content = read_json(path) if Path(path).is_file() else None
+    except UserError:
+        return None
+    return content if isinstance(content, kind) else None
+
+
+def _torch_row(path: Path, r: dict) -> dict:
+    """A torch_ptq report as a model row (newer benchmark.json files already carry these rows)."""
+    return {**{k: r.get(k) for k in ("top1", "n_test", "size_mb", "p50_ms", "p90_ms", "p99_ms",
+                                     "mean_ms", "threads")},
+            "file": str(path), "runtime": "pytorch", "peak_rss_mb": r.get("process_peak_rss_mb")}
+
+
+def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None) -> dict:
+    """Everything the report shows; UserError only for a missing or malformed benchmark."""
+    reports = Path(reports)
+    benchmark = Path(benchmark or reports / "benchmark.json")
+    bench = read_json(benchmark, what="benchmark results")
+    models = bench.get("models") if isinstance(bench, dict) else None
+    if not isinstance(models, dict) or not any(isinstance(m, dict) for m in models.values()):
+        raise UserError(f"{benchmark}: benchmark results list no models")
+    models = {n: m for n, m in models.items() if isinstance(m, dict)}
+    for path in sorted((reports / "torch_ptq").glob("*.json")):
+        r, name = optional_json(path), f"{path.stem}_torch_eager_int8"
+        if isinstance(r, dict) and name not in models:
+            models[name] = _torch_row(path, r)
+    params_path = Path(params_path)
+    params_text = params_path.read_text() if params_path.is_file() else ""
+    try:
+        params = yaml.safe_load(params_text) or {}
+    except yaml.YAMLError:
+        params = {}
+    curves = {}
+    for tsv in sorted(reports.glob("**/plots/metrics/val_top1.tsv")):
+        label = tsv.parents[2].relative_to(reports).as_posix().removesuffix("/live")
+        if pairs := plots.read_curve(tsv):
+            curves[label] = pairs
+    hardware = bench.get("hardware")
+    return {"models": models, "hardware": hardware if isinstance(hardware, dict) else {},
+            "gate": optional_json(reports / "gate.json"),
+            "prune": optional_json(reports / "prune" / "metrics.json"),
+            "channels": optional_json(reports / "prune" / "channels.json", list),
+            "distill": optional_json(reports / "distill" / "metrics.json"),
+            "qat": {p.parent.name.removeprefix("qat_") + "_qat_int8": optional_json(p)
+                    for p in sorted(reports.glob("qat_*/metrics.json"))},
+            "export": {p.stem: optional_json(p) for p in sorted((reports / "export").glob("*.json"))},
+            "teacher": optional_json(reports / "teacher" / "summary.json"),
+            "curves": curves, "params": params if isinstance(params, dict) else {},
+            "params_text": params_text}
+
+
+def build_report(inputs: dict) -> list:
+    """All sections, in reading order, as render blocks."""
+    s = sec.gate_settings(inputs)
+    blocks = sec.headline(inputs) + sec.comparison(inputs)
+    blocks += [("img", "pareto.png", f"Top-1 vs p50 latency; shaded: the gate's region around `{s['reference']}`"),
+               ("img", "size.png", "File size per model")]
+    blocks += sec.checklist(inputs)
+    blocks += sec.pruning(inputs["prune"]) + sec.distillation(inputs["distill"])
+    blocks += sec.quantization(inputs["qat"]) + sec.training(inputs["teacher"], inputs["curves"])
+    blocks += sec.hardware(inputs["hardware"]) + sec.params_section(inputs["params_text"])
+    return blocks
+
+
+def pareto_rows(models: dict) -> list[dict]:
+    """(model, top1, p50_ms) for every model with both numbers: the data behind pareto.png."""
+    rows = [{"model": n, "top1": plots.number(m.get("top1")), "p50_ms": plots.number(m.get("p50_ms"))}
+            for n, m in models.items()]
+    return [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None]
+
+
+def make_plots(inputs: dict) -> dict[str, bytes]:
+    """File name -> PNG (and pareto.csv) bytes; figures without data are left out."""
+    s = sec.gate_settings(inputs)
+    models, release = inputs["models"], s["release"]
+    out = {}
+    if rows := pareto_rows(models):
+        out["pareto.png"] = plots.pareto_png(models, release, sec.region_for(inputs))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["model", "top1", "p50_ms"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        out["pareto.csv"] = buf.getvalue().encode()
+    if any(plots.number(m.get("size_mb")) is not None for m in models.values()):
+        out["size.png"] = plots.size_png(models, release)
+    if inputs["curves"]:
+        out["training_curves.png"] = plots.curves_png(inputs["curves"])
+    if isinstance(inputs["channels"], list) and inputs["channels"]:
+        out["channels.png"] = plots.channels_png(inputs["channels"])
+    return out
+
+
+def write_report(reports: Path, params_path: Path, *, out_md: Path, out_html: Path, plots_dir: Path,
+                 benchmark: Path | None = None) -> dict:
+    """Write the figures directory, report.md and report.html, each replaced atomically."""
+    inputs = load_inputs(reports, params_path, benchmark)
+    blocks = build_report(inputs)
+    files = make_plots(inputs)
+    plots_dir = Path(plots_dir)
+    with atomic_path(plots_dir) as tmp:  # the whole directory: no stale figure survives a rerun
+        tmp.mkdir()
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    images = {n: d for n, d in files.items() if n.endswith(".png")}
+    rel = Path(os.path.relpath(plots_dir, Path(out_md).parent)).as_posix()
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(render_markdown(blocks, rel, images), encoding="utf-8")
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(render_html(blocks, images), encoding="utf-8")
+    return {"release": sec.gate_settings(inputs)["release"], "models": list(inputs["models"]),
+            "plots": sorted(files)}
+

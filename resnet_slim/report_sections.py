@@ -1,0 +1,316 @@
+"""The report's sections: each function takes the loaded inputs and returns blocks (see render.py).
+
+Numbers are shown as measured; a missing input gives its section a plain "not run" line and a
+missing number prints as "–" and fails its checklist line (fail closed, like the gate).
+"""
+
+import math
+import re
+
+import pandas as pd
+
+from resnet_slim.plots import feasible_region, number
+
+QUANT_SUFFIX = re.compile(r"_(qat_int8|ptq_dynamic_int8|ptq_int8|torch_eager_int8)$")
+PLATEAU_EPOCHS, PLATEAU_PP = 3, 0.5  # "plateaued": the last 3 epochs lie within 0.5 pp
+OPS = {"<=": "≤", ">=": "≥"}
+CHECK_NAMES = {"accuracy_drop_pp": "top-1 drop vs the reference", "latency_speedup": "p50 speed-up",
+               "size_ratio": "file size / the reference's", "size_mb": "file size"}
+
+
+def base_model(name: str) -> str:
+    """The FP32 model a quantized one came from: student_qat_int8 -> student."""
+    return QUANT_SUFFIX.sub("", name)
+
+
+def gate_settings(inputs: dict) -> dict:
+    """reference, release and thresholds: from gate.json (what was judged), else params.yaml."""
+    gate, g = inputs["gate"] or {}, inputs["params"].get("gate") or {}
+    checks = {c.get("name"): c for c in gate.get("checks") or [] if isinstance(c, dict)}
+    release = gate.get("release") or (g.get("release") if g.get("release") != "auto" else None)
+    return {"reference": gate.get("reference") or g.get("reference") or "teacher", "release": release,
+            "max_acc_drop_pp": checks.get("accuracy_drop_pp", {}).get("threshold", g.get("max_acc_drop_pp")),
+            "min_speedup": checks.get("latency_speedup", {}).get("threshold", g.get("min_speedup")),
+            "checks": checks}
+
+
+def region_for(inputs: dict) -> tuple[float, float] | None:
+    """The gate's feasible (top-1, p50) region around the reference model."""
+    s = gate_settings(inputs)
+    ref = inputs["models"].get(s["reference"], {})
+    return feasible_region(ref.get("top1"), ref.get("p50_ms"), s["max_acc_drop_pp"], s["min_speedup"])
+
+
+def _ratio(a, b):
+    a, b = number(a), number(b)
+    return a / b if a is not None and b else None
+
+
+def _diff(a, b):
+    a, b = number(a), number(b)
+    return a - b if a is not None and b is not None else None
+
+
+def model_table(models: dict, reference: str, release: str | None) -> pd.DataFrame:
+    """One row per benchmarked model, with ratios against the reference."""
+    ref = models.get(reference, {})
+    rows = []
+    for name, m in models.items():
+        torch_row = m.get("runtime") == "pytorch"
+        rows.append({
+            "model": name,
+            "runtime": "PyTorch eager, measured in PyTorch" if torch_row else m.get("runtime", "onnxruntime"),
+            "top-1 %": number(m.get("top1")), "Δ pp vs ref": _diff(m.get("top1"), ref.get("top1")),
+            "params": number(m.get("params")), "file MB": number(m.get("size_mb")),
+            "p50 ms": number(m.get("p50_ms")), "p99 ms": number(m.get("p99_ms")),
+            "speed-up ×": _ratio(ref.get("p50_ms"), m.get("p50_ms")),
+            "size × smaller": _ratio(ref.get("size_mb"), m.get("size_mb")),
+            "peak RSS MB": number(m.get("peak_rss_mb")), "img/s": number(m.get("throughput_ips")),
+            "role": "release" if name == release else "reference" if name == reference else ""})
+    return pd.DataFrame(rows)
+
+
+def _mark(ok) -> str:
+    return "✓" if ok else "✗"
+
+
+def _f(value, fmt="{:.4g}", unit="") -> str:
+    return "–" if number(value) is None else fmt.format(value) + unit
+
+
+def headline(inputs: dict) -> list:
+    """Release model, gate verdict with every check, why the release was chosen."""
+    gate, s = inputs["gate"], gate_settings(inputs)
+    if not isinstance(gate, dict):
+        return [("h1", "resnet-slim report"), ("p", "**Gate: not run** (no reports/gate.json).")]
+    verdict = "✓ PASSED" if gate.get("passed") else "✗ FAILED"
+    enforce = "" if gate.get("enforce", True) else " (gate.enforce is false: recorded, not enforced)"
+    items = [f"{_mark(c.get('passed'))} {CHECK_NAMES.get(c.get('name'), c.get('name'))} (`{c.get('name')}`): "
+             f"{_f(c.get('measured'))} {c.get('unit', '')} {OPS.get(c.get('op'), c.get('op'))} "
+             f"{c.get('threshold')} {c.get('unit', '')}" + (f" — {c['reason']}" if c.get("reason") else "")
+             + (" (negative: more accurate than the reference)" if c.get("name") == "accuracy_drop_pp"
+                and (number(c.get("measured")) or 0) < 0 else "")
+             for c in s["checks"].values()]
+    blocks = [("h1", f"resnet-slim report: release `{s['release']}`"),
+              ("p", f"**Gate {verdict}**{enforce}: `{s['release']}` against the FP32 `{s['reference']}`."),
+              ("ul", items)]
+    if isinstance(gate.get("selection"), dict):
+        sel = gate["selection"]
+        blocks.append(("p", f"Why this model: {sel.get('why')}."))
+        cands = [{"candidate": c.get("model"), "passed": _mark(c.get("passed")), "p50 ms": number(c.get("p50_ms")),
+                  "failed": "; ".join(c.get("failed") or []) or "–"} for c in sel.get("candidates") or []]
+        if cands:
+            blocks.append(("table", pd.DataFrame(cands)))
+    return blocks
+
+
+def comparison(inputs: dict) -> list:
+    """Every model's row, then the release against the FP32 reference and INT8 baselines."""
+    models, s = inputs["models"], gate_settings(inputs)
+    ref, rel = s["reference"], s["release"]
+    n_test = number(models.get(ref, {}).get("n_test"))
+    blocks = [("h2", "Every model"), ("table", model_table(models, ref, rel)),
+              ("p", f"Δ, speed-up and size are against `{ref}`. Latency is batch 1 on onnxruntime "
+                    "unless the runtime says PyTorch; those rows' peak RSS is the whole PyTorch process "
+                    "(calibration included), so compare their latency, not their memory.")]
+    if n_test:
+        blocks.append(("p", f"The test split has {n_test:.0f} images: one image is {100 / n_test:.2f} pp, "
+                            "so top-1 differences of a few images are noise."))
+    if rel not in models:
+        return blocks + [("p", f"No benchmark row for the release `{rel}`: no ratios.")]
+    peers = [ref] + [n for n in models if n.endswith("_ptq_int8") and n != rel and "dynamic" not in n]
+    rows = [{"release vs": n, "latency ×": _ratio(models[n].get("p50_ms"), models[rel].get("p50_ms")),
+             "size × smaller": _ratio(models[n].get("size_mb"), models[rel].get("size_mb")),
+             "Δ top-1 pp": _diff(models[rel].get("top1"), models[n].get("top1"))}
+            for n in peers if n in models]
+    return blocks + [("h2", f"Release `{rel}` vs its baselines"), ("table", pd.DataFrame(rows)),
+                     ("p", "× > 1: the release is faster / smaller; Δ > 0: the release is more accurate. "
+                           "`*_ptq_int8` rows are onnxruntime static post-training quantization, the cheap "
+                           "INT8 baseline the slimmed models must beat.")]
+
+
+def onnx_opset(path) -> int | None:
+    """The default-domain opset of an ONNX file, or None if it cannot be read."""
+    try:
+        import onnx
+        model = onnx.load(str(path), load_external_data=False)
+        return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    except Exception:  # a missing or corrupt file: the checklist shows ✗
+        return None
+
+
+def _gate_line(checks: dict, *names: str) -> tuple[bool, str]:
+    """(passed, criterion text) of the gate checks with these names; fails when none was run."""
+    found = [checks[n] for n in names if n in checks]
+    if not found:
+        return False, "gate not run"
+    text = "; ".join(f"gate: {CHECK_NAMES.get(c.get('name'), c.get('name'))} {OPS.get(c.get('op'), c.get('op'))} "
+                     f"{c.get('threshold')} {c.get('unit', '')}" for c in found)
+    return all(c.get("passed") for c in found), text
+
+
+def _runtime_line(inputs: dict, rel: str, m: dict) -> tuple:
+    """Opset read from the ONNX file, the ops in it, and the QAT stage's int8 kernel count."""
+    opset, kernels = onnx_opset(m.get("file", "")), (inputs["qat"].get(rel) or {}).get("kernels")
+    want = (inputs["params"].get("export") or {}).get("opset")
+    if isinstance(kernels, dict):
+        ktext = (f"{kernels.get('int8_convs')} int8 / {kernels.get('float_convs')} float convs after "
+                 "onnxruntime optimization")
+    else:
+        ktext = "no INT8 kernel report for this model"
+    ok = opset is not None and (not isinstance(kernels, dict) or bool(kernels.get("all_convs_int8")))
+    ops = ", ".join(m.get("onnx_ops") or []) or "–"
+    return ("runtime / opset", ok, f"opset {opset if opset is not None else 'unreadable'}, onnxruntime "
+            f"{inputs['hardware'].get('onnxruntime', '?')}; ops: {ops}; {ktext}",
+            f"opset readable (export.opset {want}); every conv int8 when quantized")
+
+
+def _stability_line(inputs: dict, rel: str) -> tuple:
+    """Export parity of the FP32 model behind the release, and QAT PyTorch-vs-ONNX top-1."""
+    parity, qat = inputs["export"].get(base_model(rel)), inputs["qat"].get(rel)
+    found, text = [x for x in (parity, qat) if isinstance(x, dict)], []
+    if isinstance(parity, dict):
+        text.append(f"FP32 `{base_model(rel)}` export: max |Δlogit| {_f(parity.get('max_abs_diff'), '{:.2e}')}, "
+                    f"top-1 agreement {_f(parity.get('top1_agreement'), '{:.4f}')}")
+    if isinstance(qat, dict):
+        text.append(f"QAT PyTorch vs ONNX: {_f(qat.get('top1_diff_pp'), '{:+.3f}')} pp")
+    return ("numerical stability", bool(found) and all(x.get("passed") for x in found),
+            "; ".join(text) or "no export parity report", "export / QAT parity checks passed")
+
+
+def checklist(inputs: dict) -> list:
+    """Deployment checklist for the release model: each line ✓/✗ with its number (missing: ✗)."""
+    models, s = inputs["models"], gate_settings(inputs)
+    rel, ref, checks = s["release"], s["reference"], s["checks"]
+    m, r = models.get(rel), models.get(ref, {})
+    if not m:
+        return [("h2", "Deployment checklist"), ("p", "Not run: no release model with benchmark results.")]
+    lines = [("size", *_gate_line(checks, "size_ratio", "size_mb"),
+              f"{_f(m.get('size_mb'), '{:.2f}', ' MB')}, "
+              f"{_f(_ratio(m.get('size_mb'), r.get('size_mb')), '{:.3f}', '×')} of `{ref}`"),
+             ("latency", *_gate_line(checks, "latency_speedup"),
+              f"p50 {_f(m.get('p50_ms'), '{:.3f}')} ms, p99 {_f(m.get('p99_ms'), '{:.3f}')} ms, "
+              f"{_f(_ratio(r.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster than `{ref}`"),
+             ("accuracy", *_gate_line(checks, "accuracy_drop_pp"),
+              f"top-1 {_f(m.get('top1'), '{:.2f}', '%')} ({_f(_diff(m.get('top1'), r.get('top1')), '{:+.2f}')} "
+              f"pp vs `{ref}`)")]
+    lines = [(name, ok, value, crit) for name, ok, crit, value in lines]
+    peak, ref_peak = number(m.get("peak_rss_mb")), number(r.get("peak_rss_mb"))
+    lines.append(("peak memory", peak is not None and peak <= (ref_peak or math.inf),
+                  f"{_f(peak, '{:.0f}', ' MB')} peak RSS (onnxruntime alone "
+                  f"{_f(m.get('runtime_rss_mb'), '{:.0f}', ' MB')})", f"≤ `{ref}`'s {_f(ref_peak, '{:.0f}', ' MB')}"))
+    lines += [_runtime_line(inputs, rel, m), _stability_line(inputs, rel)]
+    df = pd.DataFrame([{"": _mark(ok), "check": k, "measured": v, "criterion": c} for k, ok, v, c in lines])
+    return [("h2", f"Deployment checklist: `{rel}`"), ("table", df)]
+
+
+def pruning(prune) -> list:
+    """Params / MACs before and after, top-1 through the pruning steps, what the method buys."""
+    blocks = [("h2", "Pruning")]
+    if not isinstance(prune, dict):
+        return blocks + [("p", "Not run (no reports/prune/metrics.json).")]
+    rows = [{"": k, "teacher": number((prune.get(key) or {}).get("teacher")),
+             "pruned": number((prune.get(key) or {}).get("pruned")),
+             "pruned / teacher": _ratio((prune.get(key) or {}).get("pruned"),
+                                        (prune.get(key) or {}).get("teacher"))}
+            for k, key in (("params", "params"), ("MACs", "macs"), ("non-zero params", "nonzero_params"))
+            if isinstance(prune.get(key), dict)]
+    t = prune.get("top1_test") if isinstance(prune.get("top1_test"), dict) else {}
+    steps = [f"{label} {_f(t.get(k), '{:.2f}', '%')}" for label, k in (
+        ("before", "before"), ("after sparsity training", "after_sparsity"),
+        ("after channel removal", "after_removal"), ("after fine-tune", "after_finetune")) if k in t]
+    method = prune.get("method")
+    blocks.append(("p", f"Method `{method}`, ratio {prune.get('ratio')}."))
+    blocks += [("table", pd.DataFrame(rows))] if rows else []
+    blocks += [("p", "Test top-1: " + " → ".join(steps) + ".")] if steps else []
+    if method == "magnitude":
+        blocks.append(("p", "**Magnitude pruning is unstructured: it reduces non-zero weights, not latency "
+                            "or the dense file size.** The ONNX file keeps every (zeroed) weight and "
+                            "onnxruntime runs dense kernels."))
+    else:
+        blocks.append(("p", f"Whole channels are removed ({_f(prune.get('channels_kept'), '{:.0%}')} kept), "
+                            "so the dense model itself is smaller and faster."))
+    return blocks + [("img", "channels.png", "Channels kept per layer")]
+
+
+def distillation(d) -> list:
+    """The student with and without the teacher, and an honest sentence about the difference."""
+    blocks = [("h2", "Distillation")]
+    if not isinstance(d, dict):
+        return blocks + [("p", "Not run (no reports/distill/metrics.json).")]
+    kd, no_kd, gain = (number(d.get(k)) for k in ("student_top1_kd", "student_top1_no_kd", "kd_gain_pp"))
+    text = (f"Student test top-1 with KD {_f(kd, '{:.2f}', '%')} (α {d.get('alpha')}, T {d.get('temperature')}, "
+            f"feature weight {d.get('feature_weight')}); {_f(d.get('macs_vs_teacher'), '{:.1%}')} of the "
+            f"teacher's MACs, {_f(d.get('params_vs_teacher'), '{:.1%}')} of its params.")
+    if gain is None:
+        verdict = "No baseline without the teacher was trained (distill.train_baseline is false)."
+    elif gain > 0:
+        verdict = (f"KD helped: +{gain:.2f} pp over the same student trained without the teacher "
+                   f"({_f(no_kd, '{:.2f}', '%')}).")
+    else:
+        verdict = (f"**KD did not help here**: the same student trained without the teacher scored "
+                   f"{_f(no_kd, '{:.2f}', '%')} ({gain:+.2f} pp for KD). On an easy dataset the labels "
+                   f"alone are enough; distillation pays off when the student is too small to learn "
+                   f"the task from labels.")
+    return blocks + [("p", text), ("p", verdict)]
+
+
+def quantization(qat: dict) -> list:
+    """QAT: PyTorch vs exported ONNX top-1 and the int8 kernel count."""
+    blocks = [("h2", "Quantization-aware training")]
+    rows = []
+    for name, m in qat.items():
+        if isinstance(m, dict):
+            k = m.get("kernels") if isinstance(m.get("kernels"), dict) else {}
+            rows.append({"model": name, "PyTorch top-1": number(m.get("torch_top1")),
+                         "ONNX top-1": number(m.get("onnx_top1")), "Δ pp": number(m.get("top1_diff_pp")),
+                         "int8 convs": k.get("int8_convs"), "float convs": k.get("float_convs"),
+                         "all convs int8": _mark(k.get("all_convs_int8")), "passed": _mark(m.get("passed"))})
+    if not rows:
+        return blocks + [("p", "Not run (no reports/qat_*/metrics.json).")]
+    return blocks + [("table", pd.DataFrame(rows)),
+                     ("p", "Kernels are counted after onnxruntime's graph optimization: a QDQ `Conv` that "
+                           "becomes `QLinearConv` runs in int8; one left as `Conv` runs in float.")]
+
+
+def training(teacher, curves: dict) -> list:
+    """The teacher's validation curve and whether it plateaued; every run's curve as a figure."""
+    blocks = [("h2", "Training curves")]
+    curve = [number(v) for v in (teacher or {}).get("val_top1_curve") or []] if isinstance(teacher, dict) else []
+    curve = [v for v in curve if v is not None] or [v for _, v in curves.get("teacher", [])]
+    if curve:
+        tail = curve[-PLATEAU_EPOCHS:]
+        spread = max(tail) - min(tail)
+        if len(curve) < PLATEAU_EPOCHS:
+            verdict = f"Too few epochs ({len(curve)}) to tell whether it plateaued."
+        elif spread <= PLATEAU_PP:
+            verdict = f"It plateaued: the last {PLATEAU_EPOCHS} epochs lie within {spread:.2f} pp."
+        else:
+            verdict = (f"It had not plateaued: the last {PLATEAU_EPOCHS} epochs span {spread:.2f} pp "
+                       f"(> {PLATEAU_PP} pp); more epochs (teacher.epochs) may still help.")
+        blocks.append(("p", f"Teacher validation top-1 per epoch: {', '.join(f'{v:.1f}' for v in curve)}. "
+                            + verdict))
+    else:
+        blocks.append(("p", "Teacher: not run (no reports/teacher/summary.json)."))
+    if curves:
+        blocks.append(("img", "training_curves.png", "Validation top-1 per epoch: " + ", ".join(curves)))
+    return blocks
+
+
+def hardware(hw: dict) -> list:
+    """Where the numbers were measured, and a warning when INT8 lacks its dot-product instructions."""
+    blocks = [("h2", "Hardware")]
+    if not hw:
+        return blocks + [("p", "Not recorded in benchmark.json.")]
+    blocks.append(("table", pd.DataFrame([{"": k, "value": str(v)} for k, v in hw.items()])))
+    if not (hw.get("avx512_vnni") or hw.get("avx_vnni") or hw.get("amx_int8")):
+        blocks.append(("p", "**⚠ This CPU has no VNNI** (AVX-512 VNNI / AVX-VNNI): int8 dot products go "
+                            "through 16-bit intermediates, so INT8 speed-ups here are smaller than on a "
+                            "VNNI CPU (and PTQ uses 7-bit weights, `ptq.reduce_range: auto`). Re-measure "
+                            "on the target device."))
+    return blocks
+
+
+def params_section(text: str) -> list:
+    """params.yaml as it was when the report was written."""
+    return [("h2", "Parameters (params.yaml)"), ("pre", text or "params.yaml not found", "yaml")]

@@ -1,0 +1,272 @@
+"""The human report: report.md / self-contained report.html / plots from synthetic pipeline outputs."""
+
+import base64
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from resnet_slim import report
+from resnet_slim.experiments import changed_params, comparison_table, parse_exp_show
+from resnet_slim.gate import check_release
+from resnet_slim.params import GateParams
+from resnet_slim.plots import feasible_region, is_feasible
+from tests.conftest import REPO
+
+# `dvc exp show --json` captured in a clone of this repo (deps/outs dropped): the workspace, `main`, and one
+# experiment stored with `dvc exp save` after editing prune.ratio=0.5, gate.min_speedup=40, gate.enforce=false
+# and reports/gate.json by hand (its metrics are not from a real run; the JSON shape is DVC 3.67's own).
+EXP_SHOW = Path(__file__).parent / "data" / "exp_show.json"
+
+
+def tiny_onnx(path: Path, opset: int = 17) -> Path:
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def row(top1, p50, mb, **extra) -> dict:
+    return {"file": "x.onnx", "top1": top1, "n_test": 270, "size_mb": mb, "params": 1000, "onnx_ops": ["Conv"],
+            "p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.3, "mean_ms": p50, "throughput_ips": 1000 / p50,
+            "throughput_batch": 64, "peak_rss_mb": 60.0, "runtime_rss_mb": 44.0, "threads": 1, **extra}
+
+
+def write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+
+
+def gate_json(passed=True, release="student_qat_int8") -> dict:
+    checks = [{"name": "accuracy_drop_pp", "passed": True, "measured": 0.4, "threshold": 1.0, "op": "<=",
+               "unit": "pp", "reason": None},
+              {"name": "latency_speedup", "passed": passed, "measured": 9.0 if passed else 1.5, "threshold": 2.0,
+               "op": ">=", "unit": "x", "reason": None if passed else "latency_speedup 1.5 x is not >= 2.0"},
+              {"name": "size_ratio", "passed": True, "measured": 0.02, "threshold": 0.3, "op": "<=", "unit": "x",
+               "reason": None}]
+    return {"passed": passed, "release": release, "reference": "teacher", "enforce": True, "checks": checks,
+            "failed": [] if passed else ["latency_speedup 1.5 x is not >= 2.0"],
+            "selection": {"why": "fastest of 1 candidate(s) passing every check (p50 1 ms)" if passed
+                          else "no candidate passed every check",
+                          "candidates": [{"model": release, "passed": passed, "p50_ms": 1.0, "failed": []}]}}
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A repo-like directory with every report the pipeline writes, in the real shapes."""
+    r = tmp_path / "reports"
+    onnx_file = tiny_onnx(tmp_path / "student_qat_int8.onnx")
+    models = {"teacher": row(97.0, 8.0, 44.0), "teacher_ptq_int8": row(97.0, 3.0, 11.0),
+              "pruned_qat_int8": row(96.5, 1.2, 2.9), "student_qat_int8": row(96.6, 0.9, 0.8, file=str(onnx_file)),
+              "mystery_int8": row(90.0, 0.5, 0.5)}  # any name: the list is read, never assumed
+    write(r / "benchmark.json", {"models": models, "hardware": {
+        "cpu": "Test CPU", "logical_cores": 2, "avx2": True, "avx512f": False, "avx512_vnni": False,
+        "avx_vnni": False, "onnxruntime": "1.31.1"}})
+    write(r / "gate.json", gate_json())
+    write(r / "prune" / "metrics.json", {
+        "method": "bn_slimming", "ratio": 0.3,
+        "top1_test": {"before": 97.0, "after_sparsity": 97.5, "after_removal": 10.0, "after_finetune": 96.9},
+        "macs": {"teacher": 1000, "pruned": 400, "ratio": 0.4}, "params": {"teacher": 100, "pruned": 30, "ratio": 0.3},
+        "nonzero_params": {"teacher": 100, "pruned": 30}, "channels_kept": 0.55})
+    write(r / "prune" / "channels.json", [{"layer": "conv1", "before": 64, "after": 32},
+                                          {"layer": "layer1.0.conv1", "before": 64, "after": 16}])
+    write(r / "distill" / "metrics.json", {"student_top1_kd": 96.0, "student_top1_no_kd": 95.0, "kd_gain_pp": 1.0,
+                                           "alpha": 0.7, "temperature": 4.0, "feature_weight": 0.0,
+                                           "macs_vs_teacher": 0.06, "params_vs_teacher": 0.06})
+    write(r / "qat_student" / "metrics.json", {
+        "torch_top1": 96.6, "onnx_top1": 96.6, "top1_diff_pp": 0.0, "passed": True, "problems": [],
+        "kernels": {"op_types": {"com.microsoft:QLinearConv": 20}, "float_convs": 0, "int8_convs": 20,
+                    "all_convs_int8": True}})
+    write(r / "export" / "student.json", {"max_abs_diff": 1e-5, "top1_agreement": 1.0, "n_images": 270,
+                                          "passed": True, "problems": []})
+    write(r / "torch_ptq" / "teacher.json", {"top1": 97.0, "fp32_top1": 97.0, "n_test": 270, "size_mb": 11.3,
+                                             "p50_ms": 4.4, "p99_ms": 7.2, "threads": 1,
+                                             "process_peak_rss_mb": 1150.0})
+    write(r / "teacher" / "summary.json", {"val_top1": 98.0, "epochs": 5,
+                                           "val_top1_curve": [40.0, 90.0, 97.8, 98.0, 98.1]})
+    for run, values in (("teacher", [40.0, 90.0, 97.8, 98.0, 98.1]), ("distill/kd", [50.0, 95.0]),
+                        ("qat_student/live", [96.0, 96.5])):
+        write(r / run / "plots" / "metrics" / "val_top1.tsv",
+              "step\tval_top1\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path
+
+
+def make(run_dir: Path) -> tuple[str, str]:
+    report.write_report(run_dir / "reports", run_dir / "params.yaml", out_md=run_dir / "reports" / "report.md",
+                        out_html=run_dir / "reports" / "report.html", plots_dir=run_dir / "reports" / "plots")
+    return (run_dir / "reports" / "report.md").read_text(), (run_dir / "reports" / "report.html").read_text()
+
+
+def test_report_has_every_model_row_every_section_and_plots(run_dir):
+    md, page = make(run_dir)
+    models = json.loads((run_dir / "reports" / "benchmark.json").read_text())["models"]
+    for name in [*models, "teacher_torch_eager_int8"]:
+        assert re.search(rf"^\| {name} \|", md, re.M), name
+        assert f"<td>{name}</td>" in page, name
+    assert "PyTorch eager, measured in PyTorch" in md
+    assert "release `student_qat_int8`" in md and "Gate ✓ PASSED" in md
+    for heading in ("Every model", "Deployment checklist", "Pruning", "Distillation", "Quantization-aware training",
+                    "Training curves", "Hardware", "Parameters (params.yaml)"):
+        assert re.search(rf"^## {re.escape(heading)}", md, re.M), heading
+    assert "| ✗ |" not in md  # every checklist line passes on these inputs
+    assert "opset 17" in md and "20 int8 / 0 float convs" in md
+    assert "KD helped: +1.00 pp" in md and "It plateaued" in md
+    assert "This CPU has no VNNI" in md
+    assert "max_acc_drop_pp: 1.0" in md  # params.yaml is shown as YAML
+    plots = run_dir / "reports" / "plots"
+    assert {p.name for p in plots.iterdir()} == {"pareto.png", "pareto.csv", "size.png", "training_curves.png",
+                                                 "channels.png"}
+    for png in plots.glob("*.png"):
+        assert png.read_bytes().startswith(b"\x89PNG")
+        assert f"](plots/{png.name})" in md
+    with open(plots / "pareto.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == [*models, "teacher_torch_eager_int8"]
+
+
+def test_html_is_self_contained(run_dir):
+    _, page = make(run_dir)
+    assert not re.search(r"""\b(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I), "external reference"
+    assert not re.search(r"<(script|link|iframe|object)\b|@import|url\(", page, re.I)
+    sources = re.findall(r'<img[^>]*\bsrc="([^"]+)"', page)
+    assert len(sources) == 4
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+
+
+def test_failed_gate_is_shown_as_failed(run_dir):
+    write(run_dir / "reports" / "gate.json", gate_json(passed=False))
+    md, page = make(run_dir)
+    assert "Gate ✗ FAILED" in md and "Gate ✗ FAILED" in page
+    assert re.search(r"^- ✗ p50 speed-up .*latency_speedup 1\.5 x is not >= 2\.0", md, re.M)
+    assert re.search(r"^\| ✗ \| latency \|", md, re.M)
+    assert "no candidate passed every check" in md
+
+
+def test_missing_optional_inputs_say_not_run(tmp_path):
+    write(tmp_path / "reports" / "benchmark.json", {"models": {"teacher": row(97.0, 8.0, 44.0),
+                                                               "student": row(96.0, 1.0, 2.0)}})
+    md, page = make(tmp_path)
+    assert "Gate: not run" in md
+    for section in ("Pruning", "Distillation", "Quantization-aware training"):
+        assert re.search(rf"## {section}\n\nNot run", md), section
+    assert "Teacher: not run" in md and "not recorded in benchmark.json" in md.lower()
+    assert "## Parameters" in md and "params.yaml not found" in md
+    assert {p.name for p in (tmp_path / "reports" / "plots").iterdir()} == {"pareto.png", "pareto.csv", "size.png"}
+    assert "| student |" in md and "<td>student</td>" in page
+
+
+def test_malformed_optional_inputs_never_crash(run_dir):
+    r = run_dir / "reports"
+    write(r / "gate.json", '"not an object"')
+    write(r / "prune" / "metrics.json", "{ not json")
+    write(r / "prune" / "channels.json", {"conv1": 3})
+    write(r / "distill" / "metrics.json", [1, 2])
+    write(r / "qat_student" / "metrics.json", {"kernels": "x", "torch_top1": "high"})
+    write(r / "teacher" / "summary.json", {"val_top1_curve": "abc"})
+    write(r / "export" / "student.json", None)
+    md, _ = make(run_dir)
+    assert "Gate: not run" in md and re.search(r"## Pruning\n\nNot run", md)
+    assert re.search(r"## Distillation\n\nNot run", md)
+    assert "| student_qat_int8 |" in md
+
+
+def test_magnitude_pruning_and_unhelpful_kd_are_said_plainly(run_dir):
+    r = run_dir / "reports"
+    prune = json.loads((r / "prune" / "metrics.json").read_text())
+    write(r / "prune" / "metrics.json", {**prune, "method": "magnitude"})
+    write(r / "distill" / "metrics.json", {"student_top1_kd": 95.0, "student_top1_no_kd": 96.0, "kd_gain_pp": -1.0})
+    write(r / "teacher" / "summary.json", {"val_top1_curve": [50.0, 80.0, 90.0, 95.0]})
+    md, _ = make(run_dir)
+    assert "it reduces non-zero weights, not latency or the dense file size" in md
+    assert "KD did not help here" in md and "-1.00 pp for KD" in md
+    assert "It had not plateaued" in md
+
+
+def test_torch_eager_rows_already_in_the_benchmark_are_not_duplicated(run_dir):
+    r = run_dir / "reports"
+    bench = json.loads((r / "benchmark.json").read_text())
+    bench["models"]["teacher_torch_eager_int8"] = {"file": "reports/torch_ptq/teacher.json", "runtime": "pytorch",
+                                                   "top1": 97.0, "p50_ms": 4.4, "size_mb": 11.3}
+    write(r / "benchmark.json", bench)
+    md, _ = make(run_dir)
+    assert len(re.findall(r"^\| teacher_torch_eager_int8 \|", md, re.M)) == 1
+
+
+def test_vnni_cpu_gets_no_warning(run_dir):
+    r = run_dir / "reports"
+    bench = json.loads((r / "benchmark.json").read_text())
+    bench["hardware"]["avx512_vnni"] = True
+    write(r / "benchmark.json", bench)
+    md, _ = make(run_dir)
+    assert "no VNNI" not in md
+
+
+def test_feasible_region_matches_the_gate():
+    assert feasible_region(97.0, 8.0, 1.0, 2.0) == (96.0, 4.0)
+    region = (96.0, 4.0)
+    assert is_feasible(96.0, 4.0, region)  # both bounds are inclusive, like the gate's <= / >=
+    assert is_feasible(99.0, 0.1, region)
+    assert not is_feasible(95.9, 1.0, region) and not is_feasible(99.0, 4.01, region)
+    assert not is_feasible(None, 1.0, region) and not is_feasible(99.0, 1.0, None)
+    assert feasible_region(None, 8.0, 1.0, 2.0) is None and feasible_region(97.0, 8.0, 1.0, 0.0) is None
+    g = GateParams(reference="teacher", max_acc_drop_pp=1.0, min_speedup=2.0, max_size_ratio=1.0)
+    results = {"teacher": {"top1": 97.0, "p50_ms": 8.0, "size_mb": 10.0}}
+    for top1 in (95.5, 96.0, 96.5, 98.0):
+        for p50 in (1.0, 3.9, 4.0, 4.1, 9.0):
+            results["m"] = {"top1": top1, "p50_ms": p50, "size_mb": 1.0}
+            assert is_feasible(top1, p50, region) == check_release(results, g, "m")["passed"], (top1, p50)
+
+
+def test_missing_benchmark_is_a_one_line_user_error(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "stages" / "report.py"), "--reports", str(tmp_path / "r"),
+                             "--md", str(tmp_path / "r.md"), "--html", str(tmp_path / "r.html"),
+                             "--plots", str(tmp_path / "plots")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "benchmark" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.md").exists() and not (tmp_path / "plots").exists()
+
+
+def test_exp_show_parser_on_a_real_sample():
+    entries = json.loads(EXP_SHOW.read_text())
+    df = parse_exp_show(entries)
+    assert list(df["experiment"]) == ["workspace", "main", "synthetic-ratio05"]
+    assert list(df["state"]) == ["workspace", "baseline", "done"]
+    assert set(changed_params(df)) == {"prune.ratio", "gate.min_speedup", "gate.enforce"}
+    table = comparison_table(entries)
+    exp = table.set_index("experiment").loc["synthetic-ratio05"]
+    assert exp["prune.ratio"] == 0.5 and exp["gate.min_speedup"] == 40.0
+    assert exp["gate passed"] is not None and not exp["gate passed"]
+    assert table.set_index("experiment").loc["main", "gate passed"]
+    assert exp["release"] == "student_qat_int8" and exp["release top-1 %"] == pytest.approx(99.259, abs=1e-3)
+    assert exp["release p50 ms"] > 0 and exp["release MB"] > 0
+    assert "teacher.epochs" not in table.columns  # unchanged params are left out
+
+
+def test_exp_show_parser_tolerates_failed_and_queued_experiments():
+    entries = [{"rev": "workspace", "name": None, "data": {"params": {"params.yaml": {"data": {"a": {"b": 1}}}},
+                                                           "metrics": {}}, "error": None, "experiments": None},
+               {"rev": "a" * 40, "name": "main", "data": None, "error": {"type": "X", "msg": "boom"},
+                "experiments": [{"name": "q", "executor": {"state": "queued"},
+                                 "revs": [{"rev": "b" * 40, "name": "q", "data": None, "error": None}]}]}]
+    df = parse_exp_show(entries)
+    assert list(df["experiment"]) == ["workspace", "main", "q"]
+    assert list(df["state"]) == ["workspace", "error", "queued"]
+    assert df["release"].isna().all()
+
+
+def test_compare_script_prints_the_saved_sample():
+    result = subprocess.run([sys.executable, str(REPO / "stages" / "compare_experiments.py"), "--json", str(EXP_SHOW),
+                             "--md"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| synthetic-ratio05 |" in result.stdout and "prune.ratio" in result.stdout
