@@ -9,7 +9,9 @@ import math
 from resnet_slim.params import GateParams
 
 
-def _number(results: dict, model: str, key: str) -> tuple[float | None, str | None]:
+def _number(results: dict, model: str, key: str, *, positive: bool = False
+            ) -> tuple[float | None, str | None]:
+    """(value, None) for a finite (and, if asked, positive) metric, else (None, the reason)."""
     entry = results.get(model)
     if not isinstance(entry, dict):
         return None, f"no benchmark results for model '{model}'"
@@ -18,7 +20,16 @@ def _number(results: dict, model: str, key: str) -> tuple[float | None, str | No
         return None, f"metric {model}.{key} is missing or not a number ({value!r})"
     if not math.isfinite(value):
         return None, f"metric {model}.{key} is {value}"
+    if positive and value <= 0:
+        return None, f"metric {model}.{key} is {value}, must be > 0"
     return float(value), None
+
+
+def _pair(results: dict, ref: str, rel: str, key: str, *, positive: bool = False):
+    """(reference value, release value, the first problem with either or None)."""
+    ref_value, ref_error = _number(results, ref, key, positive=positive)
+    rel_value, rel_error = _number(results, rel, key, positive=positive)
+    return ref_value, rel_value, ref_error or rel_error
 
 
 def _check(name: str, *, measured, threshold, op: str, unit: str, error: str | None) -> dict:
@@ -62,32 +73,21 @@ def evaluate_gate(results: dict, g: GateParams) -> dict:
 def check_release(results: dict, g: GateParams, rel: str) -> dict:
     """Every check for one release model against the reference."""
     ref = g.reference
-    checks = []
-
-    ref_top1, err1 = _number(results, ref, "top1")
-    rel_top1, err2 = _number(results, rel, "top1")
-    drop = None if (err1 or err2) else ref_top1 - rel_top1
-    checks.append(_check("accuracy_drop_pp", measured=drop, threshold=g.max_acc_drop_pp, op="<=",
-                         unit="pp", error=err1 or err2))
-
-    ref_ms, err1 = _number(results, ref, "p50_ms")
-    rel_ms, err2 = _number(results, rel, "p50_ms")
-    if not (err1 or err2) and rel_ms <= 0:
-        err2 = f"metric {rel}.p50_ms is {rel_ms}, not a latency"
-    speedup = None if (err1 or err2) else ref_ms / rel_ms
-    checks.append(_check("latency_speedup", measured=speedup, threshold=g.min_speedup, op=">=",
-                         unit="x", error=err1 or err2))
-
-    ref_mb, err1 = _number(results, ref, "size_mb")
-    rel_mb, err2 = _number(results, rel, "size_mb")
-    if not (err1 or err2) and ref_mb <= 0:
-        err1 = f"metric {ref}.size_mb is {ref_mb}, not a file size"
-    ratio = None if (err1 or err2) else rel_mb / ref_mb
-    checks.append(_check("size_ratio", measured=ratio, threshold=g.max_size_ratio, op="<=",
-                         unit="x", error=err1 or err2))
+    ref_top1, rel_top1, error = _pair(results, ref, rel, "top1")
+    ref_ms, rel_ms, ms_error = _pair(results, ref, rel, "p50_ms", positive=True)
+    ref_mb, rel_mb, mb_error = _pair(results, ref, rel, "size_mb", positive=True)
+    checks = [
+        _check("accuracy_drop_pp", measured=None if error else ref_top1 - rel_top1,
+               threshold=g.max_acc_drop_pp, op="<=", unit="pp", error=error),
+        _check("latency_speedup", measured=None if ms_error else ref_ms / rel_ms,
+               threshold=g.min_speedup, op=">=", unit="x", error=ms_error),
+        _check("size_ratio", measured=None if mb_error else rel_mb / ref_mb,
+               threshold=g.max_size_ratio, op="<=", unit="x", error=mb_error),
+    ]
     if g.max_size_mb is not None:
-        checks.append(_check("size_mb", measured=rel_mb, threshold=g.max_size_mb, op="<=",
-                             unit="MB", error=err2))
+        size, size_error = _number(results, rel, "size_mb", positive=True)
+        checks.append(_check("size_mb", measured=size, threshold=g.max_size_mb, op="<=",
+                             unit="MB", error=size_error))
 
     failed = [c["reason"] for c in checks if not c["passed"]]
     return {"passed": not failed, "release": rel, "reference": ref, "enforce": g.enforce,

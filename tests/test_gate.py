@@ -46,7 +46,8 @@ def test_absolute_size_cap_is_optional():
     ({"release": {"top1": math.nan, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is nan"),
     ({"release": {"top1": "97", "p50_ms": 0.4, "size_mb": 1.0}}, "not a number"),
     ({"release": {"top1": True, "p50_ms": 0.4, "size_mb": 1.0}}, "not a number"),
-    ({"release": {"top1": 97.5, "p50_ms": 0.0, "size_mb": 1.0}}, "not a latency"),
+    ({"release": {"top1": 97.5, "p50_ms": 0.0, "size_mb": 1.0}}, "release.p50_ms is 0.0, must be > 0"),
+    ({"teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": -1.0}}, "teacher.size_mb is -1.0, must be > 0"),
     ({"teacher": {}}, "teacher.top1 is missing"),
 ])
 def test_fails_closed_on_missing_or_malformed_metrics(broken, reason):
