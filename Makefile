@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install repro test clean
+.PHONY: install install-litert repro test serve browser clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,36 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: install
+test: install browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+# The web UI for the gated release model on http://127.0.0.1:8000/ (SERVE_ARGS="--allow-ungated" ...)
+serve: install
+	$(BIN)/python -m resnet_slim.serve $(SERVE_ARGS)
+
+# tests/test_serve_browser.py drives Debian's chromium; as root with apt-get, install it.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq chromium; \
+	  else \
+	    echo "note: chromium not found; the browser test will be skipped (apt-get install chromium)"; \
+	  fi; }
+
+# The LiteRT converter for export.targets: [tflite] (requirements-targets.txt says why it has its
+# own environment). .venv's site-packages are appended to its path, so torch is not installed twice.
+# resnet_slim/targets.py looks for it at this path.
+LITERT_VENV := .venv-litert
+install-litert: $(LITERT_VENV)/.installed
+
+$(LITERT_VENV)/.installed: requirements-targets.txt $(VENV)/.installed
+	rm -rf $(LITERT_VENV)
+	$(BIN)/python -m venv $(LITERT_VENV)
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+	  "$$($(LITERT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_main_venv.pth"
+	@# pip's note that .venv's pydantic wants typing-extensions>=4.16 is expected: not used here
+	$(LITERT_VENV)/bin/python -m pip install --quiet -c requirements.txt -r requirements-targets.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV)

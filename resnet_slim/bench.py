@@ -22,6 +22,7 @@ import torch
 from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, make_session, run_onnx
 from resnet_slim.params import BenchmarkParams
+from resnet_slim.stats import bootstrap_accuracy_ci, correct_from_counts
 
 
 def latency_ms(session: ort.InferenceSession, image: np.ndarray, *, warmup: int, runs: int) -> dict:
@@ -93,16 +94,44 @@ def top1(session: ort.InferenceSession, images: torch.Tensor, labels: torch.Tens
     return float(100.0 * (logits.argmax(1) == labels.numpy()).mean())
 
 
+def accuracy_with_ci(predictions: np.ndarray, labels, p: BenchmarkParams) -> dict:
+    """top1 plus its bootstrap CI over test images (the seed is fixed, so reruns agree)."""
+    ci = bootstrap_accuracy_ci(np.asarray(predictions) == np.asarray(labels), level=p.ci_level,
+                               resamples=p.bootstrap_resamples, seed=p.bootstrap_seed)
+    return {"top1": ci["top1"], "top1_ci_low": ci["ci_low"], "top1_ci_high": ci["ci_high"],
+            "ci_level": p.ci_level}
+
+
+def accuracy_ci_from_counts(top1_pct, n_test, p: BenchmarkParams) -> dict:
+    """The same CI for a model known only by (top-1 %, n): one model's bootstrap needs no more."""
+    if isinstance(top1_pct, bool) or not isinstance(top1_pct, (int, float)) \
+            or not isinstance(n_test, int) or n_test <= 0:
+        return {}
+    n_correct = round(top1_pct * n_test / 100.0)
+    return accuracy_with_ci(correct_from_counts(n_correct, n_test), np.ones(n_test, bool), p)
+
+
 def benchmark_model(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
                     p: BenchmarkParams) -> dict:
-    """Every number for one ONNX file. `images` are the normalised test split."""
+    """Every number for one ONNX file. `images` are the normalised test split.
+
+    "predictions" (the class per test image) is for the paired statistics, not for benchmark.json.
+    """
     image_size = images.shape[-1]
     session = make_session(path, threads=p.threads)
     check_input_size(session, image_size, path)
     one = images[:1].numpy()
     batch = images[:p.throughput_batch].numpy()
-    result = {"top1": top1(session, images, labels), "n_test": int(len(labels)), **onnx_stats(path)}
+    predictions = run_onnx(session, images).argmax(1)
+    result = {**accuracy_with_ci(predictions, labels.numpy(), p), "n_test": int(len(labels)),
+              **onnx_stats(path), "predictions": predictions}
     result.update(latency_ms(session, one, warmup=p.warmup, runs=p.runs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if p.all_cores and cores and cores != p.threads:
+        every_core = make_session(path, threads=cores)
+        result["p50_ms_all_cores"] = latency_ms(every_core, one, warmup=p.warmup,
+                                                runs=max(1, p.runs // 3))["p50_ms"]
+        result["all_cores"] = cores
     result["throughput_ips"] = throughput(session, batch)
     result["throughput_batch"] = int(len(batch))
     result.update(peak_rss_mb(path, threads=p.threads, image_size=image_size))

@@ -260,6 +260,18 @@ def normalize(images: torch.Tensor, meta: dict) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def preprocess_image(image: Image.Image, meta: dict) -> np.ndarray:
+    """One PIL image -> the model input, float32 1 x 3 x S x S.
+
+    The same two steps the test split goes through (`to_rgb_array` in prepare, `normalize` at
+    evaluation), so a served prediction sees exactly the pixels the benchmark measured.
+    """
+    pixels = to_rgb_array(image, int(meta["image_size"]))  # H x W x 3 uint8
+    # torch.tensor copies (PIL's array is read-only); NCHW as load_split makes it
+    batch = torch.tensor(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return normalize(batch, meta).numpy()
+
+
 def augment_batch(images: torch.Tensor, *, crop_padding: int, hflip: bool,
                   generator: torch.Generator) -> torch.Tensor:
     """Random translation (pad + crop) and optional flip, done on a whole uint8 batch at once."""
@@ -279,42 +291,83 @@ def augment_batch(images: torch.Tensor, *, crop_padding: int, hflip: bool,
     return images
 
 
+def shard_indices(order: torch.Tensor, *, rank: int, world_size: int, pad: bool = True) -> torch.Tensor:
+    """This rank's share of an epoch's order: every `world_size`-th index from `rank`.
+
+    torch's DistributedSampler layout. pad=True repeats the first indices so that every rank gets
+    ceil(n / world_size) (DDP needs the same number of steps on every rank); pad=False (evaluation)
+    gives disjoint shards that cover each image exactly once.
+    """
+    if world_size == 1:
+        return order
+    if pad and len(order) % world_size:
+        total = -(-len(order) // world_size) * world_size
+        repeats = -(-total // len(order))
+        order = order.repeat(repeats)[:total]
+    return order[rank::world_size]
+
+
 class BatchLoader:
     """Batches of (normalised images, targets...) from in-memory tensors.
 
     Extra per-image tensors (e.g. cached teacher logits) ride along with the labels, so the
-    shared training loop can hand them to the loss unchanged.
+    shared training loop can hand them to the loss unchanged. With `world_size` > 1 (DDP), each
+    rank iterates its shard (`shard_indices`) of a permutation drawn alike on every rank: the
+    order generator has the same seed everywhere and draws nothing else, so each pass reshuffles
+    (like DistributedSampler.set_epoch) and the ranks stay disjoint; augmentation draws from a
+    per-rank generator.
     """
 
     def __init__(self, images: torch.Tensor, *targets: torch.Tensor, meta: dict, batch_size: int,
-                 shuffle: bool = False, augment=None, seed: int = 0):
+                 shuffle: bool = False, augment=None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, pad: bool = True):
         self.images, self.targets, self.meta = images, targets, meta
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.rank, self.world_size, self.pad = rank, world_size, pad
         self.generator = torch.Generator().manual_seed(seed)
+        # one process: one generator for order and augmentation, as before sharding existed;
+        # DDP: an independent augmentation stream per (seed, rank)
+        self.augment_generator = self.generator
+        if world_size > 1:
+            per_rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+            self.augment_generator = torch.Generator().manual_seed(per_rank_seed)
 
     def __len__(self) -> int:
-        return (len(self.images) + self.batch_size - 1) // self.batch_size
+        shard = len(shard_indices(torch.arange(len(self.images)), rank=self.rank,
+                                  world_size=self.world_size, pad=self.pad))
+        return (shard + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         n = len(self.images)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
+        order = shard_indices(order, rank=self.rank, world_size=self.world_size, pad=self.pad)
+        for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             images = self.images[idx]
             if self.augment is not None:
                 images = augment_batch(images, crop_padding=self.augment.crop_padding,
-                                       hflip=self.augment.hflip, generator=self.generator)
+                                       hflip=self.augment.hflip, generator=self.augment_generator)
             targets = tuple(t[idx] for t in self.targets)
             yield normalize(images, self.meta), (targets[0] if len(targets) == 1 else targets)
 
 
-def train_val_loaders(prepared_dir: str | Path, *, batch_size: int, augment, seed: int):
-    """(train loader with augmentation and shuffling, val loader, meta) of a prepared dataset."""
+def train_val_loaders(prepared_dir: str | Path, *, batch_size: int, augment, seed: int,
+                      rank: int = 0, world_size: int = 1):
+    """(train loader with augmentation and shuffling, val loader, meta) of a prepared dataset.
+
+    With `world_size` > 1 both are this rank's shards and `batch_size` is the global batch,
+    split evenly over the ranks (so the optimisation matches one process).
+    """
+    if batch_size % world_size:
+        raise UserError(f"batch_size {batch_size} does not split evenly over {world_size} "
+                        f"processes; use a multiple of {world_size}")
     meta = load_meta(prepared_dir)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    train_loader = BatchLoader(train.images, train.labels, meta=meta, batch_size=batch_size,
-                               shuffle=True, augment=augment, seed=seed)
-    val_loader = BatchLoader(val.images, val.labels, meta=meta, batch_size=256)
+    train_loader = BatchLoader(train.images, train.labels, meta=meta,
+                               batch_size=batch_size // world_size, shuffle=True, augment=augment,
+                               seed=seed, rank=rank, world_size=world_size)
+    val_loader = BatchLoader(val.images, val.labels, meta=meta, batch_size=256, rank=rank,
+                             world_size=world_size, pad=False)
     return train_loader, val_loader, meta
 
 

@@ -4,10 +4,16 @@ What differs between those is passed in: the loss (`loss_fn(model, images, targe
 logits)`, so it may run the forward its own way: cross-entropy, or distillation that also needs
 student features and a teacher), a hook that runs between `backward()` and `step()` (network
 slimming's L1 on BN gamma), and a per-epoch hook (freezing observers / BN statistics in QAT).
+
+Under torchrun the same loop runs in every worker on a DDP-wrapped model (resnet_slim/distributed.py):
+each rank trains on its shard, loss/top-1 are summed over ranks so every rank sees the same numbers,
+and only rank 0 logs. In one process those sums are skipped and nothing changes.
 """
 
+import contextlib
 import math
 import random
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from resnet_slim import distributed
 from resnet_slim.errors import UserError
 from resnet_slim.params import TrainParams
 
@@ -33,6 +40,16 @@ def seed_everything(seed: int, threads: int) -> None:
 def _labels(targets) -> torch.Tensor:
     """Targets are labels, or a tuple whose first item is the labels (extras: cached logits)."""
     return targets[0] if isinstance(targets, tuple) else targets
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights are (loaders yield CPU tensors; a no-op move on CPU)."""
+    param = next(model.parameters(), None)  # converted INT8 models have packed weights only
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _to(device: torch.device, targets):
+    return tuple(t.to(device) for t in targets) if isinstance(targets, tuple) else targets.to(device)
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
@@ -68,9 +85,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: LossFn, *, sch
                     after_backward: Callable[[nn.Module], None] | None = None, epoch: int = 0,
                     desc: str = "train") -> dict:
     model.train()
+    device = _device_of(model)
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=None)
+    bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}", leave=False,
+               disable=None if distributed.is_main_process() else True)
     for step, (images, targets) in enumerate(bar):
+        images, targets = images.to(device), _to(device, targets)
         loss, logits = loss_fn(model, images, targets)
         if not torch.isfinite(loss):
             raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step "
@@ -87,24 +107,32 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: LossFn, *, sch
         correct += (logits.argmax(1) == _labels(targets)).sum().item()
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-    return {"loss": total_loss / seen, "top1": 100.0 * correct / seen}
+    total_loss, correct, seen = distributed.all_reduce_sum([total_loss, correct, seen])
+    return {"loss": total_loss / seen, "top1": 100.0 * correct / seen, "images": seen}
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of a loader, in order."""
+    """All logits (on the CPU) and labels of a loader, in order."""
     model.eval()
+    device = _device_of(model)
     logits, labels = [], []
     for images, targets in loader:
-        logits.append(model(images))
+        logits.append(model(images.to(device)).cpu())
         labels.append(_labels(targets))
     return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(model: nn.Module, loader) -> dict:
     logits, labels = predict(model, loader)
-    return {"loss": nn.functional.cross_entropy(logits, labels).item(),
-            "top1": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
+    if distributed.world_size() == 1:
+        return {"loss": nn.functional.cross_entropy(logits, labels).item(),
+                "top1": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
+    # each rank saw its shard of the split: add up sums and counts over ranks
+    loss_sum, correct, count = distributed.all_reduce_sum([
+        nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+        (logits.argmax(1) == labels).sum().item(), len(labels)])
+    return {"loss": loss_sum / count, "top1": 100.0 * correct / count}
 
 
 def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: LossFn,
@@ -113,7 +141,8 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
         on_epoch_start: Callable[[nn.Module, int], None] | None = None) -> list[dict]:
     """Train for `p.epochs`, evaluating on `val_loader` after each epoch; log with DVCLive.
 
-    Returns the per-epoch history. The caller saves the final model (atomically).
+    Returns the per-epoch history. The caller saves the final model (atomically). Under DDP,
+    `model` is the wrapped model, the loaders are this rank's shards, and only rank 0 logs.
     """
     from dvclive import Live
 
@@ -124,22 +153,29 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
     optimizer, scheduler = make_optimizer(model, p, len(train_loader))
     history = []
     # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.
-    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    # Under DDP only rank 0 logs (live is None on the others).
+    with (Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+          if distributed.is_main_process() else contextlib.nullcontext()) as live:
         for epoch in range(p.epochs):
             if on_epoch_start is not None:
                 on_epoch_start(model, epoch)
+            started = time.perf_counter()
             train = train_one_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
                                     after_backward=after_backward, epoch=epoch, desc=desc)
-            val = evaluate(model, val_loader)
+            images_per_s = train["images"] / (time.perf_counter() - started)  # all ranks together
+            distributed.sync_buffers(model)  # every rank evaluates (and rank 0 saves) one model
+            val = evaluate(distributed.unwrap(model), val_loader)
             row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
                    "val_loss": val["loss"], "val_top1": val["top1"],
                    "lr": optimizer.param_groups[0]["lr"]}
+            history.append(row)
+            if live is None:
+                continue
             for key, value in row.items():
                 if key != "epoch":
                     live.log_metric(key, value)
             live.next_step()
-            history.append(row)
             print(f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
-                  f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%",
-                  flush=True)
+                  f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
+                  f" | {images_per_s:.0f} img/s", flush=True)
     return history

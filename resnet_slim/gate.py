@@ -6,7 +6,45 @@ a non-number or a NaN is not "unknown, so pass": it fails that check with the re
 
 import math
 
-from resnet_slim.params import GateParams
+import numpy as np
+
+from resnet_slim import stats
+from resnet_slim.params import BenchmarkParams, GateParams
+
+
+class Evidence:
+    """What the accuracy check can use beyond the point top-1s: per-image correctness of each model
+    (same test images, so the drop can be paired) and per-seed top-1s from seed repeats."""
+
+    def __init__(self, correct: dict[str, np.ndarray] | None = None, correct_error: str | None = None,
+                 seeds: dict | None = None, ci: BenchmarkParams = BenchmarkParams()):
+        self.correct, self.correct_error, self.seeds, self.ci = correct or {}, correct_error, seeds, ci
+
+
+def read_correctness(path) -> dict[str, np.ndarray]:
+    """Per-image correctness of every model from the benchmark's predictions table.
+
+    Columns: image, label, then one column per model with the predicted class of each test image.
+    """
+    import pandas as pd
+
+    from resnet_slim.errors import UserError
+
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: per-image predictions not found (re-run the benchmark stage)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path}: per-image predictions are not a readable CSV "
+                        f"({err.__class__.__name__})") from None
+    if "label" not in table.columns or len(table) == 0:
+        raise UserError(f"{path}: per-image predictions lack a 'label' column or rows")
+    models = [c for c in table.columns if c not in ("image", "label")]
+    bad = [c for c in ["label", *models] if not pd.api.types.is_integer_dtype(table[c])]
+    if bad:
+        raise UserError(f"{path}: columns {bad} are not whole class numbers")
+    labels = table["label"].to_numpy()
+    return {name: table[name].to_numpy() == labels for name in models}
 
 
 def _number(results: dict, model: str, key: str, *, positive: bool = False
@@ -35,25 +73,118 @@ def _pair(results: dict, ref: str, rel: str, key: str, *, positive: bool = False
 def _check(name: str, *, measured, threshold, op: str, unit: str, error: str | None) -> dict:
     if error is not None:
         return {"name": name, "passed": False, "measured": None, "threshold": threshold,
-                "op": op, "unit": unit, "reason": error}
+                "op": op, "unit": unit, "reason": f"{name}: {error}"}
     passed = measured <= threshold if op == "<=" else measured >= threshold
     return {"name": name, "passed": bool(passed), "measured": round(measured, 6),
             "threshold": threshold, "op": op, "unit": unit,
             "reason": None if passed else f"{name} {measured:.4g} {unit} is not {op} {threshold}"}
 
 
-def evaluate_gate(results: dict, g: GateParams) -> dict:
+def _seed_drops(seeds: dict | None, ref: str, rel: str) -> tuple[list[float], list[int]] | None:
+    """Per-seed drops (reference − release, pp, same seed) when seed repeats cover both models."""
+    runs = (seeds or {}).get("runs") or []
+    pairs = [(r["seed"], r["top1"].get(ref), r["top1"].get(rel)) for r in runs
+             if isinstance(r, dict) and isinstance(r.get("top1"), dict)]
+    pairs = [(seed, a, b) for seed, a, b in pairs if isinstance(a, (int, float))
+             and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 2:
+        return None
+    return [a - b for _, a, b in pairs], [seed for seed, _, _ in pairs]
+
+
+def accuracy_check(results: dict, g: GateParams, rel: str, evidence: Evidence) -> dict:
+    """The top-1 drop check, gated on `g.acc_drop_statistic` (point or upper end of the CI).
+
+    With seed repeats of both models the drop is the mean over seeds and its CI a t-interval across
+    seeds; otherwise the paired bootstrap over test images of this run. The check records the point
+    drop, the CI and McNemar's p so the report can say what the data support.
+    """
+    ref, level = g.reference, evidence.ci.ci_level
+    ref_top1, rel_top1, error = _pair(results, ref, rel, "top1")
+    details: dict = {"statistic": g.acc_drop_statistic, "level": level}
+    point = None if error else ref_top1 - rel_top1
+    seed_drops = _seed_drops(evidence.seeds, ref, rel)
+    if seed_drops is not None:
+        drops, seeds = seed_drops
+        summary = stats.across_seeds(drops, level=level)
+        point = summary["mean"]
+        details.update(basis="seeds", seeds=seeds, per_seed_drop_pp=[round(d, 4) for d in drops],
+                       std_pp=summary["std"], ci=[summary["ci_low"], summary["ci_high"]])
+    elif ref in evidence.correct and rel in evidence.correct:
+        try:
+            paired = stats.paired_drop(evidence.correct[ref], evidence.correct[rel], level=level,
+                                       resamples=evidence.ci.bootstrap_resamples,
+                                       seed=evidence.ci.bootstrap_seed)
+        except ValueError as err:
+            paired, error = None, error or f"cannot pair {ref} and {rel}: {err}"
+        if paired is not None:
+            point = None if error else paired["drop_pp"]
+            details.update(basis="paired bootstrap over test images", n_test=paired["n"],
+                           ci=[paired["ci_low"], paired["ci_high"]],
+                           mcnemar_p=paired["mcnemar"]["p_value"],
+                           ref_only_correct=paired["mcnemar"]["ref_only_correct"],
+                           release_only_correct=paired["mcnemar"]["release_only_correct"])
+    elif g.acc_drop_statistic == "upper_ci" and error is None:
+        missing = [m for m in (ref, rel) if m not in evidence.correct]
+        error = (evidence.correct_error or f"no per-image predictions for {missing}") + \
+            "; cannot compute the CI of the drop (gate.acc_drop_statistic: point gates on the point drop)"
+    ci = details.get("ci")
+    if ci is not None and None not in ci:
+        # undecided: the interval straddles the threshold (the drop may or may not exceed it)
+        width, threshold = ci[1] - ci[0], g.max_acc_drop_pp
+        details.update(ci_width_pp=width, decidable=not ci[0] <= threshold < ci[1])
+        if not details["decidable"] and details.get("n_test") and width > threshold > 0:
+            details["images_needed"] = stats.images_needed(details["n_test"], width, threshold)
+    measured = point
+    if g.acc_drop_statistic == "upper_ci" and error is None:
+        measured = ci[1] if ci is not None and ci[1] is not None else None
+        if measured is None:
+            error = "the CI of the drop needs 2+ seeds or per-image predictions"
+    check = _check("accuracy_drop_pp", measured=measured, threshold=g.max_acc_drop_pp, op="<=",
+                   unit="pp", error=error)
+    return {**check, "point": None if point is None else round(point, 6), **details}
+
+
+def accuracy_sentence(check: dict) -> str:
+    """What the data support about the drop, in one sentence (report and gate log)."""
+    ci, level = check.get("ci") or [None, None], check.get("level", 0.95)
+    point, threshold = check.get("point"), check.get("threshold")
+    if point is None or None in ci:
+        return f"top-1 drop: no interval ({check.get('reason') or 'not enough evidence'})"
+    if check.get("basis") == "seeds":
+        what = (f"mean top-1 drop over {len(check.get('seeds') or [])} seeds {point:.2f} pp "
+                f"(std {check.get('std_pp') or 0:.2f}), {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}]")
+    else:
+        p_value = check.get("mcnemar_p")
+        what = (f"top-1 drop {point:.2f} pp, {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired "
+                f"bootstrap over {check.get('n_test')} test images"
+                + (f"; McNemar p = {p_value:.3g}" if p_value is not None else "") + ")")
+    if ci[1] <= threshold:
+        verdict = f"the drop is at most {threshold} pp with {level:.0%} confidence"
+    elif point <= threshold:
+        verdict = f"the point drop is within {threshold} pp but the interval is not"
+    else:
+        verdict = f"the drop exceeds {threshold} pp"
+    if check.get("decidable") is False:
+        verdict += (f"; the interval straddles the {threshold} pp threshold, so this test split "
+                    f"cannot decide" + (f" (about {check['images_needed']:,} test images would)"
+                                        if check.get("images_needed") else ""))
+    return f"{what}: {verdict}."
+
+
+def evaluate_gate(results: dict, g: GateParams, evidence: Evidence | None = None) -> dict:
     """Gate the release model; with `release: auto`, pick the fastest candidate that passes.
 
     Returns {"passed", "release", "reference", "checks", "failed", "selection"}.
     """
+    evidence = evidence or Evidence()
     if g.release != "auto":
-        return {**check_release(results, g, g.release), "selection": None}
+        return {**check_release(results, g, g.release, evidence), "selection": None}
     if not g.candidates:
-        verdict = check_release(results, g, "auto")
+        verdict = check_release(results, g, "auto", evidence)
         return {**verdict, "failed": ["gate.release is auto but gate.candidates is empty"],
                 "passed": False, "selection": None}
-    verdicts = [check_release(results, g, name) for name in g.candidates]
+    verdicts = [check_release(results, g, name, evidence) for name in g.candidates]
     passing = [v for v in verdicts if v["passed"]]
     speed = {c: _number(results, c, "p50_ms")[0] for c in g.candidates}
     if passing:
@@ -70,15 +201,13 @@ def evaluate_gate(results: dict, g: GateParams) -> dict:
     return {**chosen, "selection": selection}
 
 
-def check_release(results: dict, g: GateParams, rel: str) -> dict:
+def check_release(results: dict, g: GateParams, rel: str, evidence: Evidence | None = None) -> dict:
     """Every check for one release model against the reference."""
     ref = g.reference
-    ref_top1, rel_top1, error = _pair(results, ref, rel, "top1")
     ref_ms, rel_ms, ms_error = _pair(results, ref, rel, "p50_ms", positive=True)
     ref_mb, rel_mb, mb_error = _pair(results, ref, rel, "size_mb", positive=True)
     checks = [
-        _check("accuracy_drop_pp", measured=None if error else ref_top1 - rel_top1,
-               threshold=g.max_acc_drop_pp, op="<=", unit="pp", error=error),
+        accuracy_check(results, g, rel, evidence or Evidence()),
         _check("latency_speedup", measured=None if ms_error else ref_ms / rel_ms,
                threshold=g.min_speedup, op=">=", unit="x", error=ms_error),
         _check("size_ratio", measured=None if mb_error else rel_mb / ref_mb,

@@ -29,8 +29,23 @@ class Augment(Section):
 
 class BaseParams(Section):
     seed: int = 0  # splits, weight init and data order
-    threads: int = Field(2, ge=1)  # torch intra-op threads for training
+    threads: int = Field(2, ge=1)  # torch intra-op threads for training (split among nproc)
+    # train_teacher processes on this machine (torchrun + DistributedDataParallel); 1: one plain
+    # process. teacher.batch_size stays the global batch, split evenly over the processes
+    nproc: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # train_teacher; auto: CUDA when torch sees one
+    sync_bn: bool = False  # DDP: BN statistics over the global batch (SyncBatchNorm; GPU only)
     augment: Augment = Augment()  # training augmentation, shared by every training stage
+    # seed repeats: re-train teacher and release candidates once per seed (same data split) and
+    # gate on the mean drop across seeds; [] = off (only `seed`)
+    seeds: list[int] = []
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
 
 
 class PrepareParams(Section):
@@ -132,6 +147,10 @@ class ExportParams(Section):
     opset: int = Field(17, ge=13)
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)  # ONNX vs PyTorch argmax agreement
     max_abs_diff: float = Field(1e-3, gt=0.0)  # largest |logit difference| allowed (FP32 models)
+    # runtimes the release candidate is exported to and benchmarked on (stages/export_targets.py);
+    # onnx (onnxruntime) is always built, the others are checked against their reference there
+    targets: list[Literal["onnx", "openvino", "tflite", "mindspore", "tensorrt"]] = ["onnx"]
+    max_top1_diff_pp: float = Field(1.0, ge=0.0)  # INT8 targets: |top-1 - reference top-1|, pp
 
     @field_validator("opset")
     @classmethod
@@ -155,6 +174,15 @@ class BenchmarkParams(Section):
     warmup: int = Field(50, ge=0)  # untimed batch-1 runs before timing
     runs: int = Field(300, gt=0)  # timed batch-1 runs
     throughput_batch: int = Field(64, gt=0)
+    # peer baselines on the teacher: OpenVINO FP32 and OpenVINO + NNCF INT8 (what a user would
+    # pick instead of this pipeline), measured by stages/export_targets.py
+    peers: bool = True
+    all_cores: bool = True  # also p50 with every core (onnxruntime intra-op threads = cores)
+    roofline: bool = True  # conv GMAC/s micro-benchmark: how close each model is to this CPU's limit
+    # top-1 confidence intervals: percentile bootstrap over test images (gate uses the same)
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    bootstrap_seed: int = 0
 
 
 class GateParams(Section):
@@ -162,6 +190,9 @@ class GateParams(Section):
     candidates: list[str] = []  # models `auto` chooses among
     reference: str = "teacher"  # the FP32 teacher it is compared with
     max_acc_drop_pp: float = 1.0  # top-1 may drop at most this many percentage points
+    # point: the measured drop; upper_ci: the upper end of its paired-bootstrap CI (or, with seed
+    # repeats, of the t-interval of the mean drop across seeds) must be <= max_acc_drop_pp
+    acc_drop_statistic: Literal["point", "upper_ci"] = "upper_ci"
     min_speedup: float = Field(2.0, ge=0.0)  # reference p50 / release p50, batch 1
     max_size_ratio: float = Field(0.3, gt=0.0)  # release file size / reference file size
     max_size_mb: float | None = Field(None, gt=0.0)  # optional absolute cap

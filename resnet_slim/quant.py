@@ -32,7 +32,8 @@ def calibration_images(images: torch.Tensor, count: int, seed: int) -> np.ndarra
 
 
 def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *,
-                         per_channel: bool = True, reduce_range: bool = False) -> None:
+                         per_channel: bool = True, reduce_range: bool = False,
+                         image_input: bool = True) -> None:
     """Static INT8 in QDQ form: uint8 activations, int8 (symmetric) weights, min-max calibrated.
 
     U8S8 is the combination ORT's x86 int8 kernels run fastest. `reduce_range` uses 7-bit
@@ -41,7 +42,7 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibratio
     """
     if len(calibration) == 0:
         raise UserError("calibration set is empty")
-    make_session(fp32_path)  # missing / unloadable input: one clear error, before any output
+    make_session(fp32_path, image_input=image_input)  # unloadable: one clear error, no output
     with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(out_path) as tmp:
         # shape inference + graph cleanup first, as onnxruntime's quantization docs advise
         prepared = Path(tmp_dir) / "pre.onnx"

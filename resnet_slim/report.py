@@ -60,9 +60,13 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
         label = tsv.parents[2].relative_to(reports).as_posix().removesuffix("/live")
         if pairs := plots.read_curve(tsv):
             curves[label] = pairs
-    hardware = bench.get("hardware")
+    hardware, roofline = bench.get("hardware"), bench.get("roofline")
     return {"models": models, "hardware": hardware if isinstance(hardware, dict) else {},
+            "roofline": roofline if isinstance(roofline, dict) else None,
+            "unavailable_targets": bench.get("unavailable_targets") if isinstance(
+                bench.get("unavailable_targets"), dict) else {},
             "gate": optional_json(reports / "gate.json"),
+            "seeds": optional_json(reports / "seeds.json"),
             "prune": optional_json(reports / "prune" / "metrics.json"),
             "channels": optional_json(reports / "prune" / "channels.json", list),
             "distill": optional_json(reports / "distill" / "metrics.json"),
@@ -78,9 +82,11 @@ def build_report(inputs: dict) -> list:
     """All sections, in reading order, as render blocks."""
     s = sec.gate_settings(inputs)
     blocks = sec.headline(inputs) + sec.comparison(inputs)
-    blocks += [("img", "pareto.png", f"Top-1 vs p50 latency; shaded: the gate's region around `{s['reference']}`"),
+    blocks += [("img", "pareto.png", f"Top-1 vs p50 latency; shaded: where point estimates meet the gate's thresholds around `{s['reference']}`"),
                ("img", "size.png", "File size per model")]
-    blocks += sec.checklist(inputs)
+    blocks += sec.checklist(inputs) + sec.deployment_targets(inputs["models"], inputs["unavailable_targets"])
+    blocks += sec.seed_repeats(inputs["seeds"])
+    blocks += sec.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
     blocks += sec.pruning(inputs["prune"]) + sec.distillation(inputs["distill"])
     blocks += sec.quantization(inputs["qat"]) + sec.training(inputs["teacher"], inputs["curves"])
     blocks += sec.hardware(inputs["hardware"]) + sec.params_section(inputs["params_text"])

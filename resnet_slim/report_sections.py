@@ -9,6 +9,7 @@ import re
 
 import pandas as pd
 
+from resnet_slim.gate import accuracy_sentence
 from resnet_slim.plots import feasible_region, number
 
 QUANT_SUFFIX = re.compile(r"_(qat_int8|ptq_dynamic_int8|ptq_int8|torch_eager_int8)$")
@@ -60,7 +61,8 @@ def model_table(models: dict, reference: str, release: str | None) -> pd.DataFra
         rows.append({
             "model": name,
             "runtime": "PyTorch eager, measured in PyTorch" if torch_row else m.get("runtime", "onnxruntime"),
-            "top-1 %": number(m.get("top1")), "Δ pp vs ref": _diff(m.get("top1"), ref.get("top1")),
+            "top-1 %": number(m.get("top1")), "95% CI": _interval(m.get("top1_ci_low"), m.get("top1_ci_high")),
+            "Δ pp vs ref": _diff(m.get("top1"), ref.get("top1")),
             "params": number(m.get("params")), "file MB": number(m.get("size_mb")),
             "p50 ms": number(m.get("p50_ms")), "p99 ms": number(m.get("p99_ms")),
             "speed-up ×": _ratio(ref.get("p50_ms"), m.get("p50_ms")),
@@ -68,6 +70,11 @@ def model_table(models: dict, reference: str, release: str | None) -> pd.DataFra
             "peak RSS MB": number(m.get("peak_rss_mb")), "img/s": number(m.get("throughput_ips")),
             "role": "release" if name == release else "reference" if name == reference else ""})
     return pd.DataFrame(rows)
+
+
+def _interval(low, high) -> str:
+    low, high = number(low), number(high)
+    return "–" if low is None or high is None else f"[{low:.1f}, {high:.1f}]"
 
 
 def _mark(ok) -> str:
@@ -94,6 +101,20 @@ def headline(inputs: dict) -> list:
     blocks = [("h1", f"resnet-slim report: release `{s['release']}`"),
               ("p", f"**Gate {verdict}**{enforce}: `{s['release']}` against the FP32 `{s['reference']}`."),
               ("ul", items)]
+    accuracy = s["checks"].get("accuracy_drop_pp")
+    if isinstance(accuracy, dict) and accuracy.get("statistic"):
+        gated_on = ("the upper end of the drop's confidence interval" if accuracy["statistic"] == "upper_ci"
+                    else "the point drop")
+        blocks.append(("p", f"**What the data support:** {accuracy_sentence(accuracy)} The gate judged "
+                            f"{gated_on} (`gate.acc_drop_statistic: {accuracy['statistic']}`)."))
+        if accuracy.get("decidable") is False:
+            need = accuracy.get("images_needed")
+            blocks.append(("p", f"**⚠ The test split is too small for this gate to decide:** the "
+                                f"{accuracy.get('level', 0.95):.0%} CI of the drop is "
+                                f"{accuracy.get('ci_width_pp', 0):.2f} pp wide and straddles the "
+                                f"{accuracy.get('threshold')} pp threshold"
+                                + (f"; about {need:,} test images would narrow it to the threshold." if need
+                                   else "; more seeds or more test images would narrow it.")))
     if isinstance(gate.get("selection"), dict):
         sel = gate["selection"]
         blocks.append(("p", f"Why this model: {sel.get('why')}."))
@@ -118,15 +139,51 @@ def comparison(inputs: dict) -> list:
                             "so top-1 differences of a few images are noise."))
     if rel not in models:
         return blocks + [("p", f"No benchmark row for the release `{rel}`: no ratios.")]
-    peers = [ref] + [n for n in models if n.endswith("_ptq_int8") and n != rel and "dynamic" not in n]
-    rows = [{"release vs": n, "latency ×": _ratio(models[n].get("p50_ms"), models[rel].get("p50_ms")),
+    peers = [ref] + [n for n in models if n != rel and models[n].get("role") == "peer"]
+    peers += [n for n in models if n.endswith("_ptq_int8") and n != rel and "dynamic" not in n]
+    rows = [{"release vs": n, "runtime": models[n].get("runtime", "onnxruntime"),
+             "latency ×": _ratio(models[n].get("p50_ms"), models[rel].get("p50_ms")),
+             "latency × (all cores)": _ratio(models[n].get("p50_ms_all_cores"), models[rel].get("p50_ms_all_cores")),
              "size × smaller": _ratio(models[n].get("size_mb"), models[rel].get("size_mb")),
              "Δ top-1 pp": _diff(models[rel].get("top1"), models[n].get("top1"))}
-            for n in peers if n in models]
-    return blocks + [("h2", f"Release `{rel}` vs its baselines"), ("table", pd.DataFrame(rows)),
-                     ("p", "× > 1: the release is faster / smaller; Δ > 0: the release is more accurate. "
-                           "`*_ptq_int8` rows are onnxruntime static post-training quantization, the cheap "
-                           "INT8 baseline the slimmed models must beat.")]
+            for n in dict.fromkeys(peers) if n in models]
+    blocks += [("h2", f"Release `{rel}` vs its baselines"), ("table", pd.DataFrame(rows)),
+               ("p", "× > 1: the release is faster / smaller; Δ > 0: the release is more accurate. "
+                     "`*_ptq_int8` rows are onnxruntime static post-training quantization; `*_openvino_*` rows "
+                     "are OpenVINO (FP32, and NNCF INT8): the tools a user would pick instead of this pipeline.")]
+    best = best_peer_int8(models, ref)
+    if best is not None:
+        blocks.append(("p", f"**Release vs the teacher FP32** (`{ref}`): "
+                            f"{_f(_ratio(models[ref].get('p50_ms'), models[rel].get('p50_ms')), '{:.1f}')}× faster, "
+                            f"{_f(_ratio(models[ref].get('size_mb'), models[rel].get('size_mb')), '{:.1f}')}× smaller, "
+                            f"{_f(_diff(models[rel].get('top1'), models[ref].get('top1')), '{:+.2f}')} pp top-1. "
+                            f"**Release vs the best peer INT8** (`{best}`, the fastest INT8 build of the teacher): "
+                            f"{_f(_ratio(models[best].get('p50_ms'), models[rel].get('p50_ms')), '{:.1f}')}× faster, "
+                            f"{_f(_diff(models[rel].get('top1'), models[best].get('top1')), '{:+.2f}')} pp top-1."))
+    return blocks
+
+
+def best_peer_int8(models: dict, reference: str) -> str | None:
+    """The fastest INT8 build of the reference by another tool (ORT static PTQ, OpenVINO + NNCF)."""
+    peers = [n for n, m in models.items() if n.startswith(reference + "_") and "int8" in n
+             and "dynamic" not in n and m.get("runtime") != "pytorch" and number(m.get("p50_ms"))]
+    return min(peers, key=lambda n: models[n]["p50_ms"]) if peers else None
+
+
+def deployment_targets(models: dict, unavailable: dict) -> list:
+    """The release in other runtimes (export.targets), with parity, and why a target is missing."""
+    rows = [{"model": n, "target": m.get("target"), "runtime": m.get("runtime"), "status": m.get("status"),
+             "top-1 %": number(m.get("top1")), "p50 ms": number(m.get("p50_ms")), "MB": number(m.get("size_mb")),
+             "parity vs": (m.get("parity") or {}).get("reference"),
+             "agreement": number((m.get("parity") or {}).get("top1_agreement")), "reason": "–"}
+            for n, m in models.items() if m.get("role") == "release target"]
+    rows += [{"model": n, "target": u.get("target"), "status": "unavailable", "reason": u.get("reason")}
+             for n, u in (unavailable or {}).items()]
+    if not rows:
+        return []
+    return [("h2", "Deployment targets"), ("table", pd.DataFrame(rows)),
+            ("p", "Each target is checked against the model it came from on the whole test split "
+                  "(`export.targets`); an unavailable target names the exact reason.")]
 
 
 def onnx_opset(path) -> int | None:
@@ -202,6 +259,33 @@ def checklist(inputs: dict) -> list:
     lines += [_runtime_line(inputs, rel, m), _stability_line(inputs, rel)]
     df = pd.DataFrame([{"": _mark(ok), "check": k, "measured": v, "criterion": c} for k, ok, v, c in lines])
     return [("h2", f"Deployment checklist: `{rel}`"), ("table", df)]
+
+
+def seed_repeats(seeds) -> list:
+    """Mean ± std per model across seed repeats, and the per-seed drops the gate used."""
+    blocks = [("h2", "Seed repeats")]
+    if not isinstance(seeds, dict) or not seeds.get("repeats"):
+        return blocks + [("p", "Off (`base.seeds: []`): every number above comes from one training seed. "
+                               "Run-to-run seed noise is typically 0.3-0.5 pp on CIFAR-sized test sets; "
+                               "set `base.seeds: [0, 1, 2]` to measure it here.")]
+    runs = [r for r in seeds.get("runs") or [] if isinstance(r, dict)]
+    rows = []
+    for name, summary in (seeds.get("top1") or {}).items():
+        drop = (seeds.get("drop_pp") or {}).get(name) or {}
+        rows.append({"model": name, "seeds": len(runs),
+                     "top-1 mean ± std %": _pm(summary.get("mean"), summary.get("std")),
+                     "per seed %": ", ".join(_f(r.get("top1", {}).get(name), "{:.2f}") for r in runs),
+                     "drop vs ref, mean ± std pp": _pm(drop.get("mean"), drop.get("std")) if drop else "–",
+                     "drop 95% CI (t, across seeds)": _interval(drop.get("ci_low"), drop.get("ci_high"))
+                     if drop else "–"})
+    return blocks + [("p", f"Seeds {seeds.get('seeds')}: each re-ran {', '.join(seeds.get('rerun_stages') or [])} "
+                           "on the same data split; latency and size are not re-measured (they do not depend "
+                           "on the seed)."), ("table", pd.DataFrame(rows))]
+
+
+def _pm(mean, std) -> str:
+    mean, std = number(mean), number(std)
+    return "–" if mean is None else f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
 def pruning(prune) -> list:
@@ -295,6 +379,32 @@ def training(teacher, curves: dict) -> list:
     if curves:
         blocks.append(("img", "training_curves.png", "Validation top-1 per epoch: " + ", ".join(curves)))
     return blocks
+
+
+def hardware_limit(models: dict, roofline: dict | None, release: str | None) -> list:
+    """MACs per model against this CPU's measured conv throughput (FP32 or INT8 peak)."""
+    blocks = [("h2", "How close to the hardware limit")]
+    if not isinstance(roofline, dict):
+        return blocks + [("p", "Not measured (`benchmark.roofline: false`).")]
+    rows = [{"model": n, "MACs (M)": (number(m.get("macs")) or 0) / 1e6, "kernels": m.get("peak_kind"),
+             "achieved GMAC/s": number(m.get("gmacs_per_s")), "floor ms (MACs ÷ peak)": number(m.get("floor_ms")),
+             "p50 ms": number(m.get("p50_ms")), "of the limit": _f(m.get("peak_fraction"), "{:.0%}"),
+             f"p50 ms, {m.get('all_cores', 'all')} cores": number(m.get("p50_ms_all_cores"))}
+            for n, m in models.items() if number(m.get("macs"))]
+    text = (f"Peak from a conv micro-benchmark on this CPU ({roofline.get('threads')} thread, best of "
+            f"{len(roofline.get('shapes') or [])} conv chains): **{_f(roofline.get('fp32_gmacs'), '{:.1f}')} "
+            f"GMAC/s FP32, {_f(roofline.get('int8_gmacs'), '{:.1f}')} GMAC/s INT8** "
+            f"({_f(roofline.get('int8_over_fp32'), '{:.2f}')}× for INT8). \"Of the limit\" is the floor "
+            "latency at that peak over the measured p50. Small models stay far below 100%: per-op costs "
+            "(dispatch, re-quantization, pooling, the classifier) do not shrink with the MAC count, so past a "
+            "point fewer MACs buy less latency. A model above 100% runs kernels the micro-benchmark does "
+            "not (e.g. fused stem convs).")
+    rel = models.get(release or "", {})
+    if number(rel.get("peak_fraction")) is not None:
+        text += (f" The release `{release}` does {_f(rel.get('macs'), '{:,.0f}')} MACs in "
+                 f"{_f(rel.get('p50_ms'), '{:.3f}')} ms: {_f(rel.get('peak_fraction'), '{:.0%}')} of the "
+                 f"{rel.get('peak_kind')} limit.")
+    return blocks + [("p", text), ("table", pd.DataFrame(rows))]
 
 
 def hardware(hw: dict) -> list:

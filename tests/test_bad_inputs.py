@@ -283,6 +283,35 @@ def case_gate_auto_without_candidates(d, prepared):
                       "gate.candidates is empty", release="auto", candidates=[])
 
 
+@stage_case
+def case_gate_upper_ci_without_predictions(d, prepared):
+    # the default statistic needs per-image predictions; without them the accuracy check fails closed
+    case = _gate_case(d, json.dumps({"models": GOOD_BENCH}), 1,
+                      ["release 'student_qat_int8' FAILED", "per-image predictions not found"],
+                      "cannot compute the CI of the drop", release="student_qat_int8")
+    case.args += ["--predictions", str(d / "predictions.csv"), "--seeds", str(d / "seeds.json")]
+    return case
+
+
+@stage_case
+def case_gate_predictions_not_class_numbers(d, prepared):
+    (d / "predictions.csv").write_text("image,label,teacher,student_qat_int8\n0,1,1,cat\n")
+    case = _gate_case(d, json.dumps({"models": GOOD_BENCH}), 1, ["are not whole class numbers"],
+                      "columns ['student_qat_int8'] are not whole class numbers",
+                      release="student_qat_int8")
+    case.args += ["--predictions", str(d / "predictions.csv"), "--seeds", str(d / "seeds.json")]
+    return case
+
+
+@stage_case
+def case_gate_seed_repeats_not_json(d, prepared):
+    (d / "seeds.json").write_text("{broken")
+    case = _gate_case(d, json.dumps({"models": GOOD_BENCH}), 2, ["seed repeats is not valid JSON"],
+                      "seed repeats is not valid JSON", release="student_qat_int8")
+    case.args += ["--seeds", str(d / "seeds.json")]
+    return case
+
+
 def _selected_stage_cases(session) -> list[str]:
     names = []
     for item in session.items:

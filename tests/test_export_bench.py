@@ -62,6 +62,10 @@ def test_benchmark_reports_every_number(tiny_onnx, tiny_prepared):
     assert result["peak_rss_mb"] > result["runtime_rss_mb"]
     assert result["peak_rss_mb"] < 2000  # the probe's own peak, not the test process's
     assert "Conv" in result["onnx_ops"]
+    # the CI brackets the point top-1, and the per-image predictions reproduce it
+    assert result["top1_ci_low"] <= result["top1"] <= result["top1_ci_high"]
+    assert len(result["predictions"]) == len(labels) == result["n_test"]
+    assert 100 * (result["predictions"] == labels.numpy()).mean() == pytest.approx(result["top1"])
 
 
 def test_latency_percentiles_are_ordered(tiny_onnx):

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,59 @@ def test_tightened_gate_fails_the_experiment_with_a_clear_message(pipeline_repo)
     assert relaxed.returncode == 0, relaxed.stderr[-2000:]  # sweeps record failures, exit 0
     assert not json.loads((pipeline_repo / "reports" / "gate.json").read_text())["passed"]
     sh("git", "checkout", "--", "params.yaml", cwd=pipeline_repo)
+
+
+def dvc(*args, repo: Path, check=True) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, check=check)
+
+
+def test_remote_round_trip_needs_nothing_rerun(pipeline_repo, tmp_path):
+    """push data, models and run-cache to a remote; lose the cache and outputs; pull; repro is a no-op."""
+    dvc("repro", repo=pipeline_repo)  # back to the default params' outputs (an experiment above changed them)
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "localremote", str(remote), repo=pipeline_repo)
+    dvc("push", "--run-cache", repo=pipeline_repo)
+    assert (remote / "files" / "md5").is_dir() and (remote / "runs").is_dir()
+    shutil.rmtree(pipeline_repo / ".dvc" / "cache")
+    shutil.rmtree(pipeline_repo / "data" / "prepared")
+    models = [path for path in (pipeline_repo / "models").iterdir() if path.name != ".gitignore"]
+    assert any(path.name == "teacher.pt" for path in models)
+    for path in models:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    dvc("pull", "--run-cache", repo=pipeline_repo)
+    assert all(path.exists() for path in models) and (pipeline_repo / "data" / "prepared").is_dir()
+    assert (pipeline_repo / ".dvc" / "cache" / "runs").is_dir()
+    out = dvc("repro", repo=pipeline_repo).stdout
+    assert "Data and pipelines are up to date" in out, out[-3000:]
+
+
+def test_queued_sweep_runs_two_at_a_time_and_is_compared(pipeline_repo):
+    """`dvc exp run --queue` x2 + `dvc queue start -j 2`; only gate/report rerun; both compared."""
+    dvc("repro", repo=pipeline_repo)
+    # queued experiments start from the last commit: commit the reproduced run, as a user would
+    sh("git", "add", "-A", cwd=pipeline_repo)
+    sh("git", "commit", "-qm", "default run", cwd=pipeline_repo)
+    names = {"max-drop-0.5": "0.5", "max-drop-2.0": "2.0"}
+    for name, drop in names.items():
+        dvc("exp", "run", "--queue", "-n", name, "-S", f"gate.max_acc_drop_pp={drop}",
+            "-S", "gate.enforce=false", repo=pipeline_repo)
+    dvc("queue", "start", "-j", "2", repo=pipeline_repo)
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", status := dvc("queue", "status", repo=pipeline_repo).stdout):
+        if time.monotonic() > deadline:
+            dvc("queue", "stop", "--kill", repo=pipeline_repo, check=False)
+            raise AssertionError(f"queued experiments still not done after 15 minutes:\n{status}")
+        time.sleep(5)
+    for name in names:
+        assert re.search(rf"{re.escape(name)}\s+.*Success", status), status
+        log = dvc("queue", "logs", name, repo=pipeline_repo).stdout
+        assert "Running stage 'gate'" in log or "Stage 'gate' is cached" in log, log[-2000:]
+        assert "Running stage 'train_teacher'" not in log  # a gate sweep reuses the trained models
+    table = sh(sys.executable, "stages/compare_experiments.py", "--md", cwd=pipeline_repo).stdout
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                        for line in table.strip().splitlines()]
+    column = header.index("gate.max_acc_drop_pp")
+    found = {row[0]: row for row in rows}
+    for name, drop in names.items():
+        assert name in found, table
+        assert float(found[name][column]) == float(drop) and found[name][header.index("state")] == "success"

@@ -218,7 +218,8 @@ def test_feasible_region_matches_the_gate():
     assert not is_feasible(95.9, 1.0, region) and not is_feasible(99.0, 4.01, region)
     assert not is_feasible(None, 1.0, region) and not is_feasible(99.0, 1.0, None)
     assert feasible_region(None, 8.0, 1.0, 2.0) is None and feasible_region(97.0, 8.0, 1.0, 0.0) is None
-    g = GateParams(reference="teacher", max_acc_drop_pp=1.0, min_speedup=2.0, max_size_ratio=1.0)
+    g = GateParams(reference="teacher", max_acc_drop_pp=1.0, min_speedup=2.0, max_size_ratio=1.0,
+                   acc_drop_statistic="point")  # the shaded region is drawn from point estimates
     results = {"teacher": {"top1": 97.0, "p50_ms": 8.0, "size_mb": 10.0}}
     for top1 in (95.5, 96.0, 96.5, 98.0):
         for p50 in (1.0, 3.9, 4.0, 4.1, 9.0):
@@ -270,3 +271,64 @@ def test_compare_script_prints_the_saved_sample():
                              "--md"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| synthetic-ratio05 |" in result.stdout and "prune.ratio" in result.stdout
+
+
+def test_report_shows_intervals_what_the_data_support_and_a_too_small_warning(run_dir):
+    r = run_dir / "reports"
+    bench = json.loads((r / "benchmark.json").read_text())
+    bench["models"]["teacher"].update(top1_ci_low=95.2, top1_ci_high=98.9)
+    write(r / "benchmark.json", bench)
+    gate = gate_json()
+    gate["checks"][0].update(statistic="upper_ci", point=0.4, measured=2.1, ci=[-1.3, 2.1], level=0.95,
+                             basis="paired bootstrap over test images", n_test=270, mcnemar_p=0.69,
+                             ci_width_pp=3.4, decidable=False, images_needed=3122)
+    write(r / "gate.json", gate)
+    md, _ = make(run_dir)
+    assert "[95.2, 98.9]" in md  # the teacher's top-1 interval in the model table
+    assert "top-1 drop 0.40 pp, 95% CI [-1.30, 2.10]" in md and "McNemar p = 0.69" in md
+    assert "`gate.acc_drop_statistic: upper_ci`" in md
+    assert "too small for this gate to decide" in md and "about 3,122 test images" in md
+    assert "Seed repeats" in md and "Off (`base.seeds: []`)" in md
+
+
+def test_report_shows_mean_and_std_across_seeds(run_dir):
+    write(run_dir / "reports" / "seeds.json", {
+        "seeds": [0, 1, 2], "repeats": True, "models": ["teacher", "student_qat_int8"],
+        "rerun_stages": ["train_teacher", "distill_student"],
+        "runs": [{"seed": s, "top1": {"teacher": t, "student_qat_int8": q}}
+                 for s, t, q in ((0, 97.0, 96.6), (1, 97.4, 96.9), (2, 96.8, 96.0))],
+        "top1": {"teacher": {"mean": 97.0667, "std": 0.3055}, "student_qat_int8": {"mean": 96.5, "std": 0.4583}},
+        "drop_pp": {"student_qat_int8": {"mean": 0.5667, "std": 0.2082, "ci_low": 0.05, "ci_high": 1.08}}})
+    md, _ = make(run_dir)
+    assert "97.07 ± 0.31" in md and "96.50 ± 0.46" in md and "0.57 ± 0.21" in md
+    assert "97.00, 97.40, 96.80" in md and "[0.1, 1.1]" in md
+
+
+def test_report_shows_how_close_each_model_is_to_the_hardware_limit(run_dir):
+    r = run_dir / "reports"
+    bench = json.loads((r / "benchmark.json").read_text())
+    bench["models"]["student_qat_int8"].update(macs=8_800_000, gmacs_per_s=9.8, floor_ms=0.2, peak_fraction=0.22,
+                                               peak_kind="int8", p50_ms_all_cores=0.7, all_cores=2)
+    bench["roofline"] = {"threads": 1, "shapes": [{}, {}], "fp32_gmacs": 18.0, "int8_gmacs": 44.0,
+                         "int8_over_fp32": 2.44}
+    write(r / "benchmark.json", bench)
+    md, _ = make(run_dir)
+    assert "18.0 GMAC/s FP32, 44.0 GMAC/s INT8" in md and "2.44× for INT8" in md
+    assert "8,800,000 MACs in 0.900 ms: 22% of the int8 limit" in md
+
+
+def test_report_compares_with_openvino_peers_and_lists_targets(run_dir):
+    r = run_dir / "reports"
+    bench = json.loads((r / "benchmark.json").read_text())
+    bench["models"]["teacher_openvino_fp32"] = row(97.0, 6.0, 44.0, runtime="openvino 2026.4.1", role="peer")
+    bench["models"]["teacher_openvino_nncf_int8"] = row(96.9, 1.8, 11.3, runtime="openvino 2026.4.1", role="peer")
+    bench["models"]["student_qat_int8_openvino"] = row(96.6, 0.5, 0.8, runtime="openvino 2026.4.1",
+                                                       role="release target", target="openvino", status="ok",
+                                                       parity={"reference": "student_qat_int8", "top1_agreement": 1.0})
+    bench["unavailable_targets"] = {"student_tensorrt_fp16": {"target": "tensorrt", "reason": "needs an NVIDIA GPU"}}
+    write(r / "benchmark.json", bench)
+    md, _ = make(run_dir)
+    assert "| teacher_openvino_nncf_int8 |" in md and "| teacher_openvino_fp32 |" in md
+    # best peer INT8 is the fastest INT8 build of the teacher: OpenVINO's 1.8 ms, not ORT's 3.0 ms
+    assert "best peer INT8** (`teacher_openvino_nncf_int8`" in md and "2.0× faster" in md
+    assert "## Deployment targets" in md and "needs an NVIDIA GPU" in md and "student_qat_int8_openvino" in md

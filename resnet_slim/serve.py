@@ -1,0 +1,308 @@
+"""A small web UI and JSON API for the gated release model: upload an image, get the top-3 classes.
+
+`python -m resnet_slim.serve` (also `make serve`, `resnet-slim-serve`) reads what the pipeline
+wrote: `reports/gate.json` names the release model, `reports/benchmark.json` its ONNX file and
+measured numbers, `data/prepared/meta.json` the class names and normalisation. It refuses to start
+unless the gate passed; `--allow-ungated` starts anyway and every page and answer carries a warning.
+
+Uploads stay in memory (never written to disk), are size-checked before they are read and
+pixel-checked before they are decoded (decompression bombs), then go through
+`data.preprocess_image`, the pipeline's own test transform. One onnxruntime session is shared by
+all request threads: `InferenceSession.run` is thread-safe.
+
+Flask's threaded development server is enough for a local demo tool; it is not a production server.
+"""
+
+import argparse
+import io
+import ipaddress
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from flask import Flask, Request, jsonify, render_template, request
+from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+
+from resnet_slim import data
+from resnet_slim.errors import UserError, run_stage
+from resnet_slim.export import check_input_size, make_session
+from resnet_slim.io import read_json
+
+DEFAULT_MAX_UPLOAD_MB = 5.0  # request body limit; a larger upload gets HTTP 413
+DEFAULT_MAX_MEGAPIXELS = 25.0  # width x height limit, checked from the header before decoding
+TOP_K = 3
+# The formats prepare reads from an imagefolder (data.IMAGE_SUFFIXES). Pillow's rarer decoders
+# (EPS runs Ghostscript, for one) never see an upload.
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+# Said when a pipeline output is missing.
+RUN_THE_PIPELINE = ("run make repro first; paths are relative to --root, default the current "
+                    "directory")
+# Page resources come from this server only (the page works offline); previews are blob: URLs.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+                           "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@dataclass
+class Release:
+    """The model being served, and what the page says about it."""
+
+    session: ort.InferenceSession
+    input_name: str
+    meta: dict  # the prepared dataset's meta.json: class names, image size, mean/std
+    card: dict  # name, file, top1, size_mb, p50_ms, n_classes, gated, warning
+
+
+# --- loading the release -------------------------------------------------------------------------
+
+def require_output(path: Path, what: str) -> Path:
+    """`path`, or a UserError saying the pipeline has not written it."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found ({RUN_THE_PIPELINE})")
+    return path
+
+
+def gate_verdict(gate_path: Path) -> tuple[str | None, str | None]:
+    """(the release model the gate names, why it is not a passed release, or None if it is)."""
+    try:
+        gate = read_json(require_output(gate_path, "gate result"), what="gate result")
+    except UserError as err:
+        return None, str(err)
+    if not isinstance(gate, dict):
+        return None, f"{gate_path}: not a gate result (expected a JSON object)"
+    release = gate.get("release") if isinstance(gate.get("release"), str) else None
+    if gate.get("passed") is not True:  # fail closed: anything but an explicit pass
+        failed = gate.get("failed") or []
+        why = f": {failed[0]}" if isinstance(failed, list) and failed else ""
+        return release, f"{gate_path}: the gate did not pass for release '{release}'{why}"
+    return release, None
+
+
+def _number(value) -> float | None:
+    """A finite float, or None for a missing / NaN / non-numeric metric (shown as '—')."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def load_release(*, root: Path, gate: Path, benchmark: Path, prepared: Path,
+                 model: str | None = None, allow_ungated: bool = False) -> Release:
+    """Open the gated release model (or `model`, with `allow_ungated`) for serving.
+
+    Relative paths, including the model file named in the benchmark, are taken from `root`.
+    """
+    root = Path(root)
+    gate_path, benchmark_path = root / gate, root / benchmark
+    release_name, not_gated = gate_verdict(gate_path)
+    if model and release_name and model != release_name and not_gated is None:
+        not_gated = f"--model {model} is not the gated release ('{release_name}')"
+    if not_gated and not allow_ungated:
+        raise UserError(f"refusing to serve an ungated model: {not_gated}; pass --allow-ungated "
+                        f"to serve it anyway (the page will show a warning)")
+
+    results = read_json(require_output(benchmark_path, "benchmark results"),
+                        what="benchmark results")
+    models = results.get("models") if isinstance(results, dict) else None
+    models = models if isinstance(models, dict) else {}
+    name = model or release_name
+    if name not in models:
+        known = ", ".join(sorted(models)) or "none"
+        wanted = f"model '{name}'" if name else "the release model (the gate names none)"
+        raise UserError(f"{benchmark_path}: no benchmark results for {wanted}; pass --model NAME "
+                        f"(benchmarked: {known})")
+    entry = models[name] if isinstance(models[name], dict) else {}
+    file = entry.get("file")
+    if not isinstance(file, str) or not file.endswith(".onnx"):
+        raise UserError(f"{benchmark_path}: model '{name}' has no ONNX file (runtime "
+                        f"{entry.get('runtime', 'unknown')}); serve an onnxruntime model")
+
+    require_output(root / prepared / "meta.json", "prepared dataset metadata")
+    meta = data.load_meta(root / prepared)
+    model_path = require_output(root / file, f"ONNX file of model '{name}'")
+    session = make_session(model_path)
+    check_input_size(session, int(meta["image_size"]), model_path)
+    input_name = session.get_inputs()[0].name
+    size = int(meta["image_size"])
+    # One warm-up run doubles as the check that the model and the dataset agree on the classes.
+    logits = session.run(None, {input_name: np.zeros((1, 3, size, size), dtype=np.float32)})[0]
+    n_classes = len(meta["class_names"])
+    if logits.shape != (1, n_classes):
+        raise UserError(f"{model_path}: model outputs {list(logits.shape)} logits per batch but "
+                        f"{root / prepared} has {n_classes} classes")
+    card = {"name": name, "file": file, "top1": _number(entry.get("top1")),
+            "size_mb": _number(entry.get("size_mb")), "p50_ms": _number(entry.get("p50_ms")),
+            "n_classes": n_classes, "gated": not_gated is None, "warning": not_gated}
+    return Release(session=session, input_name=input_name, meta=meta, card=card)
+
+
+# --- one request ----------------------------------------------------------------------------------
+
+def decode_upload(payload: bytes, *, max_pixels: int) -> Image.Image:
+    """The uploaded bytes as a decoded PIL image, or BadRequest with one clear line."""
+    if not payload:
+        raise BadRequest("empty upload: the file has 0 bytes")
+    formats = ", ".join(UPLOAD_FORMATS)
+    try:
+        image = Image.open(io.BytesIO(payload), formats=UPLOAD_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise BadRequest(f"image refused as a decompression bomb: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadRequest(f"not a recognised image: upload one of {formats}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadRequest(f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over "
+                         f"the {max_pixels / 1e6:g} megapixel limit (decompression bomb guard)")
+    try:
+        image.load()
+    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise BadRequest(f"corrupt {image.format} image: {detail}") from None
+    return image
+
+
+def predict(release: Release, image: Image.Image) -> dict:
+    """Top-k classes with probabilities, and the time onnxruntime took for this one image."""
+    try:
+        batch = data.preprocess_image(image, release.meta)
+    except (OSError, ValueError) as err:  # e.g. a pixel mode Pillow cannot convert to RGB
+        raise BadRequest(f"cannot convert this {image.mode} image to RGB: {err}") from None
+    start = time.perf_counter()
+    logits = release.session.run(None, {release.input_name: batch})[0][0].astype(np.float64)
+    inference_ms = (time.perf_counter() - start) * 1000.0
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    top = np.argsort(-probabilities, kind="stable")[:TOP_K]
+    names = release.meta["class_names"]
+    return {"predictions": [{"class": str(names[i]), "index": int(i),
+                             "probability": float(probabilities[i])} for i in top],
+            "inference_ms": inference_ms}
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+class InMemoryRequest(Request):
+    """Keeps uploaded files in memory: werkzeug would spool those over 500 KB to a temp file.
+
+    MAX_CONTENT_LENGTH bounds the memory one request can take.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None):
+        return io.BytesIO()
+
+
+def create_app(release: Release, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Flask:
+    """The Flask app: `/` (the page), `POST /predict` (JSON), `/healthz`."""
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    max_upload_bytes = int(max_upload_mb * 1024 * 1024)
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    max_pixels = int(max_megapixels * 1e6)
+
+    @app.get("/")
+    def index():
+        return render_template("index.html", card=release.card, max_upload_mb=max_upload_mb,
+                               max_upload_bytes=max_upload_bytes, formats=UPLOAD_FORMATS)
+
+    @app.post("/predict")
+    def predict_upload():
+        upload = request.files.get("image")  # parsing the body enforces MAX_CONTENT_LENGTH (413)
+        if upload is None:
+            raise BadRequest("no file uploaded: send multipart/form-data with the image in the "
+                             "field 'image'")
+        image = decode_upload(upload.read(), max_pixels=max_pixels)
+        result = predict(release, image)
+        return jsonify({**result, "image": {"width": image.width, "height": image.height,
+                                            "format": image.format},
+                        "model": release.card})
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok", "model": release.card["name"],
+                        "gated": release.card["gated"]})
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        # Every error is one JSON line for scripts and for the page's script to show.
+        message = err.description
+        if isinstance(err, RequestEntityTooLarge):
+            message = f"upload is larger than the {max_upload_mb:g} MB limit"
+        return jsonify({"error": message}), err.code
+
+    @app.after_request
+    def security_headers(response):
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    return app
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="resnet-slim-serve",
+        description="Serve the gated release model: a web page and a JSON API on localhost.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--root", type=Path, default=Path("."),
+                        help="repository root the paths below are relative to "
+                             "(default: the current directory)")
+    parser.add_argument("--gate", type=Path, default=Path("reports/gate.json"))
+    parser.add_argument("--benchmark", type=Path, default=Path("reports/benchmark.json"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"),
+                        help="prepared dataset directory (its meta.json: classes, normalisation)")
+    parser.add_argument("--model", help="serve this benchmarked model instead of the gate's "
+                                        "release (needs --allow-ungated)")
+    parser.add_argument("--allow-ungated", action="store_true",
+                        help="serve even if the gate did not pass; the page shows a warning")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                        help="largest accepted upload (default: %(default)s MB)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                        help="largest accepted image, width x height (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def serve() -> None:
+        for flag, value in (("--max-upload-mb", args.max_upload_mb),
+                            ("--max-megapixels", args.max_megapixels)):
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"{flag} must be a positive number (got {value})")
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port must be between 0 and 65535 (got {args.port})")
+        release = load_release(root=args.root, gate=args.gate, benchmark=args.benchmark,
+                               prepared=args.prepared, model=args.model,
+                               allow_ungated=args.allow_ungated)
+        app = create_app(release, max_upload_mb=args.max_upload_mb,
+                         max_megapixels=args.max_megapixels)
+        if release.card["warning"]:
+            print(f"warning: serving an ungated model: {release.card['warning']}", file=sys.stderr)
+        if not _is_loopback(args.host):
+            print(f"warning: listening on {args.host} exposes this development server beyond this "
+                  f"machine", file=sys.stderr)
+        print(f"serving '{release.card['name']}' at http://{args.host}:{args.port}/ (Ctrl-C stops)",
+              file=sys.stderr)
+        app.run(host=args.host, port=args.port, threaded=True)
+
+    return run_stage(serve)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
