@@ -52,6 +52,15 @@ def _to(device: torch.device, targets):
     return tuple(t.to(device) for t in targets) if isinstance(targets, tuple) else targets.to(device)
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's conv weights are (fit() sets it), so inputs match."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last) \
+            and not conv.weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
     def loss_fn(model: nn.Module, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(images)
@@ -89,8 +98,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: LossFn, *, sch
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}", leave=False,
                disable=None if distributed.is_main_process() else True)
+    memory_format = _memory_format(model)
     for step, (images, targets) in enumerate(bar):
-        images, targets = images.to(device), _to(device, targets)
+        images, targets = images.to(device, memory_format=memory_format), _to(device, targets)
         loss, logits = loss_fn(model, images, targets)
         if not torch.isfinite(loss):
             raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step "
@@ -138,11 +148,15 @@ def evaluate(model: nn.Module, loader) -> dict:
 def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: LossFn,
         live_dir: str | Path, desc: str,
         after_backward: Callable[[nn.Module], None] | None = None,
-        on_epoch_start: Callable[[nn.Module, int], None] | None = None) -> list[dict]:
+        on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+        channels_last: bool = False) -> list[dict]:
     """Train for `p.epochs`, evaluating on `val_loader` after each epoch; log with DVCLive.
 
     Returns the per-epoch history. The caller saves the final model (atomically). Under DDP,
     `model` is the wrapped model, the loaders are this rank's shards, and only rank 0 logs.
+    `channels_last` trains in NHWC, ~30% faster on CPU for the full-width teacher (ResNet-18,
+    32 px, 2 cores); not for pruned models (odd channel counts crashed oneDNN's NHWC kernels in
+    a test) and not under DDP (its gradient buckets are laid out when the model is wrapped).
     """
     from dvclive import Live
 
@@ -150,6 +164,9 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
         if len(loader) == 0:
             raise UserError(f"{desc}: the {name} split is empty; re-run the prepare stage with "
                             f"more images (nothing was saved)")
+    channels_last = channels_last and distributed.world_size() == 1
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: parameters stay the same objects
     optimizer, scheduler = make_optimizer(model, p, len(train_loader))
     history = []
     # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.
@@ -178,4 +195,7 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
             print(f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
                   f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
                   f" | {images_per_s:.0f} img/s", flush=True)
+    if channels_last:
+        optimizer.zero_grad(set_to_none=True)  # no NHWC gradients left on NCHW weights
+        model.to(memory_format=torch.contiguous_format)  # leaves as it came (export, pruning)
     return history

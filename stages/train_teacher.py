@@ -30,7 +30,7 @@ def train(args, params, device) -> None:
                      small_input=p.small_input)
     model = distributed.wrap_model(build_model(arch), device, sync_bn=base.sync_bn)
     history = engine.fit(model, train_loader, val_loader, p, loss_fn=engine.cross_entropy(
-        p.label_smoothing), live_dir=args.live, desc="teacher")
+        p.label_smoothing), live_dir=args.live, desc="teacher", channels_last=True)
     if not distributed.is_main_process():
         return  # rank 0 writes the outputs, once
     metrics = {"val_top1": history[-1]["val_top1"], "epochs": p.epochs,
