@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: install browser
+test: install install-litert browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 # The web UI for the gated release model on http://127.0.0.1:8000/ (SERVE_ARGS="--allow-ungated" ...)

@@ -2,6 +2,7 @@
 against the reference, benchmark rows, and unavailable targets that carry their exact reason."""
 
 import json
+import os
 import sys
 import types
 
@@ -198,8 +199,9 @@ def test_stage_writes_every_requested_target_and_peer(monkeypatch, tmp_path, tin
     assert "student_mindspore_lite" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (targets.LITERT_VENV / "bin" / "python").is_file(),
-                    reason="LiteRT converter environment .venv-litert not built (make install-litert)")
+@pytest.mark.skipif(not (targets.LITERT_VENV / "bin" / "python").is_file() and not os.environ.get("CI"),
+                    reason="LiteRT converter environment .venv-litert not built (make install-litert; "
+                           "`make test` builds it, and under CI a missing one fails this test)")
 def test_tflite_int8_export_matches_pytorch(tmp_path, tiny_model, test_split, calibration):
     images, labels = test_split
     checkpoint = tmp_path / "student.pt"

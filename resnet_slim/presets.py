@@ -1,0 +1,97 @@
+"""Compression presets: named partial params files (`params/<name>.yaml`) run as DVC experiments.
+
+A preset lists only the keys it changes. `preset_overrides` merges one or more presets over
+params.yaml in order, validates the result with the schema every stage uses (a typo fails here,
+not ten minutes into a run) and returns DVC's `-S key=value` arguments, so a preset is an ordinary
+`dvc exp run` that `dvc exp show` / `dvc params diff` / stages/compare_experiments.py can compare.
+Data presets and level presets compose: `python stages/preset.py cifar10-dev medium`.
+"""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from resnet_slim.errors import UserError
+from resnet_slim.params import parse_params
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
+
+
+def available_presets(directory: Path = PRESET_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(directory).glob("*.yaml"))
+
+
+def describe_preset(name: str, directory: Path = PRESET_DIR) -> str:
+    """The preset file's first comment line (what it is for)."""
+    for line in (Path(directory) / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def load_preset(name: str, directory: Path = PRESET_DIR) -> dict:
+    path = Path(directory) / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r}; choose from {available_presets(directory)} "
+                        f"(files in {directory})")
+    try:
+        overlay = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(overlay, dict) or not overlay:
+        raise UserError(f"{path}: expected a mapping of params sections, e.g. 'prune: {{ratio: 0.4}}'")
+    return overlay
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """A new dict: `overlay`'s leaves over `base` (nested sections merged, lists replaced)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _yaml_value(value) -> str:
+    """The text DVC's -S parses back (as YAML) to `value`: strings bare unless that would change
+    their type ("1.0", "true", "null"), everything else as JSON, which is YAML."""
+    if isinstance(value, str) and yaml.safe_load(value) == value and "," not in value:
+        return value
+    return json.dumps(value)
+
+
+def flatten_overrides(overlay: dict, prefix: str = "") -> list[str]:
+    """{"prune": {"ratio": 0.4}} -> ["prune.ratio=0.4"]; lists and empty sections stay whole."""
+    out = []
+    for key, value in overlay.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += flatten_overrides(value, name + ".")
+        else:
+            out.append(f"{name}={_yaml_value(value)}")
+    return out
+
+
+def preset_overrides(names: list[str], params_path: str | Path = "params.yaml",
+                     directory: Path = PRESET_DIR) -> list[str]:
+    """-S arguments for `names` applied in order over params.yaml; validated before returning."""
+    if not names:
+        raise UserError(f"name at least one preset; available: {available_presets(directory)}")
+    try:
+        params = yaml.safe_load(Path(params_path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{params_path}: cannot read params ({err.__class__.__name__})") from None
+    overlay: dict = {}
+    for name in names:
+        overlay = merge(overlay, load_preset(name, directory))
+    parse_params(merge(params, overlay), source=f"preset {'+'.join(names)} over {params_path}")
+    return flatten_overrides(overlay)
+
+
+def exp_run_command(names: list[str], overrides: list[str], *, queue: bool = False) -> list[str]:
+    """`dvc exp run -n preset-<names> -S ...` (the name is what the comparison table shows)."""
+    command = ["dvc", "exp", "run", "-n", "preset-" + "-".join(names)]
+    for item in overrides:
+        command += ["-S", item]
+    return command + (["--queue"] if queue else [])
