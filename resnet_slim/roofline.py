@@ -31,17 +31,18 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def count_macs(path: str | Path) -> int:
-    """Multiply-accumulates of one image: Conv, Gemm and MatMul (QDQ or float alike)."""
+    """Multiply-accumulates of one image: Conv, Gemm and MatMul, float, QDQ or integer
+    (QLinearConv; ConvInteger / MatMulInteger from dynamic quantization)."""
     model = onnx.load(str(path))
     shapes = _shapes(model)
     macs = 0
     for node in model.graph.node:
-        if node.op_type in ("Conv", "QLinearConv"):
+        if node.op_type in ("Conv", "QLinearConv", "ConvInteger"):
             weight = shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1])
             out = shapes.get(node.output[0])
             if weight and out:
                 macs += int(np.prod(out)) * int(np.prod(weight[1:]))  # each output: Cin/g * kH * kW
-        elif node.op_type in ("Gemm", "MatMul"):
+        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger"):
             a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
             if a and out:
                 macs += int(np.prod(out)) * int(a[-1])

@@ -23,6 +23,23 @@ def test_count_macs_agrees_with_torch_pruning_on_a_resnet(tmp_path, tiny_model):
     assert roofline.count_macs(tmp_path / "r.onnx") == pytest.approx(torch_macs, rel=0.03)
 
 
+def test_int8_files_count_the_same_macs_as_their_fp32_source(tmp_path, tiny_model):
+    import numpy as np
+    import onnx
+
+    from resnet_slim.quant import quantize_dynamic_int8, quantize_static_int8
+
+    export_onnx(tiny_model, tmp_path / "r.onnx", image_size=16, opset=17)
+    quantize_dynamic_int8(tmp_path / "r.onnx", tmp_path / "dynamic.onnx")  # ConvInteger / MatMulInteger
+    calibration = np.random.default_rng(0).random((8, 3, 16, 16), dtype=np.float32)
+    quantize_static_int8(tmp_path / "r.onnx", tmp_path / "static.onnx", calibration)  # QDQ + Conv
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dynamic.onnx")).graph.node}
+    assert "ConvInteger" in ops
+    fp32 = roofline.count_macs(tmp_path / "r.onnx")
+    assert roofline.count_macs(tmp_path / "dynamic.onnx") == fp32
+    assert roofline.count_macs(tmp_path / "static.onnx") == fp32
+
+
 def test_conv_peak_and_efficiency():
     peak = roofline.conv_peak_gmacs(runs=3, shapes=((16, 8, 2),))
     assert peak["fp32_gmacs"] > 0 and peak["int8_gmacs"] > 0 and len(peak["shapes"]) == 1
