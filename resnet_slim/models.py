@@ -132,6 +132,9 @@ def build_model(arch: dict) -> nn.Module:
                            small_input=arch["small_input"])
         if arch.get("channels"):
             resize_to_channels(model, arch["channels"])
+        if arch.get("lowrank"):  # {layer: rank} of an SVD-factorized model (resnet_slim/lowrank.py)
+            from resnet_slim.lowrank import factorized_structure
+            factorized_structure(model, arch["lowrank"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"bad architecture record {str(arch)[:200]}: "
                         f"{err.__class__.__name__}: {err}") from None

@@ -100,6 +100,22 @@ class PruneParams(Section):
     finetune: TrainParams = TrainParams(epochs=4, lr=0.02, warmup_epochs=0.0)
 
 
+class LowrankParams(Section):
+    """SVD low-rank factorization of the teacher, the alternative to channel pruning."""
+
+    # target params / teacher params, or match_pruned: the pruned model's share (like for like)
+    params_ratio: Literal["match_pruned"] | float = "match_pruned"
+    round_to: int = Field(16, ge=1)  # ranks are multiples of this (int8 kernels)
+    finetune: TrainParams = TrainParams(epochs=2, lr=0.02, warmup_epochs=0.0)
+
+    @field_validator("params_ratio")
+    @classmethod
+    def _ratio_in_range(cls, value):
+        if value != "match_pruned" and not 0.0 < value < 1.0:
+            raise ValueError("must be in (0, 1) or match_pruned")
+        return value
+
+
 class QatParams(TrainParams):
     """Quantization-aware training (fake-quant INT8) starting from the pruned FP32 model."""
 
@@ -205,6 +221,7 @@ class Params(Section):
     validate_data: ValidateDataParams = ValidateDataParams()
     teacher: TeacherParams
     prune: PruneParams = PruneParams()
+    lowrank: LowrankParams = LowrankParams()
     qat: QatParams = QatParams()
     distill: DistillParams = DistillParams()
     export: ExportParams = ExportParams()

@@ -69,6 +69,7 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
             "seeds": optional_json(reports / "seeds.json"),
             "prune": optional_json(reports / "prune" / "metrics.json"),
             "channels": optional_json(reports / "prune" / "channels.json", list),
+            "lowrank": optional_json(reports / "lowrank" / "metrics.json"),
             "distill": optional_json(reports / "distill" / "metrics.json"),
             "qat": {p.parent.name.removeprefix("qat_") + "_qat_int8": optional_json(p)
                     for p in sorted(reports.glob("qat_*/metrics.json"))},
@@ -87,7 +88,9 @@ def build_report(inputs: dict) -> list:
     blocks += sec.checklist(inputs) + sec.deployment_targets(inputs["models"], inputs["unavailable_targets"])
     blocks += sec.seed_repeats(inputs["seeds"])
     blocks += sec.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
-    blocks += sec.pruning(inputs["prune"]) + sec.distillation(inputs["distill"])
+    blocks += sec.pruning(inputs["prune"])
+    blocks += sec.lowrank_vs_pruning(inputs["lowrank"], inputs["prune"], inputs["models"])
+    blocks += sec.distillation(inputs["distill"])
     blocks += sec.quantization(inputs["qat"]) + sec.training(inputs["teacher"], inputs["curves"])
     blocks += sec.hardware(inputs["hardware"]) + sec.params_section(inputs["params_text"])
     return blocks

@@ -1,0 +1,122 @@
+"""Low-rank (SVD) factorization: a k×k conv becomes a k×k conv to r channels, then a 1×1 conv back.
+
+A conv's weight, read as a matrix W (Cout × Cin·k·k), is replaced by its best rank-r approximation
+(Eckart-Young: the truncated SVD U_r S_r V_rᵀ). The first conv carries sqrt(S_r)·V_rᵀ and the
+second U_r·sqrt(S_r), so both factors have similar ranges (kinder to INT8 later). Linear layers
+split the same way. Ranks come from one global energy threshold (the share of Σσ² each layer
+keeps), found by bisection so the whole model meets a parameter budget — the like-for-like
+comparison with channel pruning — and rounded up to multiples of `round_to` (int8 kernels).
+"""
+
+import torch
+from torch import nn
+
+from resnet_slim.errors import UserError
+
+
+def _matrix(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def factorizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Plain convs (groups 1) and linears worth splitting; the RGB stem (3 inputs) is left alone."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3:
+            layers[name] = module
+        elif isinstance(module, nn.Linear):
+            layers[name] = module
+    return layers
+
+
+def _factor_params(module: nn.Module, rank: int) -> int:
+    rows, cols = _matrix(module).shape
+    return rank * (rows + cols)
+
+
+def ranks_for_energy(layers: dict[str, nn.Module], energy: float, round_to: int) -> dict[str, int]:
+    """Smallest rank keeping `energy` of each layer's Σσ², rounded up; layers it would not shrink
+    are left out."""
+    ranks = {}
+    for name, module in layers.items():
+        sigma2 = torch.linalg.svdvals(_matrix(module).double()) ** 2
+        kept = torch.cumsum(sigma2, 0) / sigma2.sum().clamp_min(1e-30)
+        rank = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item()) + 1
+        rank = min(-(-rank // round_to) * round_to, len(sigma2))
+        if _factor_params(module, rank) < module.weight.numel():
+            ranks[name] = rank
+    return ranks
+
+
+def params_with_ranks(model: nn.Module, ranks: dict[str, int]) -> int:
+    layers = dict(model.named_modules())
+    total = sum(p.numel() for p in model.parameters())
+    return total - sum(layers[n].weight.numel() - _factor_params(layers[n], r) for n, r in ranks.items())
+
+
+def choose_ranks(model: nn.Module, *, params_ratio: float, round_to: int = 16,
+                 steps: int = 40) -> dict[str, int]:
+    """Per-layer ranks whose factorized model has ≤ `params_ratio` of the parameters (as close as
+    one global energy threshold gets)."""
+    if not 0.0 < params_ratio < 1.0:
+        raise UserError(f"lowrank: params_ratio must be in (0, 1), got {params_ratio}")
+    if round_to < 1:
+        raise UserError(f"lowrank: round_to must be ≥ 1, got {round_to}")
+    layers = factorizable_layers(model)
+    target = params_ratio * sum(p.numel() for p in model.parameters())
+    lowest = ranks_for_energy(layers, 0.0, round_to)
+    if not lowest or params_with_ranks(model, lowest) > target:
+        floor = params_with_ranks(model, lowest) / sum(p.numel() for p in model.parameters())
+        raise UserError(f"lowrank: params_ratio {params_ratio} is out of reach: rank {round_to} in "
+                        f"every layer still keeps {floor:.3f} of the parameters (lower round_to or "
+                        f"raise params_ratio)")
+    low, high = 0.0, 1.0  # energy kept; params grow with it
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if params_with_ranks(
+            model, ranks_for_energy(layers, mid, round_to)) <= target else (low, mid)
+    return ranks_for_energy(layers, low, round_to)
+
+
+def _split(module: nn.Module, rank: int) -> nn.Sequential:
+    """The two-layer replacement of `module`, weights uninitialised (filled by the caller)."""
+    if isinstance(module, nn.Linear):
+        return nn.Sequential(nn.Linear(module.in_features, rank, bias=False),
+                             nn.Linear(rank, module.out_features, bias=module.bias is not None))
+    return nn.Sequential(
+        nn.Conv2d(module.in_channels, rank, module.kernel_size, module.stride, module.padding,
+                  module.dilation, bias=False),
+        nn.Conv2d(rank, module.out_channels, 1, bias=module.bias is not None))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Swap each named layer for its rank-r pair (fresh weights): rebuilding from a checkpoint."""
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or not 0 < int(rank):
+            raise ValueError(f"{name}: cannot factorize {module.__class__.__name__} to rank {rank}")
+        _replace(model, name, _split(module, int(rank)))
+    return model
+
+
+@torch.no_grad()
+def factorize_svd(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Replace each named conv / linear by its truncated-SVD pair, in place; returns the model."""
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        u, s, vh = torch.linalg.svd(_matrix(module).double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        first = (root[:, None] * vh[:rank]).to(module.weight.dtype)   # rank × Cin·k·k
+        second = (u[:, :rank] * root[None, :]).to(module.weight.dtype)  # Cout × rank
+        pair = _split(module, rank)
+        pair[0].weight.copy_(first.reshape(pair[0].weight.shape))
+        pair[1].weight.copy_(second.reshape(pair[1].weight.shape))
+        if module.bias is not None:
+            pair[1].bias.copy_(module.bias)
+        _replace(model, name, pair)
+    return model
