@@ -50,6 +50,11 @@ def test_repro_produces_a_passing_gate_and_all_reports(pipeline_repo):
     assert gate["passed"], gate["failed"]
     bench = json.loads((pipeline_repo / "reports" / "benchmark.json").read_text())
     assert bench["models"]["teacher"]["top1"] >= 95.0  # digits: the teacher must be good
+    lowrank = json.loads((pipeline_repo / "reports" / "lowrank" / "metrics.json").read_text())
+    pruned = json.loads((pipeline_repo / "reports" / "prune" / "metrics.json").read_text())
+    # the SVD model is sized to the pruned one, and both are benchmarked side by side
+    assert lowrank["params"]["lowrank"] <= 1.01 * pruned["params"]["pruned"]
+    assert {"lowrank", "lowrank_ptq_int8", "pruned"} <= set(bench["models"])
     validation = json.loads((pipeline_repo / "reports" / "data_validation.json").read_text())
     assert validation["success"]
     assert (pipeline_repo / "dvc.lock").is_file()
