@@ -19,7 +19,9 @@ def _matrix(module: nn.Module) -> torch.Tensor:
 
 
 def factorizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Plain convs (groups 1) and linears worth splitting; the RGB stem (3 inputs) is left alone."""
+    """Plain convs (groups 1) and linears that may be split; the RGB stem (3 inputs) is left alone.
+
+    A layer that a split would not shrink (a small classifier, say) is dropped later, by rank."""
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3:
@@ -34,21 +36,31 @@ def _factor_params(module: nn.Module, rank: int) -> int:
     return rank * (rows + cols)
 
 
-def ranks_for_energy(layers: dict[str, nn.Module], energy: float, round_to: int) -> dict[str, int]:
-    """Smallest rank keeping `energy` of each layer's Σσ², rounded up; layers it would not shrink
-    are left out."""
-    ranks = {}
+def energy_curves(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per layer, the share of Σσ² that ranks 1, 2, … keep (one SVD each, reused by bisection)."""
+    curves = {}
     for name, module in layers.items():
         sigma2 = torch.linalg.svdvals(_matrix(module).double()) ** 2
-        kept = torch.cumsum(sigma2, 0) / sigma2.sum().clamp_min(1e-30)
+        curves[name] = torch.cumsum(sigma2, 0) / sigma2.sum().clamp_min(1e-30)
+    return curves
+
+
+def ranks_for_energy(layers: dict[str, nn.Module], curves: dict[str, torch.Tensor], energy: float,
+                     round_to: int) -> dict[str, int]:
+    """Smallest rank keeping `energy` of each layer's Σσ², rounded up to a multiple of `round_to`;
+    layers it would not shrink are left out."""
+    ranks = {}
+    for name, module in layers.items():
+        kept = curves[name]
         rank = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item()) + 1
-        rank = min(-(-rank // round_to) * round_to, len(sigma2))
+        rank = min(-(-rank // round_to) * round_to, len(kept))
         if _factor_params(module, rank) < module.weight.numel():
             ranks[name] = rank
     return ranks
 
 
 def params_with_ranks(model: nn.Module, ranks: dict[str, int]) -> int:
+    """Parameter count of `model` once the named layers are factorized to these ranks."""
     layers = dict(model.named_modules())
     total = sum(p.numel() for p in model.parameters())
     return total - sum(layers[n].weight.numel() - _factor_params(layers[n], r) for n, r in ranks.items())
@@ -63,19 +75,21 @@ def choose_ranks(model: nn.Module, *, params_ratio: float, round_to: int = 16,
     if round_to < 1:
         raise UserError(f"lowrank: round_to must be ≥ 1, got {round_to}")
     layers = factorizable_layers(model)
-    target = params_ratio * sum(p.numel() for p in model.parameters())
-    lowest = ranks_for_energy(layers, 0.0, round_to)
+    curves = energy_curves(layers)
+    total = sum(p.numel() for p in model.parameters())
+    target = params_ratio * total
+    lowest = ranks_for_energy(layers, curves, 0.0, round_to)
     if not lowest or params_with_ranks(model, lowest) > target:
-        floor = params_with_ranks(model, lowest) / sum(p.numel() for p in model.parameters())
+        floor = params_with_ranks(model, lowest) / total
         raise UserError(f"lowrank: params_ratio {params_ratio} is out of reach: rank {round_to} in "
                         f"every layer still keeps {floor:.3f} of the parameters (lower round_to or "
                         f"raise params_ratio)")
     low, high = 0.0, 1.0  # energy kept; params grow with it
     for _ in range(steps):
         mid = (low + high) / 2
-        low, high = (mid, high) if params_with_ranks(
-            model, ranks_for_energy(layers, mid, round_to)) <= target else (low, mid)
-    return ranks_for_energy(layers, low, round_to)
+        within = params_with_ranks(model, ranks_for_energy(layers, curves, mid, round_to)) <= target
+        low, high = (mid, high) if within else (low, mid)
+    return ranks_for_energy(layers, curves, low, round_to)
 
 
 def _split(module: nn.Module, rank: int) -> nn.Sequential:
@@ -89,6 +103,13 @@ def _split(module: nn.Module, rank: int) -> nn.Sequential:
         nn.Conv2d(rank, module.out_channels, 1, bias=module.bias is not None))
 
 
+def _get(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"lowrank: the model has no layer {name!r}") from None
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -97,10 +118,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """Swap each named layer for its rank-r pair (fresh weights): rebuilding from a checkpoint."""
     for name, rank in ranks.items():
-        module = model.get_submodule(name)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or not 0 < int(rank):
-            raise ValueError(f"{name}: cannot factorize {module.__class__.__name__} to rank {rank}")
-        _replace(model, name, _split(module, int(rank)))
+        module = model.get_submodule(name)  # AttributeError, like a bad rank, is a bad record
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "groups", 1) != 1 \
+                or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"{name}: cannot factorize {module.__class__.__name__} to rank {rank!r}")
+        _replace(model, name, _split(module, rank))
     return model
 
 
@@ -108,7 +130,11 @@ def factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 def factorize_svd(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """Replace each named conv / linear by its truncated-SVD pair, in place; returns the model."""
     for name, rank in ranks.items():
-        module = model.get_submodule(name)
+        module = _get(model, name)
+        full = min(_matrix(module).shape) if isinstance(module, (nn.Conv2d, nn.Linear)) else 0
+        if getattr(module, "groups", 1) != 1 or not 1 <= rank <= full:
+            raise UserError(f"lowrank: cannot factorize {name} ({module.__class__.__name__}) to "
+                            f"rank {rank}; plain convs / linears only, rank 1..{full}")
         u, s, vh = torch.linalg.svd(_matrix(module).double(), full_matrices=False)
         root = s[:rank].sqrt()
         first = (root[:, None] * vh[:rank]).to(module.weight.dtype)   # rank × Cin·k·k

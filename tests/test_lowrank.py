@@ -59,6 +59,24 @@ def test_impossible_budgets_are_one_line_errors(tiny_model, ratio, message):
         lowrank.choose_ranks(tiny_model, params_ratio=ratio, round_to=8)
 
 
+@pytest.mark.parametrize("ranks, message", [({"layer1.0.conv1": 100}, "rank 1..8"),
+                                            ({"layer1.0.bn1": 4}, "plain convs"),
+                                            ({"layer9": 4}, "no layer 'layer9'")])
+def test_factorize_refuses_what_it_cannot_split(tiny_model, ranks, message):
+    with pytest.raises(UserError, match=message):
+        lowrank.factorize_svd(tiny_model, ranks)
+
+
+def test_linear_layers_split_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    x = torch.randn(3, 12)
+    before = model(x)
+    lowrank.factorize_svd(model, {"0": 10})
+    assert [m.out_features for m in model[0]] == [10, 10] and model[0][0].bias is None
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+
 def test_the_checkpoint_rebuilds_and_exports(tmp_path, tiny_model):
     ranks = lowrank.choose_ranks(tiny_model, params_ratio=0.5, round_to=4)
     model = lowrank.factorize_svd(tiny_model, ranks).eval()
@@ -74,7 +92,8 @@ def test_the_checkpoint_rebuilds_and_exports(tmp_path, tiny_model):
     np.testing.assert_allclose(onnx_logits, model(x).detach().numpy(), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("ranks", [{"layer1.0.nope": 4}, {"layer1.0.bn1": 4}, {"layer1.0.conv1": 0}])
+@pytest.mark.parametrize("ranks", [{"layer1.0.nope": 4}, {"layer1.0.bn1": 4}, {"layer1.0.conv1": 0},
+                                   {"layer1.0.conv1": 2.5}, {"layer1.0.conv1": "4"}, ["layer1.0.conv1"]])
 def test_a_bad_lowrank_record_is_a_user_error(ranks):
     arch = {**make_arch(name="resnet18", num_classes=10, width=8), "lowrank": ranks}
     with pytest.raises(UserError, match="bad architecture record"):
@@ -132,10 +151,34 @@ def test_report_section_compares_with_pruning_from_the_numbers():
               "lowrank": {"top1": 89.0, "p50_ms": 3.0, "size_mb": 1.0}}
     blocks = lowrank_vs_pruning(metrics, {"top1_test": {"after_finetune": 88.0}}, models)
     table = next(b[1] for b in blocks if b[0] == "table")
-    assert list(table["model"])[::2] == ["pruned FP32", "low-rank FP32"]
-    assert list(table["params"])[::2] == [50, 49]
+    assert list(table["model"]) == ["pruned FP32", "low-rank FP32"]  # INT8 rows only if benchmarked
+    assert list(table["params"]) == [50, 49]
     text = " ".join(b[1] for b in blocks if b[0] == "p")
-    assert "pruned FP32 model is faster" in text and "+1.00 pp" in text
+    assert "neither wins outright: low-rank is more accurate, pruned is faster" in text
+    assert "2.000 ms pruned vs 3.000 ms low-rank, top-1 +1.00 pp" in text and "second operator" in text
     models["lowrank"]["p50_ms"] = 1.0
     text = " ".join(b[1] for b in lowrank_vs_pruning(metrics, {}, models) if b[0] == "p")
-    assert "low-rank FP32 model is faster" in text and "second operator" not in text
+    assert "low-rank wins:" in text and "second operator" not in text
+
+
+def test_report_section_lists_int8_rows_and_falls_back_to_the_prune_counts():
+    from resnet_slim.report_sections import lowrank_vs_pruning
+
+    metrics = {"params_ratio_target": 0.3, "round_to": 16, "params": {"teacher": 100, "lowrank": 30},
+               "macs": {"teacher": 1000, "lowrank": 400}, "top1_test": {"after_finetune": 80.0}}
+    prune_metrics = {"params": {"pruned": 28}, "macs": {"pruned": 450},
+                     "top1_test": {"after_finetune": 85.0}}
+    row = {"top1": 84.0, "p50_ms": 1.0, "size_mb": 0.5}
+    models = {name: dict(row) for name in ("pruned", "pruned_qat_int8", "pruned_ptq_int8",
+                                           "lowrank", "lowrank_ptq_int8")}
+    models["lowrank"]["top1"] = 80.0
+    blocks = lowrank_vs_pruning(metrics, prune_metrics, models)
+    table = next(b[1] for b in blocks if b[0] == "table")
+    assert list(table["model"]) == ["pruned FP32", "pruned INT8 (QAT)", "pruned INT8 (PTQ)",
+                                    "low-rank FP32", "low-rank INT8 (PTQ)"]
+    assert list(table["params"]) == [28, 28, 28, 30, 30] and list(table["MACs"])[0] == 450
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "At 28 vs 30 parameters (pruned vs low-rank), pruned wins:" in text  # same p50, better top-1
+    models["lowrank"]["top1"] = 84.0
+    text = " ".join(b[1] for b in lowrank_vs_pruning(metrics, prune_metrics, models) if b[0] == "p")
+    assert "neither wins: they tie" in text
