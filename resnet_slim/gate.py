@@ -14,11 +14,16 @@ from resnet_slim.params import BenchmarkParams, GateParams
 
 class Evidence:
     """What the accuracy check can use beyond the point top-1s: per-image correctness of each model
-    (same test images, so the drop can be paired) and per-seed top-1s from seed repeats."""
+    (same test images, so the drop can be paired) and per-seed top-1s from seed repeats.
+
+    `correct_error` says why there is no per-image correctness; `malformed` means a predictions file
+    was there but unreadable, which fails the accuracy check under either statistic."""
 
     def __init__(self, correct: dict[str, np.ndarray] | None = None, correct_error: str | None = None,
-                 seeds: dict | None = None, ci: BenchmarkParams = BenchmarkParams()):
+                 seeds: dict | None = None, ci: BenchmarkParams = BenchmarkParams(),
+                 malformed: bool = False):
         self.correct, self.correct_error, self.seeds, self.ci = correct or {}, correct_error, seeds, ci
+        self.malformed = malformed
 
 
 def read_correctness(path) -> dict[str, np.ndarray]:
@@ -124,10 +129,11 @@ def accuracy_check(results: dict, g: GateParams, rel: str, evidence: Evidence) -
                            mcnemar_p=paired["mcnemar"]["p_value"],
                            ref_only_correct=paired["mcnemar"]["ref_only_correct"],
                            release_only_correct=paired["mcnemar"]["release_only_correct"])
-    elif g.acc_drop_statistic == "upper_ci" and error is None:
+    elif error is None and (g.acc_drop_statistic == "upper_ci" or evidence.malformed):
         missing = [m for m in (ref, rel) if m not in evidence.correct]
-        error = (evidence.correct_error or f"no per-image predictions for {missing}") + \
-            "; cannot compute the CI of the drop (gate.acc_drop_statistic: point gates on the point drop)"
+        error = evidence.correct_error or f"no per-image predictions for {missing}"
+        if g.acc_drop_statistic == "upper_ci":
+            error += "; cannot compute the CI of the drop (gate.acc_drop_statistic: point gates on the point drop)"
     ci = details.get("ci")
     if ci is not None and None not in ci:
         # undecided: the interval straddles the threshold (the drop may or may not exceed it)

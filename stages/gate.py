@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         correct = read_correctness(args.predictions)
     except UserError as err:
         correct_error = str(err)
-    evidence = Evidence(correct=correct, correct_error=correct_error, seeds=seeds, ci=params.benchmark)
+    evidence = Evidence(correct=correct, correct_error=correct_error, seeds=seeds, ci=params.benchmark,
+                        malformed=correct_error is not None and Path(args.predictions).is_file())
     verdict = evaluate_gate(models if isinstance(models, dict) else {}, g, evidence)
     write_json(args.out, verdict)
     for check in verdict["checks"]:

@@ -285,10 +285,11 @@ def case_gate_auto_without_candidates(d, prepared):
 
 @stage_case
 def case_gate_upper_ci_without_predictions(d, prepared):
-    # the default statistic needs per-image predictions; without them the accuracy check fails closed
+    # upper_ci needs per-image predictions; without them the accuracy check fails closed
     case = _gate_case(d, json.dumps({"models": GOOD_BENCH}), 1,
                       ["release 'student_qat_int8' FAILED", "per-image predictions not found"],
-                      "cannot compute the CI of the drop", release="student_qat_int8")
+                      "cannot compute the CI of the drop", release="student_qat_int8",
+                      acc_drop_statistic="upper_ci")
     case.args += ["--predictions", str(d / "predictions.csv"), "--seeds", str(d / "seeds.json")]
     return case
 
