@@ -185,10 +185,11 @@ def export_tflite(checkpoint: str | Path, calibration: np.ndarray, out_path: str
     with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(out_path) as tmp:
         calibration_file = Path(tmp_dir) / "calibration.npy"
         np.save(calibration_file, calibration.astype(np.float32))
-        # PYTHONPATH: the converter imports this checkout's resnet_slim.models
+        # PYTHONPATH: the converter imports this checkout's resnet_slim.models; it runs in tmp_dir,
+        # so relative paths (as dvc.yaml passes them) must be made absolute first
         result = subprocess.run(
-            [str(python), "-c", _LITERT_CONVERTER, str(checkpoint), str(calibration_file),
-             str(tmp)], capture_output=True, text=True, timeout=3600,
+            [str(python), "-c", _LITERT_CONVERTER, str(Path(checkpoint).resolve()),
+             str(calibration_file), str(Path(tmp).resolve())], capture_output=True, text=True, timeout=3600,
             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_dir)
         if result.returncode != 0 or not tmp.is_file():
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]

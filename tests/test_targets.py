@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,12 +203,13 @@ def test_stage_writes_every_requested_target_and_peer(monkeypatch, tmp_path, tin
 @pytest.mark.skipif(not (targets.LITERT_VENV / "bin" / "python").is_file() and not os.environ.get("CI"),
                     reason="LiteRT converter environment .venv-litert not built (make install-litert; "
                            "`make test` builds it, and under CI a missing one fails this test)")
-def test_tflite_int8_export_matches_pytorch(tmp_path, tiny_model, test_split, calibration):
+def test_tflite_int8_export_matches_pytorch(tmp_path, tiny_model, test_split, calibration, monkeypatch):
     images, labels = test_split
-    checkpoint = tmp_path / "student.pt"
+    monkeypatch.chdir(tmp_path)  # relative paths, as dvc.yaml passes them (the converter runs elsewhere)
+    checkpoint = Path("models") / "student.pt"
     save_checkpoint(checkpoint, model=tiny_model, arch=make_arch(name="resnet18", num_classes=10,
                     width=8), params={}, metrics={})
-    path = targets.export_tflite(checkpoint, calibration, tmp_path / "m.tflite")
+    path = targets.export_tflite(checkpoint, calibration, Path("models") / "m.tflite")
     row, logits = targets.benchmark_tflite(path, images, labels, FAST)
     assert_row(row, "litert")
     parity = targets.check_target_parity(logits, targets.torch_logits(tiny_model, images), labels,
