@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# The library is deliberately not installed: stages run as `python -m stages.<name>` from the
+# workspace root, so every workspace (a `dvc exp run --temp` copy too) runs its own code.
+$(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 repro: install
@@ -19,7 +20,8 @@ repro: install
 test: install install-litert browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
-# The web UI for the gated release model on http://127.0.0.1:8000/ (SERVE_ARGS="--allow-ungated" ...)
+# The web UI for the gated release model on http://127.0.0.1:8000/, served by waitress with request
+# timeouts and at most 2 uploads decoded at once (SERVE_ARGS="--allow-ungated --max-decodes 4" ...)
 serve: install
 	$(BIN)/python -m resnet_slim.serve $(SERVE_ARGS)
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import torch
 
 from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, make_session, run_onnx
+from resnet_slim.io import read_json, sha256_file
 from resnet_slim.params import BenchmarkParams
 from resnet_slim.stats import bootstrap_accuracy_ci, correct_from_counts
 
@@ -111,18 +113,31 @@ def accuracy_ci_from_counts(top1_pct, n_test, p: BenchmarkParams) -> dict:
     return accuracy_with_ci(correct_from_counts(n_correct, n_test), np.ones(n_test, bool), p)
 
 
+def check_class_scores(logits: np.ndarray, *, n_images: int, num_classes: int | None, path) -> None:
+    """One row of class scores per test image, one score per class of the dataset (when known)."""
+    if logits.ndim != 2 or len(logits) != n_images \
+            or (num_classes is not None and logits.shape[1] != num_classes):
+        wanted = f"({n_images}, {num_classes})" if num_classes is not None else f"({n_images}, classes)"
+        raise UserError(f"{path}: outputs {tuple(logits.shape)} for {n_images} test images, not "
+                        f"{wanted} class scores; is it a classifier for this dataset?")
+
+
 def benchmark_model(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
-                    p: BenchmarkParams) -> dict:
+                    p: BenchmarkParams, *, num_classes: int | None = None) -> dict:
     """Every number for one ONNX file. `images` are the normalised test split.
 
     "predictions" (the class per test image) is for the paired statistics, not for benchmark.json.
+    "sha256" names the bytes measured: the gate refuses the numbers once the file differs.
     """
     image_size = images.shape[-1]
+    digest = sha256_file(path) if Path(path).is_file() else None  # else make_session says why
     session = make_session(path, threads=p.threads)
     check_input_size(session, image_size, path)
     one = images[:1].numpy()
     batch = images[:p.throughput_batch].numpy()
-    predictions = run_onnx(session, images).argmax(1)
+    logits = run_onnx(session, images)
+    check_class_scores(logits, n_images=len(labels), num_classes=num_classes, path=path)
+    predictions = logits.argmax(1)
     result = {**accuracy_with_ci(predictions, labels.numpy(), p), "n_test": int(len(labels)),
               **onnx_stats(path), "predictions": predictions}
     result.update(latency_ms(session, one, warmup=p.warmup, runs=p.runs))
@@ -136,7 +151,62 @@ def benchmark_model(path: str | Path, images: torch.Tensor, labels: torch.Tensor
     result["throughput_batch"] = int(len(batch))
     result.update(peak_rss_mb(path, threads=p.threads, image_size=image_size))
     result["threads"] = p.threads
+    if sha256_file(path) != digest:
+        raise UserError(f"{path}: the file changed while it was being benchmarked; re-run")
+    result["sha256"] = digest
     return result
+
+
+def read_object(path: str | Path, what: str) -> dict:
+    """A JSON file that must hold an object (a row, a report), else a UserError naming it."""
+    obj = read_json(path, what=what)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {what} is a JSON {type(obj).__name__}, not an object; re-run the "
+                        f"stage that writes it")
+    return obj
+
+
+def torch_rows(paths: list[str], p: BenchmarkParams) -> dict[str, dict]:
+    """torch_ptq reports (PyTorch eager INT8, the in-framework baseline) as benchmark rows."""
+    rows = {}
+    for path in paths:
+        report = read_object(path, "torch_ptq report")
+        rows[f"{Path(path).stem}_torch_eager_int8"] = {
+            "file": path, "runtime": "pytorch", "top1": report.get("top1"),
+            **accuracy_ci_from_counts(report.get("top1"), report.get("n_test"), p),
+            "n_test": report.get("n_test"), "size_mb": report.get("size_mb"),
+            **{k: report.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "threads")},
+            "peak_rss_mb": report.get("process_peak_rss_mb")}
+    return rows
+
+
+def target_rows(path: str | Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(rows measured by export_targets in their own runtimes, the targets it could not build)."""
+    models = read_object(path, "deployment targets").get("models") or {}
+    if not isinstance(models, dict):
+        raise UserError(f"{path}: 'models' is not an object; re-run export_targets")
+    rows = {n: r for n, r in models.items() if isinstance(r, dict) and r.get("status") != "unavailable"}
+    unavailable = {n: {k: r.get(k) for k in ("target", "role", "source", "reason")}
+                   for n, r in models.items() if isinstance(r, dict) and r.get("status") == "unavailable"}
+    return rows, unavailable
+
+
+def target_predictions(path: str | Path, labels: np.ndarray) -> pd.DataFrame:
+    """export_targets' per-image classes, one column per target, checked to be this test split's."""
+    try:
+        extra = pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            OSError) as err:
+        raise UserError(f"{path}: target predictions are missing or not a readable CSV "
+                        f"({err.__class__.__name__}); re-run export_targets") from None
+    if "label" not in extra.columns or len(extra) != len(labels) \
+            or (extra["label"].to_numpy() != labels).any():
+        raise UserError(f"{path}: predictions are for another test split; re-run export_targets")
+    columns = extra.drop(columns=["image", "label"], errors="ignore")
+    bad = [c for c in columns if not pd.api.types.is_integer_dtype(columns[c])]
+    if bad:
+        raise UserError(f"{path}: columns {bad} are not whole class numbers; re-run export_targets")
+    return columns
 
 
 def cpu_info() -> tuple[str, set[str]]:

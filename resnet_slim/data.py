@@ -8,6 +8,8 @@ A prepared dataset is a directory with one `.npz` per split (uint8 NHWC images +
 
 import hashlib
 import io
+import os
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,10 @@ from sklearn.model_selection import train_test_split
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path, read_json, write_json
 
+# ImageNet statistics of [0, 1] RGB pixels: what torchvision's and most published CIFAR models were
+# trained with (prepare.normalize: imagenet), so an imported model sees the inputs it expects
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 SPLITS = ("train", "val", "test")
 
@@ -63,6 +69,24 @@ def load_digits(image_size: int) -> RawDataset:
                       sizes=[(8, 8)] * len(gray), skipped=[])
 
 
+def printable_name(name: str) -> str:
+    """A file name as one printable line: undecodable bytes as \\xff, control characters as \\n."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a file or class name cannot go into manifest.csv, meta.json and the web UI, or None."""
+    try:
+        name.encode("utf-8")  # Python decodes undecodable bytes of a name as lone surrogates
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "its name contains a control character (newline, tab, ...)"
+    return None
+
+
 def load_imagefolder(root: Path, image_size: int, on_bad_image: str = "fail") -> RawDataset:
     if not root.is_dir():
         raise UserError(f"{root}: imagefolder root not found (expected {root}/<class>/<image>)")
@@ -72,6 +96,10 @@ def load_imagefolder(root: Path, image_size: int, on_bad_image: str = "fail") ->
         raise UserError(f"{root}: cannot list the imagefolder root ({err.strerror or err})") from None
     if len(class_dirs) < 2:
         raise UserError(f"{root}: found {len(class_dirs)} class directories; need at least 2")
+    for class_dir in class_dirs:
+        if problem := name_problem(class_dir.name):
+            raise UserError(f"{root}: class directory '{printable_name(class_dir.name)}': {problem}; "
+                            f"rename it (class names go into meta.json and the web UI)")
     images, labels, ids, hashes, sizes, skipped = [], [], [], [], [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -79,6 +107,9 @@ def load_imagefolder(root: Path, image_size: int, on_bad_image: str = "fail") ->
         for file in files:
             rel = file.relative_to(root).as_posix()
             try:
+                if problem := name_problem(rel):
+                    rel = printable_name(rel)
+                    raise ValueError(f"{problem}; rename it")
                 if file.suffix.lower() not in IMAGE_SUFFIXES:
                     raise ValueError(f"not an image file type ({file.suffix or 'no suffix'})")
                 data = file.read_bytes()
@@ -183,12 +214,37 @@ def stratified_split(labels: np.ndarray, *, val_fraction: float, test_fraction: 
     return split
 
 
-def write_prepared(out_dir: str | Path, raw: RawDataset, split: np.ndarray, extra_meta: dict) -> None:
-    """Write the prepared dataset directory atomically."""
-    train_pixels = raw.images[split == "train"].astype(np.float64) / 255.0
+def normalization_stats(normalize, train_images: np.ndarray) -> dict:
+    """meta.json's {mean, std, normalization} for `prepare.normalize`.
+
+    dataset: the training split's per-channel statistics; imagenet: IMAGENET_MEAN/STD; or given
+    {mean, std} (3 values each, std > 0). Every stage, ONNX evaluation, the benchmark and the web UI
+    read them from meta.json through `normalize`, so the choice made here reaches all of them.
+    """
+    if normalize == "dataset":
+        pixels = train_images.astype(np.float64) / 255.0
+        return {"mean": pixels.mean(axis=(0, 1, 2)).round(6).tolist(),
+                "std": pixels.std(axis=(0, 1, 2)).clip(1e-3).round(6).tolist(),
+                "normalization": "dataset"}
+    if normalize == "imagenet":
+        return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "normalization": "imagenet"}
+    given = normalize if isinstance(normalize, dict) else getattr(normalize, "__dict__", {})
+    try:  # a {mean, std} mapping or params.NormalizeStats
+        mean, std = (np.asarray(given[key], dtype=np.float64) for key in ("mean", "std"))
+        valid = mean.shape == std.shape == (3,) and np.isfinite([mean, std]).all() and std.min() > 0
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise UserError(f"prepare.normalize must be dataset, imagenet or {{mean: [r, g, b], std: "
+                        f"[r, g, b]}} with std > 0; got {normalize!r}")
+    return {"mean": mean.tolist(), "std": std.tolist(), "normalization": "custom"}
+
+
+def write_prepared(out_dir: str | Path, raw: RawDataset, split: np.ndarray, extra_meta: dict,
+                   normalize="dataset") -> None:
+    """Write the prepared dataset directory atomically (`normalize`: see normalization_stats)."""
     meta = {"class_names": raw.class_names, "image_size": int(raw.images.shape[1]),
-            "mean": train_pixels.mean(axis=(0, 1, 2)).round(6).tolist(),
-            "std": train_pixels.std(axis=(0, 1, 2)).clip(1e-3).round(6).tolist(),
+            **normalization_stats(normalize, raw.images[split == "train"]),
             "counts": {s: int((split == s).sum()) for s in SPLITS},
             "skipped_images": raw.skipped, **extra_meta}
     manifest = pd.DataFrame({

@@ -12,7 +12,6 @@ common, cheap approximation) — set `distill.cache_teacher: false` to run the t
 augmented batch instead (exact, slower).
 """
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -23,12 +22,13 @@ from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path, safe_torch_load
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def check_feature_stages(stages: list[int], n_stages: int, *, who: str) -> None:
+    """A ResNet has 4 stages (layer1..layer4), a CIFAR ResNet 3: name what is possible."""
+    beyond = [k for k in stages if not 1 <= k <= n_stages]
+    if beyond:
+        raise UserError(f"distill.feature_stages {list(stages)}: the {who} has {n_stages} stages "
+                        f"(layer1..layer{n_stages}), so {beyond} do not exist; choose among "
+                        f"{list(range(1, n_stages + 1))} (a CIFAR ResNet's last stage is 3)")
 
 
 @torch.no_grad()
@@ -40,6 +40,7 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor, *, stages: list[in
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         stage_outputs = teacher.forward_features(batch)
+        check_feature_stages(stages, len(stage_outputs), who="teacher")
         logits.append(teacher.forward_head(stage_outputs[-1]))
         for k in stages:
             features[k].append(stage_outputs[k - 1])
@@ -107,9 +108,11 @@ class StudentWithProjectors(nn.Module):
         return self.student(x)
 
 
-def stage_channels(model: nn.Module, image_size: int, stages: list[int]) -> dict[str, int]:
+def stage_channels(model: nn.Module, image_size: int, stages: list[int], *,
+                   who: str = "model") -> dict[str, int]:
     with torch.no_grad():
         outputs = model.eval().forward_features(torch.zeros(1, 3, image_size, image_size))
+    check_feature_stages(stages, len(outputs), who=who)
     return {f"layer{k}": outputs[k - 1].shape[1] for k in stages}
 
 

@@ -8,7 +8,7 @@ CPU, nccl on CUDA), wraps the model in DDP and trains on its 1/N share of every 
 writes files. Several machines: run torchrun yourself on every node, e.g.
 
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint node0:29400 \
-        --rdzv-id teacher stages/train_teacher.py --data data/prepared --out models/teacher.pt
+        --rdzv-id teacher -m stages.train_teacher --data data/prepared --out models/teacher.pt
 
 (the same command on each node; global rank 0 writes the outputs on its node).
 """
@@ -143,10 +143,10 @@ def sync_buffers(model: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def launch_with_torchrun(nproc: int, *, script: str, argv: list[str]) -> int:
-    """Run `script argv` in `nproc` workers with torchrun on this machine; their exit code.
+def launch_with_torchrun(nproc: int, *, module: str, argv: list[str]) -> int:
+    """Run `python -m module argv` in `nproc` workers with torchrun on this machine; their exit code.
 
-    Equivalent to `torchrun --standalone --nproc-per-node nproc script argv` (same launcher, run
+    Equivalent to `torchrun --standalone --nproc-per-node nproc -m module argv` (same launcher, run
     in this process). A failed worker's own `error:` line is printed by the worker; this adds one
     line naming the rank and returns its exit code (2 for bad input, as in one process).
     """
@@ -157,7 +157,8 @@ def launch_with_torchrun(nproc: int, *, script: str, argv: list[str]) -> int:
     # workers set their own torch thread count (threads_per_process); this only stops torchrun
     # from printing its OMP_NUM_THREADS banner
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", os.path.abspath(script), *argv])
+    # -m, not a script path: workers import the library from their cwd, the stage's workspace
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv])
     print(f"torchrun: {nproc} processes on this machine", flush=True)
     try:
         run(args)

@@ -10,7 +10,6 @@ each rank trains on its shard, loss/top-1 are summed over ranks so every rank se
 and only rank 0 logs. In one process those sums are skipped and nothing changes.
 """
 
-import contextlib
 import math
 import random
 import time
@@ -170,31 +169,36 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
     optimizer, scheduler = make_optimizer(model, p, len(train_loader))
     history = []
     # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.
-    # Under DDP only rank 0 logs (live is None on the others).
-    with (Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-          if distributed.is_main_process() else contextlib.nullcontext()) as live:
-        for epoch in range(p.epochs):
-            if on_epoch_start is not None:
-                on_epoch_start(model, epoch)
-            started = time.perf_counter()
-            train = train_one_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
-                                    after_backward=after_backward, epoch=epoch, desc=desc)
-            images_per_s = train["images"] / (time.perf_counter() - started)  # all ranks together
-            distributed.sync_buffers(model)  # every rank evaluates (and rank 0 saves) one model
-            val = evaluate(distributed.unwrap(model), val_loader)
-            row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
-                   "val_loss": val["loss"], "val_top1": val["top1"],
-                   "lr": optimizer.param_groups[0]["lr"]}
-            history.append(row)
-            if live is None:
-                continue
-            for key, value in row.items():
-                if key != "epoch":
-                    live.log_metric(key, value)
-            live.next_step()
-            print(f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
-                  f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
-                  f" | {images_per_s:.0f} img/s", flush=True)
+    # Under DDP only rank 0 logs (live is None on the others). Not `with Live(...)`: its __exit__
+    # calls `Live.end()` after an error or SIGTERM too, and `end()` waits on a queue whose worker
+    # thread a signal during `next_step()` may have kept from starting, forever (issue 20). Each
+    # `next_step()` has written the metrics so far, so a failed run skips `end()`.
+    live = (Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+            if distributed.is_main_process() else None)
+    for epoch in range(p.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(model, epoch)
+        started = time.perf_counter()
+        train = train_one_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
+                                after_backward=after_backward, epoch=epoch, desc=desc)
+        images_per_s = train["images"] / (time.perf_counter() - started)  # all ranks together
+        distributed.sync_buffers(model)  # every rank evaluates (and rank 0 saves) one model
+        val = evaluate(distributed.unwrap(model), val_loader)
+        row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
+               "val_loss": val["loss"], "val_top1": val["top1"],
+               "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        if live is None:
+            continue
+        for key, value in row.items():
+            if key != "epoch":
+                live.log_metric(key, value)
+        live.next_step()
+        print(f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
+              f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
+              f" | {images_per_s:.0f} img/s", flush=True)
+    if live is not None:
+        live.end()
     if channels_last:
         optimizer.zero_grad(set_to_none=True)  # no NHWC gradients left on NCHW weights
         model.to(memory_format=torch.contiguous_format)  # leaves as it came (export, pruning)

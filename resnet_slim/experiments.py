@@ -3,7 +3,8 @@
 `parse_exp_show` reads the list that `dvc exp show --json` prints (DVC 3: one entry per baseline
 commit or the workspace, each with its `experiments`, each with its `revs`) into one row per
 experiment; `comparison_table` keeps the params that changed and the metrics a reviewer wants:
-release model, its top-1, p50 latency, file size and whether the gate passed.
+release model, its top-1 and drop, speed-up, p50 latency, file size and whether the gate passed
+(from reports/metrics.json; older commits: from gate.json and benchmark.json).
 """
 
 import json
@@ -16,7 +17,8 @@ import pandas as pd
 from resnet_slim.errors import UserError
 
 ID_COLUMNS = ["experiment", "rev", "baseline", "state"]
-KEY_METRICS = ["release", "gate passed", "release top-1 %", "release p50 ms", "release MB"]
+KEY_METRICS = ["release", "gate passed", "release top-1 %", "drop pp", "speed-up x", "release p50 ms",
+               "release MB"]
 
 
 def flatten(obj: dict, prefix: str = "") -> dict:
@@ -52,13 +54,20 @@ def experiment_row(rev: dict, *, name: str, baseline: str, state: str) -> dict:
     for path, entry in (data.get("params") or {}).items():
         prefix = "" if path == "params.yaml" else f"{path}:"
         row.update(flatten((entry or {}).get("data") or {}, prefix))
-    gate = _metrics_file(data.get("metrics"), "gate.json")
-    models = _metrics_file(data.get("metrics"), "benchmark.json").get("models") or {}
-    release = gate.get("release")
-    rel = models.get(release) if isinstance(models.get(release), dict) else {}
-    row.update({"release": release, "gate passed": gate.get("passed"),
-                "release top-1 %": _num(rel.get("top1")), "release p50 ms": _num(rel.get("p50_ms")),
-                "release MB": _num(rel.get("size_mb"))})
+    headline = _metrics_file(data.get("metrics"), "reports/metrics.json")
+    if not headline:  # commits from before reports/metrics.json: the gate and benchmark files
+        gate = _metrics_file(data.get("metrics"), "gate.json")
+        models = _metrics_file(data.get("metrics"), "benchmark.json").get("models") or {}
+        rel = models.get(gate.get("release"))
+        headline = {"release": gate.get("release"), "passed": gate.get("passed"),
+                    **{k: v for k, v in (rel if isinstance(rel, dict) else {}).items()
+                       if k in ("top1", "p50_ms", "size_mb")}}
+    row.update({"release": headline.get("release"), "gate passed": headline.get("passed"),
+                "release top-1 %": _num(headline.get("top1")),
+                "drop pp": _num(headline.get("drop_pp")),
+                "speed-up x": _num(headline.get("speedup_vs_reference")),
+                "release p50 ms": _num(headline.get("p50_ms")),
+                "release MB": _num(headline.get("size_mb"))})
     return row
 
 

@@ -1,7 +1,9 @@
 """The release gate: compare the release model with the FP32 reference, fail closed.
 
 Each check reads measured numbers from the benchmark results. A missing model, a missing key,
-a non-number or a NaN is not "unknown, so pass": it fails that check with the reason named.
+a non-number, a NaN or a number outside what can be measured is not "unknown, so pass": it fails
+that check with the reason named. With an evidence chain (`resnet_slim.evidence.verify`), every
+release also gets an `evidence` check: its problems, and the reference's, fail it.
 """
 
 import math
@@ -11,45 +13,25 @@ import numpy as np
 from resnet_slim import stats
 from resnet_slim.params import BenchmarkParams, GateParams
 
+# What a measurement can be; outside these a number is a fault or an edit, never a result (a
+# percentage; a batch-1 latency between 1 ns and ~3 h; a model file between 1 byte and 1 TB).
+LIMITS = {"top1": (0.0, 100.0), "p50_ms": (1e-6, 1e7), "size_mb": (1e-6, 1e6)}
+
 
 class Evidence:
     """What the accuracy check can use beyond the point top-1s: per-image correctness of each model
     (same test images, so the drop can be paired) and per-seed top-1s from seed repeats.
 
     `correct_error` says why there is no per-image correctness; `malformed` means a predictions file
-    was there but unreadable, which fails the accuracy check under either statistic."""
+    was there but unusable, which fails the accuracy check under either statistic. `problems`
+    (None: no chain was verified) and `model_problems` come from `evidence.verify`."""
 
     def __init__(self, correct: dict[str, np.ndarray] | None = None, correct_error: str | None = None,
                  seeds: dict | None = None, ci: BenchmarkParams = BenchmarkParams(),
-                 malformed: bool = False):
+                 malformed: bool = False, problems: list[str] | None = None,
+                 model_problems: dict[str, list[str]] | None = None):
         self.correct, self.correct_error, self.seeds, self.ci = correct or {}, correct_error, seeds, ci
-        self.malformed = malformed
-
-
-def read_correctness(path) -> dict[str, np.ndarray]:
-    """Per-image correctness of every model from the benchmark's predictions table.
-
-    Columns: image, label, then one column per model with the predicted class of each test image.
-    """
-    import pandas as pd
-
-    from resnet_slim.errors import UserError
-
-    try:
-        table = pd.read_csv(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: per-image predictions not found (re-run the benchmark stage)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{path}: per-image predictions are not a readable CSV "
-                        f"({err.__class__.__name__})") from None
-    if "label" not in table.columns or len(table) == 0:
-        raise UserError(f"{path}: per-image predictions lack a 'label' column or rows")
-    models = [c for c in table.columns if c not in ("image", "label")]
-    bad = [c for c in ["label", *models] if not pd.api.types.is_integer_dtype(table[c])]
-    if bad:
-        raise UserError(f"{path}: columns {bad} are not whole class numbers")
-    labels = table["label"].to_numpy()
-    return {name: table[name].to_numpy() == labels for name in models}
+        self.malformed, self.problems, self.model_problems = malformed, problems, model_problems or {}
 
 
 def _number(results: dict, model: str, key: str, *, positive: bool = False
@@ -65,6 +47,9 @@ def _number(results: dict, model: str, key: str, *, positive: bool = False
         return None, f"metric {model}.{key} is {value}"
     if positive and value <= 0:
         return None, f"metric {model}.{key} is {value}, must be > 0"
+    low, high = LIMITS.get(key, (-math.inf, math.inf))
+    if not low <= value <= high:
+        return None, f"metric {model}.{key} is {value:g}, outside [{low:g}, {high:g}]"
     return float(value), None
 
 
@@ -76,6 +61,8 @@ def _pair(results: dict, ref: str, rel: str, key: str, *, positive: bool = False
 
 
 def _check(name: str, *, measured, threshold, op: str, unit: str, error: str | None) -> dict:
+    if error is None and (measured is None or not math.isfinite(measured)):
+        error = f"measured value is {measured}"
     if error is not None:
         return {"name": name, "passed": False, "measured": None, "threshold": threshold,
                 "op": op, "unit": unit, "reason": f"{name}: {error}"}
@@ -91,7 +78,7 @@ def _seed_drops(seeds: dict | None, ref: str, rel: str) -> tuple[list[float], li
     pairs = [(r["seed"], r["top1"].get(ref), r["top1"].get(rel)) for r in runs
              if isinstance(r, dict) and isinstance(r.get("top1"), dict)]
     pairs = [(seed, a, b) for seed, a, b in pairs if isinstance(a, (int, float))
-             and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b)]
+             and isinstance(b, (int, float)) and 0 <= a <= 100 and 0 <= b <= 100]
     if len(pairs) < 2:
         return None
     return [a - b for _, a, b in pairs], [seed for seed, _, _ in pairs]
@@ -223,7 +210,29 @@ def check_release(results: dict, g: GateParams, rel: str, evidence: Evidence | N
         size, size_error = _number(results, rel, "size_mb", positive=True)
         checks.append(_check("size_mb", measured=size, threshold=g.max_size_mb, op="<=",
                              unit="MB", error=size_error))
+    if evidence is not None and evidence.problems is not None:
+        checks.append(evidence_check(evidence, ref, rel))
 
     failed = [c["reason"] for c in checks if not c["passed"]]
     return {"passed": not failed, "release": rel, "reference": ref, "enforce": g.enforce,
             "checks": checks, "failed": failed}
+
+
+def evidence_check(evidence: Evidence, ref: str, rel: str) -> dict:
+    """Fails on any problem with the evidence as a whole, the reference's or the release's."""
+    problems = [*evidence.problems, *evidence.model_problems.get(ref, []),
+                *(evidence.model_problems.get(rel, []) if rel != ref else [])]
+    return {"name": "evidence", "passed": not problems, "measured": len(problems), "threshold": 0,
+            "op": "<=", "unit": "problems", "problems": problems,
+            "reason": "evidence: " + "; ".join(problems) if problems else None}
+
+
+def reference_origin(teacher_summary: dict | None) -> dict:
+    """Where the reference came from, for gate.json: the imported file (path, format, sha256,
+    top-1 as imported and after adaptation) or {"trained_here": true}."""
+    origin = (teacher_summary or {}).get("origin") if isinstance(teacher_summary, dict) else None
+    if not isinstance(origin, dict):
+        return {"trained_here": True}
+    keys = ("file", "format", "family", "sha256", "tracked_by_dvc", "top1_as_imported",
+            "top1_after_adaptation")
+    return {key: origin.get(key) for key in keys}

@@ -24,7 +24,9 @@ def factorizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     A layer that a split would not shrink (a small classifier, say) is dropped later, by rank."""
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3:
+        # a fixed layer (a CIFAR ResNet's option-A shortcut, models.option_a_weight) stays exact
+        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3 \
+                and module.weight.requires_grad:
             layers[name] = module
         elif isinstance(module, nn.Linear):
             layers[name] = module

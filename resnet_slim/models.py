@@ -1,7 +1,9 @@
 """ResNets built from torchvision's blocks, with the width and the stem as builder arguments.
 
 With `width=64, small_input=False` the module tree and state_dict keys are exactly torchvision's
-`resnet18/34/50`, so weights trained elsewhere load unchanged. A pruned network is the same
+`resnet18/34/50`, so weights trained elsewhere load unchanged. `CifarResNet` is He et al.'s CIFAR
+family (depth 6n+2) with the key names of the common CIFAR checkpoints (conv1, bn1, layer1..3,
+linear), so those load unchanged too (resnet_slim/model_import.py). A pruned network is the same
 architecture plus per-layer channel counts (`arch["channels"]`), so checkpoints never pickle
 modules: `build_model(checkpoint["arch"])` rebuilds it and `load_state_dict` fills it.
 """
@@ -12,6 +14,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from resnet_slim.errors import UserError
+from resnet_slim.limits import MAX_WIDTH
 
 ARCHS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -22,6 +25,8 @@ ARCHS = {
 
 class ResNet(nn.Module):
     """torchvision's ResNet (He et al. 2015, arXiv:1512.03385) with stage widths w, 2w, 4w, 8w."""
+
+    classifier_name = "fc"  # the layer whose outputs are the classes (never pruned, replaceable)
 
     def __init__(self, block, layers: list[int], *, num_classes: int, width: int = 64,
                  small_input: bool = False):
@@ -76,6 +81,112 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x)[-1])
 
 
+def option_a_weight(in_channels: int) -> torch.Tensor:
+    """The 1x1 conv weight [2C, C, 1, 1] of He et al.'s parameter-free "option A" shortcut.
+
+    Option A (arXiv:1512.03385, sect. 4.2) subsamples by 2 and zero-pads C channels to 2C, input
+    channel i landing on output channel i + C/2. As a fixed 1x1 stride-2 conv, that is a 0/1 matrix:
+    the same numbers exactly, but a layer torch-pruning's dependency graph can prune through, so
+    removing channels keeps the mapping exact for the channels that remain.
+    """
+    weight = torch.zeros(2 * in_channels, in_channels, 1, 1)
+    index = torch.arange(in_channels)
+    weight[index + in_channels // 2, index, 0, 0] = 1.0
+    return weight
+
+
+def option_a_shortcut(in_channels: int) -> nn.Sequential:
+    """Fixed 1x1/2 conv (never trained) + ReLU. The ReLU changes nothing (a block's input is a
+    ReLU output, so >= 0, and the 0/1 weights keep it >= 0); it makes the pair fusable as
+    Conv+ReLU by QAT (resnet_slim/qat.py fuses `downsample.0` with `downsample.1`)."""
+    conv = nn.Conv2d(in_channels, 2 * in_channels, kernel_size=1, stride=2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(option_a_weight(in_channels))
+    conv.weight.requires_grad_(False)
+    return nn.Sequential(conv, nn.ReLU(inplace=False))
+
+
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+
+
+class CifarResNet(ResNet):
+    """He et al.'s CIFAR ResNet (arXiv:1512.03385, sect. 4.2): depth 6n+2, a 3x3 stem, three
+    stages of n BasicBlocks with width, 2*width, 4*width channels (16/32/64 in the paper), option-A
+    shortcuts, global average pooling and `linear`.
+
+    A ResNet subclass so every stage that takes a ResNet (pruning, QAT, distillation) takes it;
+    it has three stages, not four. Checkpoints without shortcut weights (the paper's option A has
+    no parameters) get the fixed option-A weights filled in when loaded.
+    """
+
+    classifier_name = "linear"
+
+    def __init__(self, *, depth: int, num_classes: int, width: int = 16):
+        nn.Module.__init__(self)
+        if depth not in CIFAR_DEPTHS:
+            raise UserError(f"cifar_resnet depth must be one of {list(CIFAR_DEPTHS)} (6n+2), "
+                            f"got {depth}")
+        blocks = (depth - 2) // 6
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(width, blocks, stride=1)
+        self.layer2 = self._make_layer(width * 2, blocks, stride=2)
+        self.layer3 = self._make_layer(width * 4, blocks, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(width * 4, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.register_load_state_dict_pre_hook(_fill_option_a_weights)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = option_a_shortcut(self.inplanes) if stride != 1 else None
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of layer1..layer3 (for feature distillation)."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            x = layer(x)
+            features.append(x)
+        return features
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.flatten(self.avgpool(x), 1))
+
+
+def shortcut_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """{name: conv} of a CifarResNet's fixed option-A shortcut convs (empty for other models)."""
+    if not isinstance(model, CifarResNet):
+        return {}
+    return {f"{name}.downsample.0": block.downsample[0] for name, block in model.named_modules()
+            if isinstance(block, BasicBlock) and block.downsample is not None
+            and isinstance(block.downsample[0], nn.Conv2d)}
+
+
+def freeze_shortcuts(model: nn.Module) -> None:
+    """Mark the option-A shortcut weights as not trainable (again: re-created layers, e.g. by
+    pruning or by `resize_to_channels`, come back trainable)."""
+    for conv in shortcut_convs(model).values():
+        conv.weight.requires_grad_(False)
+
+
+def _fill_option_a_weights(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs) -> None:
+    # A checkpoint of the parameter-free option A has no shortcut keys: supply the fixed weights.
+    # Only for unpruned shapes; a pruned model's checkpoint always stores its (sliced) weights.
+    for name, conv in shortcut_convs(module).items():
+        key = f"{prefix}{name}.weight"
+        if key not in state_dict and conv.out_channels == 2 * conv.in_channels:
+            state_dict[key] = option_a_weight(conv.in_channels)
+
+
 class MobileNetV3Small(nn.Module):
     """torchvision's mobilenet_v3_small (Howard et al. 2019, arXiv:1905.02244) as a student.
 
@@ -84,6 +195,7 @@ class MobileNetV3Small(nn.Module):
     be 4 px after two layers). Stages for feature distillation end where the resolution drops.
     """
 
+    classifier_name = "classifier.3"
     STAGE_ENDS = (1, 3, 8, 12)  # indices into `features`: 16, 24, 48 and 576 channels at width 16
 
     def __init__(self, *, num_classes: int, width: int = 16, small_input: bool = True):
@@ -112,20 +224,58 @@ class MobileNetV3Small(nn.Module):
 STUDENT_ONLY = ("mobilenet_v3_small",)
 
 
-def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool = True) -> dict:
-    """The plain-data architecture record stored in every checkpoint."""
+def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool = True,
+              depth: int | None = None) -> dict:
+    """The plain-data architecture record stored in every checkpoint.
+
+    `cifar_resnet` also records its `depth` (20/32/44/56/110); its stem is always the small one.
+    """
+    if name == "cifar_resnet":
+        if depth not in CIFAR_DEPTHS:
+            raise UserError(f"cifar_resnet depth must be one of {list(CIFAR_DEPTHS)}, got {depth}")
+        return {"name": name, "depth": int(depth), "num_classes": int(num_classes),
+                "width": int(width), "small_input": True, "channels": None}
     if name not in ARCHS and name not in STUDENT_ONLY:
-        raise UserError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS) + list(STUDENT_ONLY)}")
+        raise UserError(f"unknown architecture {name!r}; choose one of "
+                        f"{sorted(ARCHS) + list(STUDENT_ONLY) + ['cifar_resnet']}")
     return {"name": name, "num_classes": int(num_classes), "width": int(width),
             "small_input": bool(small_input), "channels": None}
 
 
+# A checkpoint is untrusted input: sizes it claims are checked before anything is allocated
+# (a claimed width of 200000 would otherwise ask for ~1.4 TB).
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_CHANNELS = MAX_WIDTH * 8 * Bottleneck.expansion  # the widest layer of the widest ResNet allowed
+
+
+def check_arch_size(arch: dict) -> None:
+    """One UserError if an architecture record claims sizes beyond what any allowed model has."""
+    if not isinstance(arch, dict):
+        return  # build_model names what is wrong with it
+    claims = {"width": (arch.get("width"), MAX_WIDTH),
+              "num_classes": (arch.get("num_classes"), MAX_CLASSES)}
+    channels, lowrank = arch.get("channels"), arch.get("lowrank")
+    for layer, counts in (channels.items() if isinstance(channels, dict) else []):
+        for i, count in enumerate(counts if isinstance(counts, (list, tuple)) else [counts]):
+            claims[f"channels[{layer!r}][{i}]"] = (count, MAX_CHANNELS)
+    for layer, rank in (lowrank.items() if isinstance(lowrank, dict) else []):
+        claims[f"lowrank[{layer!r}]"] = (rank, MAX_CHANNELS)
+    for key, (value, limit) in claims.items():
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 < value <= limit:
+            raise UserError(f"bad architecture record: it claims {key} = {value}, outside "
+                            f"1..{limit}; the checkpoint is corrupt or not from this tool")
+
+
 def build_model(arch: dict) -> nn.Module:
     """Rebuild a model from its architecture record (pruned channel counts included)."""
+    check_arch_size(arch)
     try:
         if arch["name"] == "mobilenet_v3_small":
             model = MobileNetV3Small(num_classes=arch["num_classes"], width=arch["width"],
                                      small_input=arch["small_input"])
+        elif arch["name"] == "cifar_resnet":
+            model = CifarResNet(depth=arch["depth"], num_classes=arch["num_classes"],
+                                width=arch["width"])
         else:
             block, layers = ARCHS[arch["name"]]
             model = ResNet(block, layers, num_classes=arch["num_classes"], width=arch["width"],
@@ -135,6 +285,7 @@ def build_model(arch: dict) -> nn.Module:
         if arch.get("lowrank"):  # {layer: rank} of an SVD-factorized model (resnet_slim/lowrank.py)
             from resnet_slim.lowrank import factorized_structure
             factorized_structure(model, arch["lowrank"])
+        freeze_shortcuts(model)  # layers re-created above come back trainable
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"bad architecture record {str(arch)[:200]}: "
                         f"{err.__class__.__name__}: {err}") from None

@@ -14,15 +14,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from resnet_slim.metrics import number  # noqa: E402
+
 PNG_META = {"Software": None}  # no version string: the same inputs give the same bytes
-LABEL_OFFSETS = [(4, 4), (4, -11), (4, 15), (4, -22)]  # points; for labels of nearby points
-
-
-def number(value) -> float | None:
-    """A finite float, or None for missing / non-numeric / NaN values (never a fake number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+# label positions tried in turn (points from the marker) until one overlaps no other label
+LABEL_OFFSETS = [(4, 4), (4, -11), (4, 15), (4, -22), (-40, 8), (-40, -16), (4, 26), (4, -33)]
 
 
 def feasible_region(ref_top1, ref_p50, max_acc_drop_pp, min_speedup) -> tuple[float, float] | None:
@@ -53,6 +49,31 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both latency (lower) and top-1 (higher), fastest first."""
+    frontier, best = [], -math.inf
+    for name, (_, top1) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
+        if top1 > best:
+            frontier.append(name)
+            best = top1
+    return frontier
+
+
+def place_labels(fig, ax, labels: list[tuple[str, tuple[float, float]]]) -> None:
+    """Annotate each point at the first of several offsets whose text box overlaps no earlier label
+    (measured with the renderer, so long names and log axes are handled alike)."""
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    for text, xy in labels:
+        for offset in LABEL_OFFSETS:
+            note = ax.annotate(text, xy, fontsize=7, xytext=offset, textcoords="offset points")
+            box = note.get_window_extent(renderer).expanded(1.05, 1.15)
+            if not any(box.overlaps(other) for other in taken) or offset == LABEL_OFFSETS[-1]:
+                taken.append(box)
+                break
+            note.remove()
+
+
 def pareto_png(models: dict, release: str | None, region: tuple[float, float] | None) -> bytes:
     """Top-1 vs batch-1 p50 latency (log x) for every model with both numbers."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -71,7 +92,16 @@ def pareto_png(models: dict, release: str | None, region: tuple[float, float] | 
                         label=f"gate: top-1 ≥ {region[0]:.2f}%, p50 ≤ {region[1]:.3g} ms")
         ax.axvline(region[1], color="tab:green", lw=0.8, ls="--")
         ax.axhline(region[0], color="tab:green", lw=0.8, ls="--")
-    placed = []
+    for name, (x, y) in points.items():
+        low, high = number(models[name].get("top1_ci_low")), number(models[name].get("top1_ci_high"))
+        if low is not None and high is not None and low <= y <= high:  # 95% CI of the top-1
+            ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="none", ecolor="tab:gray",
+                        elinewidth=0.8, capsize=2, alpha=0.7, zorder=2)
+    frontier = pareto_frontier(points)
+    if len(frontier) > 1:
+        ax.step([points[n][0] for n in frontier], [points[n][1] for n in frontier], where="post",
+                color="tab:orange", lw=1.0, alpha=0.8, zorder=2, label="Pareto frontier")
+    labels = []
     for name, (x, y) in sorted(points.items(), key=lambda item: item[1][0]):
         torch_row = models[name].get("runtime") == "pytorch"
         if name == release:
@@ -79,11 +109,8 @@ def pareto_png(models: dict, release: str | None, region: tuple[float, float] | 
         else:
             ax.scatter(x, y, s=45, zorder=3, facecolors="none" if torch_row else "tab:blue",
                        edgecolors="tab:gray" if torch_row else "tab:blue")
-        # neighbours' labels would overlap: stagger them above / below the point
-        near = sum(abs(math.log10(x / px)) < 0.35 and abs(y - py) < 0.3 for px, py in placed)
-        placed.append((x, y))
-        ax.annotate(name + (" (PyTorch)" if torch_row else ""), (x, y), fontsize=7,
-                    xytext=LABEL_OFFSETS[near % len(LABEL_OFFSETS)], textcoords="offset points")
+        labels.append((name + (" (PyTorch)" if torch_row else ""), (x, y)))
+    place_labels(fig, ax, labels)
     ax.set_xlabel("p50 latency, batch 1 (ms, log scale)")
     ax.set_ylabel("top-1 on the test split (%)")
     ax.set_title("Accuracy vs latency (shaded: what the gate accepts, size check not shown)")

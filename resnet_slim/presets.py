@@ -4,7 +4,7 @@ A preset lists only the keys it changes. `preset_overrides` merges one or more p
 params.yaml in order, validates the result with the schema every stage uses (a typo fails here,
 not ten minutes into a run) and returns DVC's `-S key=value` arguments, so a preset is an ordinary
 `dvc exp run` that `dvc exp show` / `dvc params diff` / stages/compare_experiments.py can compare.
-Data presets and level presets compose: `python stages/preset.py cifar10-dev medium`.
+Data presets and level presets compose: `python -m stages.preset cifar10-dev medium`.
 """
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from resnet_slim.errors import UserError
-from resnet_slim.params import parse_params
+from resnet_slim.params import parse_params, read_yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
 
@@ -36,7 +36,7 @@ def load_preset(name: str, directory: Path = PRESET_DIR) -> dict:
         raise UserError(f"unknown preset {name!r}; choose from {available_presets(directory)} "
                         f"(files in {directory})")
     try:
-        overlay = yaml.safe_load(path.read_text())
+        overlay = read_yaml(path)  # duplicate keys are an error, as in params.yaml
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
     if not isinstance(overlay, dict) or not overlay:
@@ -79,7 +79,7 @@ def preset_overrides(names: list[str], params_path: str | Path = "params.yaml",
     if not names:
         raise UserError(f"name at least one preset; available: {available_presets(directory)}")
     try:
-        params = yaml.safe_load(Path(params_path).read_text()) or {}
+        params = read_yaml(Path(params_path)) or {}
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"{params_path}: cannot read params ({err.__class__.__name__})") from None
     overlay: dict = {}

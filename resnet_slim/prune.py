@@ -4,7 +4,9 @@ Network slimming (Liu et al. 2017, arXiv:1708.06519): train with an L1 penalty o
 γ so that unimportant channels drift to γ ≈ 0, rank channels by |γ| (globally across layers),
 physically remove the lowest, then fine-tune. Removal is done by torch-pruning's dependency graph,
 so channels tied together (a block's output, its residual add, the downsample branch and the next
-block's input) are removed together and the result is a plain, smaller `nn.Module`.
+block's input) are removed together and the result is a plain, smaller `nn.Module`. A CIFAR
+ResNet's option-A shortcut is a fixed 0/1 1x1 conv (models.option_a_weight), so removal slices it
+like any conv and the shortcut stays exact for the channels that remain.
 """
 
 import copy
@@ -20,9 +22,11 @@ from resnet_slim import engine
 from resnet_slim.distill import kd_logit_loss
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
+from resnet_slim.models import freeze_shortcuts
 
 CHANNEL_METHODS = ("bn_slimming", "l1_filter")
-CLASSIFIER = "fc"  # models.ResNet's classifier: its outputs (the classes) are never pruned
+# the models' classifiers (models.ResNet: fc, models.CifarResNet: linear): classes are never pruned
+CLASSIFIERS = ("fc", "linear")
 
 
 def bn_l1_hook(l1_lambda: float) -> Callable[[nn.Module], None]:
@@ -78,7 +82,7 @@ def prune_channels(model: nn.Module, *, method: str, ratio: float, round_to: int
     pruned = copy.deepcopy(model).eval()  # eval: tracing must not update BN running stats
     example = torch.zeros(1, 3, image_size, image_size)
     importance = _importance(method)
-    ignored = [pruned.get_submodule(CLASSIFIER)]
+    ignored = [pruned.get_submodule(pruned.classifier_name)]
     plan = _removal_plan(pruned, example, importance, ignored, ratio=ratio,
                          global_pruning=global_pruning, min_keep=round_to or 1)
     if plan:
@@ -88,6 +92,7 @@ def prune_channels(model: nn.Module, *, method: str, ratio: float, round_to: int
                                       pruning_ratio_dict=plan, global_pruning=False,
                                       round_to=round_to, ignored_layers=ignored)
         pruner.step()
+        freeze_shortcuts(pruned)  # torch-pruning re-creates the sliced weights as trainable
     pruned.train(model.training)
     return pruned
 
@@ -205,7 +210,7 @@ def kept_channels(before: dict, after: dict) -> list[dict]:
     """Rows {layer, before, after} of conv output channels, from two `models.channel_record`s."""
     rows = []
     for layer, shape in before.items():
-        if len(shape) == 2 and layer != CLASSIFIER:  # [out, in]: a conv (BNs are [n])
+        if len(shape) == 2 and layer not in CLASSIFIERS:  # [out, in]: a conv (BNs are [n])
             rows.append({"layer": layer, "before": int(shape[0]), "after": int(after[layer][0])})
     return rows
 

@@ -17,6 +17,7 @@ from resnet_slim import plots
 from resnet_slim import report_sections as sec
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path, read_json
+from resnet_slim.metrics import number
 from resnet_slim.render import render_html, render_markdown
 
 
@@ -85,6 +86,7 @@ def build_report(inputs: dict) -> list:
     blocks = sec.headline(inputs) + sec.comparison(inputs)
     blocks += [("img", "pareto.png", f"Top-1 vs p50 latency; shaded: where point estimates meet the gate's thresholds around `{s['reference']}`"),
                ("img", "size.png", "File size per model")]
+    blocks += sec.teacher_origin(inputs["teacher"])
     blocks += sec.checklist(inputs) + sec.deployment_targets(inputs["models"], inputs["unavailable_targets"])
     blocks += sec.seed_repeats(inputs["seeds"])
     blocks += sec.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
@@ -98,7 +100,7 @@ def build_report(inputs: dict) -> list:
 
 def pareto_rows(models: dict) -> list[dict]:
     """(model, top1, p50_ms) for every model with both numbers: the data behind pareto.png."""
-    rows = [{"model": n, "top1": plots.number(m.get("top1")), "p50_ms": plots.number(m.get("p50_ms"))}
+    rows = [{"model": n, "top1": number(m.get("top1")), "p50_ms": number(m.get("p50_ms"))}
             for n, m in models.items()]
     return [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None]
 
@@ -115,7 +117,7 @@ def make_plots(inputs: dict) -> dict[str, bytes]:
         writer.writeheader()
         writer.writerows(rows)
         out["pareto.csv"] = buf.getvalue().encode()
-    if any(plots.number(m.get("size_mb")) is not None for m in models.values()):
+    if any(number(m.get("size_mb")) is not None for m in models.values()):
         out["size.png"] = plots.size_png(models, release)
     if inputs["curves"]:
         out["training_curves.png"] = plots.curves_png(inputs["curves"])

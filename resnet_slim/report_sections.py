@@ -10,7 +10,8 @@ import re
 import pandas as pd
 
 from resnet_slim.gate import accuracy_sentence
-from resnet_slim.plots import feasible_region, number
+from resnet_slim.metrics import best_peer_int8, number
+from resnet_slim.plots import feasible_region
 
 QUANT_SUFFIX = re.compile(r"_(qat_int8|ptq_dynamic_int8|ptq_int8|torch_eager_int8)$")
 PLATEAU_EPOCHS, PLATEAU_PP = 3, 0.5  # "plateaued": the last 3 epochs lie within 0.5 pp
@@ -161,13 +162,6 @@ def comparison(inputs: dict) -> list:
                             f"{_f(_ratio(models[best].get('p50_ms'), models[rel].get('p50_ms')), '{:.1f}')}× faster, "
                             f"{_f(_diff(models[rel].get('top1'), models[best].get('top1')), '{:+.2f}')} pp top-1."))
     return blocks
-
-
-def best_peer_int8(models: dict, reference: str) -> str | None:
-    """The fastest INT8 build of the reference by another tool (ORT static PTQ, OpenVINO + NNCF)."""
-    peers = [n for n, m in models.items() if n.startswith(reference + "_") and "int8" in n
-             and "dynamic" not in n and m.get("runtime") != "pytorch" and number(m.get("p50_ms"))]
-    return min(peers, key=lambda n: models[n]["p50_ms"]) if peers else None
 
 
 def deployment_targets(models: dict, unavailable: dict) -> list:
@@ -405,6 +399,28 @@ def quantization(qat: dict) -> list:
     return blocks + [("table", pd.DataFrame(rows)),
                      ("p", "Kernels are counted after onnxruntime's graph optimization: a QDQ `Conv` that "
                            "becomes `QLinearConv` runs in int8; one left as `Conv` runs in float.")]
+
+
+def teacher_origin(teacher) -> list:
+    """Where the teacher came from: trained here, or imported (file, format, sha256, top-1)."""
+    blocks = [("h2", "Teacher origin")]
+    origin = teacher.get("origin") if isinstance(teacher, dict) else None
+    if not isinstance(origin, dict):
+        return blocks + [("p", "Trained from scratch by this pipeline (`teacher.init: null`).")]
+    as_imported = origin.get("top1_as_imported") or {}
+    adapted = origin.get("top1_after_adaptation") or {}
+    rows = [{"": "file", "value": f"`{origin.get('file')}`"},
+            {"": "format / family", "value": f"{origin.get('format')} / {origin.get('family')}"},
+            {"": "sha256", "value": f"`{origin.get('sha256')}`"},
+            {"": "tracked by DVC", "value": _mark(origin.get("tracked_by_dvc"))},
+            {"": "classes in the file", "value": str(origin.get("classes_in_file"))
+             + (" (classifier replaced)" if origin.get("head_replaced") else "")},
+            {"": "top-1 as imported (val / test %)",
+             "value": f"{_f(as_imported.get('val'), '{:.2f}')} / {_f(as_imported.get('test'), '{:.2f}')}"},
+            {"": "top-1 after adaptation (val / test %)",
+             "value": (f"{_f(adapted.get('val'), '{:.2f}')} / {_f(adapted.get('test'), '{:.2f}')}"
+                       if adapted else "not adapted (`teacher.epochs: 0`)")}]
+    return blocks + [("table", pd.DataFrame(rows))]
 
 
 def training(teacher, curves: dict) -> list:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from resnet_slim.errors import UserError
+from resnet_slim.params import read_yaml
 
 
 def _paths(entries) -> list[str]:
@@ -28,10 +29,10 @@ def _paths(entries) -> list[str]:
 
 
 def read_stages(dvc_yaml: str | Path) -> dict[str, dict]:
-    """{stage: {"cmd", "deps", "outs"}} of a dvc.yaml without foreach/matrix templating."""
+    """{stage: {"cmd", "deps", "outs"}} of a dvc.yaml, foreach groups expanded (see below)."""
     path = Path(dvc_yaml)
     try:
-        pipeline = yaml.safe_load(path.read_text()) or {}
+        pipeline = read_yaml(path) or {}  # duplicate stage names are an error
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"{path}: cannot read the pipeline ({err.__class__.__name__})") from None
     return read_stages_from(pipeline, source=str(path))
@@ -41,15 +42,56 @@ def read_stages_from(pipeline: dict, source: str = "dvc.yaml") -> dict[str, dict
     stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
     if not isinstance(stages, dict):
         raise UserError(f"{source}: no stages")
-    path = source
     result = {}
     for name, stage in stages.items():
-        if not isinstance(stage, dict) or not isinstance(stage.get("cmd"), str):
-            raise UserError(f"{path}: stage '{name}' has no single cmd (foreach/matrix stages are "
-                            f"not supported by seed repeats)")
-        outs = [p for key in ("outs", "metrics", "plots") for p in _paths(stage.get(key))]
-        result[name] = {"cmd": stage["cmd"], "deps": _paths(stage.get("deps")), "outs": outs}
+        for full_name, body in _expand_foreach(name, stage, source):
+            if not isinstance(body.get("cmd"), str):
+                raise UserError(f"{source}: stage '{full_name}' has no single cmd")
+            outs = [p for key in ("outs", "metrics", "plots") for p in _paths(body.get(key))]
+            result[full_name] = {"cmd": body["cmd"], "deps": _paths(body.get("deps")), "outs": outs}
     return result
+
+
+def _expand_foreach(name: str, stage, source: str) -> list[tuple[str, dict]]:
+    """A stage, or the `name@item` stages of a `foreach: [...]` / `foreach: {key: {...}}` group,
+    with `${item}`, `${key}` and `${item.field}` substituted the way DVC does."""
+    if not isinstance(stage, dict):
+        raise UserError(f"{source}: stage '{name}' is not a mapping")
+    if "matrix" in stage:
+        raise UserError(f"{source}: stage '{name}' uses matrix, which seed repeats do not expand; "
+                        f"use foreach")
+    if "foreach" not in stage:
+        return [(name, stage)]
+    items, body = stage["foreach"], stage.get("do")
+    if isinstance(items, list):
+        pairs = [(str(item), item) for item in items]
+    elif isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        raise UserError(f"{source}: stage '{name}': foreach must be a list or a mapping "
+                        f"(seed repeats do not resolve {items!r})")
+    if not isinstance(body, dict):
+        raise UserError(f"{source}: stage '{name}': foreach needs a `do:` mapping")
+
+    def fill(value, key, item):
+        if isinstance(value, str):
+            value = value.replace("${key}", str(key))
+            if isinstance(item, dict):
+                for field, field_value in item.items():
+                    value = value.replace("${item." + str(field) + "}", str(field_value))
+            else:
+                value = value.replace("${item}", str(item))
+            if "${" in value:
+                raise UserError(f"{source}: stage '{name}@{key}': cannot resolve "
+                                f"{value[value.index('${'):][:40]!r} for seed repeats")
+            return value
+        if isinstance(value, list):
+            return [fill(v, key, item) for v in value]
+        if isinstance(value, dict):
+            return {fill(k, key, item): fill(v, key, item) for k, v in value.items()}
+        return value
+
+    return [(f"{name}@{key}", fill(body, key, item)) for key, item in pairs]
 
 
 def _producer(stages: dict, path: str) -> str | None:
@@ -95,7 +137,8 @@ def shared_outputs(stages: dict, keep: set[str]) -> list[str]:
 def run_seed(seed: int, *, repo: Path, params: dict, stages: dict, order: list[str],
              keep: set[str], scratch: Path, log) -> None:
     """Run `order` in `scratch` with base.seed = seed; shared outputs are symlinked from `repo`."""
-    (scratch / "stages").symlink_to((repo / "stages").resolve(), target_is_directory=True)
+    for code in ("stages", "resnet_slim"):  # `python -m stages.x` runs this workspace's code
+        (scratch / code).symlink_to((repo / code).resolve(), target_is_directory=True)
     for out in shared_outputs(stages, keep):
         source, link = (repo / out).resolve(), scratch / out
         if not source.exists():
@@ -103,6 +146,7 @@ def run_seed(seed: int, *, repo: Path, params: dict, stages: dict, order: list[s
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(source, target_is_directory=source.is_dir())
     seeded = {**params, "base": {**params["base"], "seed": seed, "seeds": []}}
+    seeded = _absolute_model_paths(seeded, repo)
     (scratch / "params.yaml").write_text(yaml.safe_dump(seeded, sort_keys=False))
     for folder in ("models", "reports", "data"):
         (scratch / folder).mkdir(exist_ok=True)
@@ -115,6 +159,19 @@ def run_seed(seed: int, *, repo: Path, params: dict, stages: dict, order: list[s
             last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
             raise UserError(f"seed {seed}: stage '{name}' failed (exit {result.returncode}): {last}")
         log(f"seed {seed}: {name} done in {time.perf_counter() - start:.0f} s")
+
+
+def _absolute_model_paths(params: dict, repo: Path) -> dict:
+    """teacher.init / distill.student.init relative to the repo, made absolute for the scratch
+    workspace (it sits elsewhere, so `../shared/x.th` would name another file there)."""
+    params = {**params}
+    for section, sub in (("teacher", None), ("distill", "student")):
+        block = params.get(section)
+        target = block.get(sub) if sub and isinstance(block, dict) else block
+        if isinstance(target, dict) and isinstance(target.get("init"), str) and target["init"]:
+            target = {**target, "init": str((repo / target["init"]).resolve())}
+            params[section] = {**block, sub: target} if sub else target
+    return params
 
 
 def scratch_dir(repo: Path) -> Path:

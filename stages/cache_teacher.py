@@ -4,7 +4,8 @@ keyed by the teacher checkpoint's sha256, for every distillation run and sweep t
 import argparse
 
 from resnet_slim.data import load_meta, normalized_split
-from resnet_slim.distill import file_sha256, save_teacher_cache, teacher_outputs
+from resnet_slim.distill import save_teacher_cache, teacher_outputs
+from resnet_slim.io import sha256_file
 from resnet_slim.engine import seed_everything
 from resnet_slim.errors import run_stage
 from resnet_slim.models import load_model
@@ -24,8 +25,8 @@ def main(argv=None) -> None:
     teacher, checkpoint = load_model(args.teacher,
                                      num_classes=len(load_meta(args.data)["class_names"]))
     images, _ = normalized_split(args.data, "train")
-    outputs = teacher_outputs(teacher, images, stages=list(params.distill.feature_stages))
-    save_teacher_cache(args.out, outputs, teacher_sha256=file_sha256(args.teacher), n_images=len(images))
+    outputs = teacher_outputs(teacher, images, stages=params.distill.stages_in_use)
+    save_teacher_cache(args.out, outputs, teacher_sha256=sha256_file(args.teacher), n_images=len(images))
     print(f"cache_teacher: {len(images)} images, {sorted(outputs)} -> {args.out}")
 
 

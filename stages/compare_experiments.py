@@ -2,9 +2,9 @@
 
 Not a pipeline stage: run it after `dvc exp run` sweeps. It only reads (`dvc exp show --json`).
 
-    python stages/compare_experiments.py            # this commit's experiments
-    python stages/compare_experiments.py -A --md    # every commit, as a Markdown table
-    python stages/compare_experiments.py --json saved.json
+    python -m stages.compare_experiments            # this commit's experiments
+    python -m stages.compare_experiments -A --md    # every commit, as a Markdown table
+    python -m stages.compare_experiments --json saved.json
 """
 
 import argparse

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
                                   test_fraction=p.test_fraction, seed=params.base.seed)
     data.write_prepared(args.out, raw, split, extra_meta={
         "source": p.source, "root": p.root, "duplicates_dropped": n_duplicates,
-        "duplicate_label_conflicts": conflicts})
+        "duplicate_label_conflicts": conflicts}, normalize=p.normalize)
     counts = {s: int((split == s).sum()) for s in data.SPLITS}
     print(f"prepare: {len(raw.labels)} images, {len(raw.class_names)} classes, {counts}, "
           f"{n_duplicates} duplicates dropped, {len(raw.skipped)} bad files skipped -> {args.out}")

@@ -2,11 +2,11 @@
 
 Not a pipeline stage: it validates the preset(s) over params.yaml, then runs `dvc exp run -S ...`.
 
-    python stages/preset.py --list
-    python stages/preset.py medium                          # run now
-    python stages/preset.py light medium aggressive --queue # one queued experiment per preset
-    python stages/preset.py cifar10-dev medium --print      # show the command only
-    python stages/preset.py aggressive --set gate.enforce=false
+    python -m stages.preset --list
+    python -m stages.preset medium                          # run now
+    python -m stages.preset light medium aggressive --queue # one queued experiment per preset
+    python -m stages.preset cifar10-dev medium --print      # show the command only
+    python -m stages.preset aggressive --set gate.enforce=false
 """
 
 import argparse

@@ -6,7 +6,6 @@ import argparse
 import time
 from pathlib import Path
 
-import yaml
 
 from resnet_slim import seeds as repeats
 from resnet_slim.bench import top1
@@ -14,7 +13,7 @@ from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import make_session
 from resnet_slim.io import read_json, write_json
-from resnet_slim.params import load_params
+from resnet_slim.params import load_params, read_yaml
 from resnet_slim.stats import across_seeds
 
 
@@ -31,7 +30,8 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     g, base = params.gate, params.base
 
-    models = (read_json(args.benchmark, what="benchmark results").get("models") or {})
+    bench = read_json(args.benchmark, what="benchmark results")
+    models = (bench.get("models") if isinstance(bench, dict) else None) or {}
     names = [g.reference] + (list(g.candidates) if g.release == "auto" else [g.release])
     missing = [n for n in names if not isinstance(models.get(n), dict) or "file" not in models[n]]
     if missing:
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
         keep = set(args.keep)
         order = repeats.stages_to_rerun(stages, list(files.values()), keep)
         print(f"seed_repeats: seeds {extra} re-run {len(order)} stages each: {', '.join(order)}")
-        raw = yaml.safe_load(Path(args.params).read_text())
+        raw = read_yaml(Path(args.params))
         # the no-teacher comparison student is a report extra, not a candidate: skip it in repeats
         raw["distill"] = {**(raw.get("distill") or {}), "train_baseline": False}
         images, labels = normalized_split(args.data, "test")
@@ -68,6 +68,9 @@ def main(argv=None) -> None:
     result = {
         "seeds": [r["seed"] for r in runs], "repeats": bool(extra), "models": names,
         "rerun_stages": order, "runs": runs,
+        # what the main run measured: the gate uses these repeats only for the same files and split
+        "benchmark_models": {n: {k: models[n].get(k) for k in ("file", "sha256")} for n in names},
+        "test_split": bench.get("test_split"),
         "top1": {n: across([r["top1"][n] for r in runs]) for n in names},
         "drop_pp": {n: across([r["top1"][g.reference] - r["top1"][n] for r in runs])
                     for n in names if n != g.reference}}

@@ -1,5 +1,10 @@
 """train_teacher: train the FP32 ResNet teacher with the shared loop; save weights + architecture.
 
+With teacher.init it starts from your own trained model instead (resnet_slim/model_import.py):
+evaluated as imported, then fine-tuned on this data for teacher.epochs (0: used as is). The file,
+its format, sha256 and top-1 before/after adaptation go into the checkpoint's metrics and
+summary.json under "origin".
+
 base.nproc > 1 re-launches this script under torchrun (DDP, one shard of each epoch per process);
 several machines: run `torchrun --nnodes ...` on this script directly (resnet_slim/distributed.py).
 """
@@ -15,8 +20,8 @@ from resnet_slim.params import load_params
 def train(args, params, device) -> None:
     # imported here: the torchrun launcher process only reads params (saves ~5 s per launch)
     from resnet_slim import engine
-    from resnet_slim.data import train_val_loaders
-    from resnet_slim.io import save_checkpoint, write_json
+    from resnet_slim.data import BatchLoader, load_split, train_val_loaders
+    from resnet_slim.io import save_checkpoint, write_together
     from resnet_slim.models import build_model, make_arch
 
     p, base = params.teacher, params.base
@@ -26,18 +31,50 @@ def train(args, params, device) -> None:
     train_loader, val_loader, meta = train_val_loaders(
         args.data, batch_size=p.batch_size, augment=base.augment, seed=base.seed, rank=rank,
         world_size=world_size)
-    arch = make_arch(name=p.arch, num_classes=len(meta["class_names"]), width=p.width,
-                     small_input=p.small_input)
-    model = distributed.wrap_model(build_model(arch), device, sync_bn=base.sync_bn)
-    history = engine.fit(model, train_loader, val_loader, p, loss_fn=engine.cross_entropy(
-        p.label_smoothing), live_dir=args.live, desc="teacher", channels_last=True)
+    num_classes = len(meta["class_names"])
+    if p.init is None:
+        arch = make_arch(name=p.arch, num_classes=num_classes, width=p.width,
+                         small_input=p.small_input)
+        model, origin = build_model(arch), None
+    else:
+        from resnet_slim.model_import import import_model, untracked_note
+        model, arch, origin = import_model(p.init, p.format, num_classes=num_classes,
+                                           replace_head=p.replace_head)
+        if (note := untracked_note(origin)) and distributed.is_main_process():
+            print(f"teacher: warning: {note}", file=sys.stderr, flush=True)
+    model = distributed.wrap_model(model, device, sync_bn=base.sync_bn)
+    if origin is not None:
+        test = load_split(args.data, "test")
+        test_loader = BatchLoader(test.images, test.labels, meta=meta, batch_size=256, rank=rank,
+                                  world_size=world_size, pad=False)
+
+        def top1() -> dict:
+            plain = distributed.unwrap(model)
+            return {split: round(engine.evaluate(plain, loader)["top1"], 3)
+                    for split, loader in (("val", val_loader), ("test", test_loader))}
+        origin["top1_as_imported"] = top1()
+        print(f"teacher: imported {origin['family']} ({origin['format']}) from {p.init}: top-1 "
+              f"val {origin['top1_as_imported']['val']:.2f}%, test "
+              f"{origin['top1_as_imported']['test']:.2f}% as imported (teacher.arch/width/"
+              f"small_input come from the file)", flush=True)
+    history = []
+    if p.epochs > 0:  # 0 only with teacher.init: the imported model is used as it is
+        history = engine.fit(model, train_loader, val_loader, p, loss_fn=engine.cross_entropy(
+            p.label_smoothing), live_dir=args.live, desc="teacher", channels_last=True)
+    if origin is not None:
+        origin["top1_after_adaptation"] = top1() if history else None
     if not distributed.is_main_process():
         return  # rank 0 writes the outputs, once
-    metrics = {"val_top1": history[-1]["val_top1"], "epochs": p.epochs,
-               "val_top1_curve": [round(h["val_top1"], 3) for h in history]}
+    metrics = {"val_top1": history[-1]["val_top1"] if history else origin["top1_as_imported"]["val"],
+               "epochs": p.epochs, "val_top1_curve": [round(h["val_top1"], 3) for h in history]}
+    if origin is not None:
+        metrics["origin"] = origin
     model = distributed.unwrap(model).cpu()  # a plain CPU checkpoint, whatever trained it
-    save_checkpoint(args.out, model=model, arch=arch, params=p.model_dump(), metrics=metrics)
-    write_json(f"{args.live}/summary.json", metrics)
+    # the checkpoint and its summary are one set: summary.json, written last, records the
+    # checkpoint's sha256, so an interrupt between the two cannot pass as a finished run
+    write_together({"checkpoint": (args.out, lambda tmp: save_checkpoint(
+        tmp, model=model, arch=arch, params=p.model_dump(), metrics=metrics, atomic=False))},
+        record=f"{args.live}/summary.json", content=metrics)
 
 
 def main(argv=None) -> int:
@@ -55,7 +92,7 @@ def main(argv=None) -> int:
                            batch_size=params.teacher.batch_size)
     if nproc > 1 and not distributed.under_torchrun():
         return distributed.launch_with_torchrun(
-            nproc, script=__file__, argv=sys.argv[1:] if argv is None else list(argv))
+            nproc, module="stages.train_teacher", argv=sys.argv[1:] if argv is None else list(argv))
     with distributed.process_group(device):
         train(args, params, device)
     return 0

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny prepared datasets and tiny models, so every test runs in seconds."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +12,47 @@ from resnet_slim import data
 from resnet_slim.models import build_model, make_arch
 
 REPO = Path(__file__).resolve().parents[1]
+# Stage scripts run by path in subprocesses (cwd: a temp dir) import this checkout's library; a
+# workspace's own `python -m stages.x` still comes first (sys.path[0] is its cwd).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def prepared_digits(folder: Path, *, per_class: int, held_out: float) -> Path:
+    """Digits at 8 px, `per_class` per class, `held_out` each for val and test, written by the
+    library as a real prepared dataset directory."""
+    out = folder / "prepared"
+    raw = data.subsample_per_class(data.load_digits(8), per_class, seed=0)
+    split = data.stratified_split(raw.labels, val_fraction=held_out, test_fraction=held_out, seed=0)
+    data.write_prepared(out, raw, split, extra_meta={"source": "digits"})
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> Path:
-    """Digits at 8 px, 40 per class: a real prepared dataset directory written by the library."""
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    raw = data.subsample_per_class(data.load_digits(8), 40, seed=0)
-    split = data.stratified_split(raw.labels, val_fraction=0.2, test_fraction=0.2, seed=0)
-    data.write_prepared(out, raw, split, extra_meta={"source": "digits"})
-    return out
+    """Digits at 8 px, 40 per class."""
+    return prepared_digits(tmp_path_factory.mktemp("data"), per_class=40, held_out=0.2)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread and lose a lot when the other core
+    is busy; also undoes a stage's seed_everything(threads=...)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_one_line_error(result, code: int, *words: str) -> str:
+    """A stage's bad-input exit: `code`, one `error:` line holding `words`, no traceback."""
+    stderr = result.stderr.strip()
+    assert result.returncode == code, (result.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
 
 
 @pytest.fixture

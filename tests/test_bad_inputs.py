@@ -33,10 +33,10 @@ from PIL import Image
 
 from resnet_slim import data, distill, engine, export, qat, quant
 from resnet_slim.errors import UserError
-from resnet_slim.io import save_checkpoint, write_json
+from resnet_slim.io import save_checkpoint, sha256_file, write_json
 from resnet_slim.models import build_model, load_model, make_arch
 from resnet_slim.params import TrainParams, load_params
-from tests.conftest import REPO, write_image_tree, write_params
+from tests.conftest import REPO, assert_one_line_error, write_image_tree, write_params
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -69,17 +69,6 @@ def no_temp_files(root: Path) -> list[str]:
 def run_script(script: str, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    stderr = result.stderr.strip()
-    assert result.returncode == code, (result.returncode, stderr[-2000:])
-    assert "Traceback" not in stderr, stderr[-2000:]
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def stage_main(name: str) -> Callable:
@@ -675,7 +664,7 @@ def test_model_trained_for_another_dataset_is_refused(tmp_path):
 
 def test_teacher_cache_problems(tmp_path, tiny_model):
     write_checkpoint(tmp_path / "teacher.pt")
-    sha = distill.file_sha256(tmp_path / "teacher.pt")
+    sha = sha256_file(tmp_path / "teacher.pt")
     torch.save(tiny_model, tmp_path / "pickled.pt")
     with pytest.raises(UserError, match="pickled.pt: not a loadable teacher-output cache .refused"):
         distill.load_teacher_cache(tmp_path / "pickled.pt", teacher_sha256=sha, n_images=4)
@@ -791,3 +780,191 @@ def test_ptq_stage_with_an_empty_training_split(prepared_copy, tmp_path, tiny_mo
                            "--data", str(prepared_copy)])
     assert_not_written(tmp_path / "int8.onnx")
 
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark.models, and benchmark results the gate cannot trace (issue 20; the attacks on a real
+# benchmark run, and SIGTERM between its writes, are in tests/test_evidence.py)
+
+
+@pytest.mark.parametrize("models, message", [
+    ([], "benchmark.models: Value error, list at least one model to benchmark"),
+    (["../teacher"], "a model name is an ONNX file stem"),
+    (["teacher", "teacher"], "benchmark.models: Value error, model names must be distinct"),
+    ("teacher", "benchmark.models: Input should be a valid list"),
+], ids=["empty", "a-path", "repeated", "not-a-list"])
+def test_benchmark_models_in_params(tmp_path, models, message):
+    with pytest.raises(UserError, match=message):
+        load_params(tiny_params(tmp_path / "params.yaml", benchmark={"models": models}))
+
+
+def test_benchmark_of_a_missing_model_writes_nothing(tmp_path, tiny_prepared):
+    params = tiny_params(tmp_path / "params.yaml", benchmark={"models": ["teacher"], "runs": 5})
+    out = tmp_path / "reports"
+    with pytest.raises(UserError, match="models/teacher.onnx.*not found"):
+        stage_main("benchmark")(["--params", str(params), "--models-dir", str(tmp_path / "models"),
+                                 "--data", str(tiny_prepared), "--out", str(out / "b.json"),
+                                 "--table", str(out / "b.csv"), "--predictions", str(out / "p.csv")])
+    assert_not_written(out / "b.json", out / "b.csv", out / "p.csv")
+
+
+def test_gate_refuses_benchmark_results_it_cannot_trace(tmp_path, tiny_prepared):
+    write_json(tmp_path / "bench.json", {"models": GOOD_BENCH})  # numbers without their record
+    (tmp_path / "p.csv").write_text("image,label,teacher,student_qat_int8\n0,1,1,1\n")
+    params = tiny_params(tmp_path / "params.yaml", gate={"release": "student_qat_int8",
+                                                         "acc_drop_statistic": "point"})
+    assert stage_main("gate")(["--params", str(params), "--benchmark", str(tmp_path / "bench.json"),
+                               "--predictions", str(tmp_path / "p.csv"), "--data", str(tiny_prepared),
+                               "--seeds", str(tmp_path / "none.json"),
+                               "--out", str(tmp_path / "gate.json")]) == 1
+    verdict = json.loads((tmp_path / "gate.json").read_text())
+    evidence = next(c for c in verdict["checks"] if c["name"] == "evidence")
+    failed = " ".join(evidence["problems"])
+    assert not verdict["passed"] and not evidence["passed"]
+    for reason in ("1 rows for the 80 test images", "bench.json lists no outputs with their sha256",
+                   "teacher: benchmark.json records no file and sha256",
+                   "student_qat_int8: benchmark.json records no file and sha256",
+                   "test split in " + str(tiny_prepared) + " is not the one"):
+        assert reason in failed, (reason, failed)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 20, part 2: strict params, file names, environment errors (tests/test_faults.py: signals,
+# full and read-only disks; tests/test_params_strict.py: every strict param in-process)
+
+
+def _duplicate_gate_section(d: Path) -> Path:
+    params = tiny_params(d / "params.yaml")
+    with params.open("a") as file:  # a second `gate:` appended, as in the issue
+        file.write("gate:\n  min_speedup: 0\n")
+    return params
+
+
+def _imagefolder_with(d: Path, bad: bytes, *, class_dir: bool = False) -> Path:
+    root = write_image_tree(d / "imgs", {"a": 6, "b": 6}, size=8)
+    if class_dir:
+        os.rename(bytes(root / "b"), bytes(root) + b"/" + bad)
+    else:
+        os.rename(bytes(root / "a" / "0.png"), bytes(root / "a") + b"/" + bad)
+    return root
+
+
+STRICT_STAGE_CASES = {  # name: (script, params overrides or a builder, words in the error)
+    "duplicate-section": ("prepare.py", _duplicate_gate_section, ["duplicate key 'gate' at lines"]),
+    "epochs-true": ("train_teacher.py", {"teacher": {"epochs": True}},
+                    ["teacher.epochs: Input should be a valid integer (got True)"]),
+    "width-huge": ("train_teacher.py", {"teacher": {"width": 1_000_000}},
+                   ["teacher.width: Input should be less than or equal to 256"]),
+    "threads-huge": ("train_teacher.py", {"base": {"threads": 1_000_000}},
+                     ["base.threads: Input should be less than or equal to 1024"]),
+    "seed-too-big": ("prepare.py", {"base": {"seed": 2**32}},
+                     ["base.seed: Input should be less than or equal to 4294967295"]),
+    "root-empty": ("prepare.py", {"prepare": {"source": "imagefolder", "root": ""}},
+                   ["prepare.root: Value error, must not be empty"]),
+    "file-name-not-utf8": ("prepare.py", lambda d: _imagefolder_with(d, b"bad\xff.png"),
+                           ["a/bad\\xff.png", "not valid UTF-8"]),
+    "file-name-newline": ("prepare.py", lambda d: _imagefolder_with(d, b"two\nlines.png"),
+                          ["a/two\\nlines.png", "control character"]),
+    "class-name-not-utf8": ("prepare.py", lambda d: _imagefolder_with(d, b"b\xfe", class_dir=True),
+                            ["class directory 'b\\xfe'", "not valid UTF-8"]),
+}
+
+
+def _strict_case_args(name: str, d: Path, prepared: Path) -> tuple[str, list[str], list[Path]]:
+    script, setup, _ = STRICT_STAGE_CASES[name]
+    if isinstance(setup, dict):
+        params = tiny_params(d / "params.yaml", **setup)
+    else:
+        made = setup(d)
+        params = made if made.suffix == ".yaml" else imagefolder_params(d / "params.yaml", made)
+    if script == "prepare.py":
+        return script, ["--params", str(params), "--out", str(d / "prepared")], [d / "prepared"]
+    out = d / "teacher.pt"
+    return script, ["--params", str(params), "--data", str(prepared), "--out", str(out),
+                    "--live", str(d / "live")], [out, d / "live" / "summary.json"]
+
+
+@pytest.fixture(scope="module")
+def strict_stage_runs(tmp_path_factory, tiny_prepared):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {}
+        for name in STRICT_STAGE_CASES:
+            d = tmp_path_factory.mktemp(f"strict-{name}")
+            script, args, outputs = _strict_case_args(name, d, tiny_prepared)
+            runs[name] = (outputs, pool.submit(run_script, script, args, d))
+        yield runs
+
+
+@pytest.mark.parametrize("name", list(STRICT_STAGE_CASES))
+def test_strict_inputs_fail_the_stage_with_one_line(strict_stage_runs, name):
+    outputs, future = strict_stage_runs[name]
+    assert_one_line_error(future.result(), 2, *STRICT_STAGE_CASES[name][2])
+    assert_not_written(*outputs)
+
+
+def test_bad_file_names_are_skipped_and_recorded_escaped(tmp_path):
+    root = _imagefolder_with(tmp_path, b"two\nlines\xff.png")
+    raw = data.load_imagefolder(root, 8, on_bad_image="skip")
+    assert len(raw.ids) == 11 and all(name.isprintable() for name in raw.ids)
+    assert raw.skipped == ["a/two\\nlines\\xff.png: ValueError: its name is not valid UTF-8; "
+                           "rename it"]
+
+
+def _identity_onnx(path: Path) -> Path:
+    """A valid ONNX file that is not a classifier: its output is its input image."""
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "id", [image], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _benchmark(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
+    out = tmp_path / "reports"
+    return ["--params", str(tmp_path / "params.yaml"), "--models-dir", str(tmp_path / "models"),
+            "--data", str(prepared), "--out", str(out / "b.json"), "--table", str(out / "b.csv"),
+            "--predictions", str(out / "p.csv"), *extra]
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("identity", "outputs (80, 3, 8, 8) for 80 test images, not (80, 10) class scores"),
+    ("five-classes", "outputs (80, 5) for 80 test images, not (80, 10) class scores"),
+    ("torch-results-list", "torch.json: torch_ptq report is a JSON list, not an object"),
+    ("targets-list", "targets.json: deployment targets is a JSON list, not an object"),
+    ("empty-target-predictions", "target predictions are missing or not a readable CSV (EmptyDataError)"),
+    ("target-predictions-not-classes", "columns ['openvino'] are not whole class numbers"),
+])
+def test_benchmark_bad_models_and_reports_write_nothing(tmp_path, tiny_prepared, setup, message):
+    (tmp_path / "models").mkdir()
+    model = "teacher"
+    if setup == "identity":
+        _identity_onnx(tmp_path / "models" / "identity.onnx")
+        model = "identity"
+    else:
+        torch.manual_seed(0)
+        classes = 5 if setup == "five-classes" else 10
+        export.export_onnx(build_model(tiny_arch(classes)).eval(), tmp_path / "models" / "teacher.onnx",
+                           image_size=8, opset=17)
+    tiny_params(tmp_path / "params.yaml", benchmark={"models": [model], "warmup": 1, "runs": 3,
+                                                     "all_cores": False, "roofline": False})
+    extra = []
+    if setup == "torch-results-list":
+        (tmp_path / "torch.json").write_text("[1, 2]")
+        extra = ["--torch-results", str(tmp_path / "torch.json")]
+    elif setup == "targets-list":
+        (tmp_path / "targets.json").write_text("[]")
+        extra = ["--targets", str(tmp_path / "targets.json")]
+    elif setup in ("empty-target-predictions", "target-predictions-not-classes"):
+        write_json(tmp_path / "targets.json", {"models": {}})
+        labels = data.load_split(tiny_prepared, "test").labels.numpy()
+        text = "" if setup == "empty-target-predictions" else pd.DataFrame(
+            {"image": range(len(labels)), "label": labels, "openvino": ["x"] * len(labels)}).to_csv(index=False)
+        (tmp_path / "tp.csv").write_text(text)
+        extra = ["--targets", str(tmp_path / "targets.json"), "--targets-predictions", str(tmp_path / "tp.csv")]
+    with pytest.raises(UserError) as raised:
+        stage_main("benchmark")(_benchmark(tmp_path, tiny_prepared, *extra))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    out = tmp_path / "reports"
+    assert_not_written(out / "b.json", out / "b.csv", out / "p.csv")

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from resnet_slim.distill import (StudentWithProjectors, distillation_loss, file_sha256, kd_logit_loss,
+from resnet_slim.distill import (StudentWithProjectors, distillation_loss, kd_logit_loss,
                                  load_teacher_cache, save_teacher_cache, stage_channels, teacher_outputs)
 from resnet_slim.errors import UserError
+from resnet_slim.io import sha256_file
 from resnet_slim.export import export_onnx, make_session
 from resnet_slim.models import build_model, make_arch
 
@@ -60,14 +61,14 @@ def test_cache_is_refused_for_another_teacher_or_split(tmp_path):
     teacher, _ = _models()
     (tmp_path / "teacher.pt").write_bytes(b"teacher one")
     outputs = teacher_outputs(teacher, torch.randn(4, 3, 16, 16), stages=[4])
-    save_teacher_cache(tmp_path / "cache.pt", outputs, teacher_sha256=file_sha256(tmp_path / "teacher.pt"), n_images=4)
-    loaded = load_teacher_cache(tmp_path / "cache.pt", teacher_sha256=file_sha256(tmp_path / "teacher.pt"), n_images=4)
+    save_teacher_cache(tmp_path / "cache.pt", outputs, teacher_sha256=sha256_file(tmp_path / "teacher.pt"), n_images=4)
+    loaded = load_teacher_cache(tmp_path / "cache.pt", teacher_sha256=sha256_file(tmp_path / "teacher.pt"), n_images=4)
     assert torch.equal(loaded["logits"], outputs["logits"])
     with pytest.raises(UserError, match="training split"):
-        load_teacher_cache(tmp_path / "cache.pt", teacher_sha256=file_sha256(tmp_path / "teacher.pt"), n_images=5)
+        load_teacher_cache(tmp_path / "cache.pt", teacher_sha256=sha256_file(tmp_path / "teacher.pt"), n_images=5)
     (tmp_path / "teacher.pt").write_bytes(b"teacher two")  # retrained teacher
     with pytest.raises(UserError, match="another teacher"):
-        load_teacher_cache(tmp_path / "cache.pt", teacher_sha256=file_sha256(tmp_path / "teacher.pt"), n_images=4)
+        load_teacher_cache(tmp_path / "cache.pt", teacher_sha256=sha256_file(tmp_path / "teacher.pt"), n_images=4)
 
 
 def test_student_exports_without_projectors(tmp_path):

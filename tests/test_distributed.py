@@ -11,6 +11,7 @@ import torch
 
 from resnet_slim import data, distributed
 from resnet_slim.errors import UserError
+from resnet_slim.io import sha256_file
 from resnet_slim.models import load_model
 from resnet_slim.params import Augment
 from tests.conftest import REPO, write_params
@@ -134,6 +135,11 @@ def test_device_and_plan_errors_are_one_line():
     distributed.check_plan(nproc=1, device=cpu, sync_bn=True, batch_size=31)  # nothing to sync
 
 
+def with_path(folder) -> dict:
+    """The environment with `folder` importable (torchrun workers run `python -m <module>`)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ["PYTHONPATH"]])}
+
+
 def test_two_processes_equal_one_process_without_batchnorm(tmp_path, tiny_prepared):
     """DDP over 2 ranks = one process with the same global batch: sharding, gradient averaging,
     metric sums and the LR schedule all match; only BN (per-rank statistics) can differ."""
@@ -149,9 +155,9 @@ def test_two_processes_equal_one_process_without_batchnorm(tmp_path, tiny_prepar
         torch.set_num_threads(threads)
     result = subprocess.run(
         [sys.executable, "-c", "from resnet_slim.distributed import launch_with_torchrun; "
-         f"raise SystemExit(launch_with_torchrun(2, script={str(script)!r}, "
+         f"raise SystemExit(launch_with_torchrun(2, module='no_bn', "
          f"argv={[str(tiny_prepared), str(outs[2])]!r}))"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=with_path(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((outs[n] / "result.json").read_text()) for n in (1, 2))
     for row_one, row_two in zip(one["history"], two["history"], strict=True):
@@ -186,7 +192,9 @@ def test_teacher_on_two_processes_matches_one_and_writes_once(tmp_path, tiny_pre
         model, checkpoint = load_model(out / "teacher.pt", num_classes=10)
         assert next(model.parameters()).device.type == "cpu"
         summary = json.loads((out / "live" / "summary.json").read_text())
+        outputs = summary.pop("outputs")  # the set record: the checkpoint it belongs to
         assert summary == checkpoint["metrics"]
+        assert outputs["checkpoint"]["sha256"] == sha256_file(out / "teacher.pt")
         top1[nproc] = summary["val_top1"]
     assert "torchrun: 2 processes" in result.stdout
     assert top1[1] > 80.0 and top1[2] > 80.0, top1  # chance is 10 %
@@ -210,8 +218,8 @@ def test_failed_worker_gives_its_exit_code_and_one_line(tmp_path):
                       "    sys.exit(2)\n")
     result = subprocess.run(
         [sys.executable, "-c", "from resnet_slim.distributed import launch_with_torchrun; "
-         f"raise SystemExit(launch_with_torchrun(2, script={str(script)!r}, argv=[]))"],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+         "raise SystemExit(launch_with_torchrun(2, module='worker', argv=[]))"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=with_path(tmp_path))
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1 found bad input",

@@ -39,13 +39,19 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_prepared, tmp_path):
 
 
 def test_after_backward_hook_runs_between_backward_and_step(tiny_prepared):
+    """On batch k the hook sees this batch's fresh gradients and exactly k-1 optimizer steps: it
+    fails if the hook ran before backward (no gradient) or after step (k steps)."""
     train, _, _ = train_val_loaders(tiny_prepared, batch_size=64, augment=None, seed=0)
     model = build_model(make_arch(name="resnet18", num_classes=10, width=8))
-    grads_seen = []
     optimizer, _ = engine.make_optimizer(model, TrainParams(epochs=1), len(train))
+    steps_taken = []
+    optimizer.register_step_post_hook(lambda *_: steps_taken.append(1))
+    seen = []  # (optimizer steps so far, gradient present) at each hook call
     engine.train_one_epoch(model, train, optimizer, engine.cross_entropy(),
-                           after_backward=lambda m: grads_seen.append(m.fc.weight.grad is not None))
-    assert grads_seen == [True] * len(train)
+                           after_backward=lambda m: seen.append((len(steps_taken),
+                                                                 m.fc.weight.grad is not None)))
+    assert seen == [(k, True) for k in range(len(train))]
+    assert len(steps_taken) == len(train)
 
 
 def test_warmup_then_cosine_schedule():

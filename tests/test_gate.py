@@ -86,3 +86,53 @@ def test_auto_release_fails_when_no_candidate_passes_and_names_every_failure():
 def test_auto_release_without_candidates_fails_closed():
     verdict = evaluate_gate(CANDIDATES, AUTO.model_copy(update={"candidates": []}))
     assert not verdict["passed"] and "candidates is empty" in verdict["failed"][0]
+
+
+@pytest.mark.parametrize("broken, reason", [
+    ({"release": {"top1": 150.0, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is 150, outside [0, 100]"),
+    ({"teacher": {"top1": -50.0, "p50_ms": 8.0, "size_mb": 44.0}}, "teacher.top1 is -50, outside [0, 100]"),
+    ({"release": {"top1": 1e308, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is 1e+308, outside"),
+    ({"release": {"top1": 97.5, "p50_ms": 1e-308, "size_mb": 1.0},
+      "teacher": {"top1": 98.0, "p50_ms": 1e308, "size_mb": 44.0}}, "teacher.p50_ms is 1e+308, outside"),
+    ({"release": {"top1": 97.5, "p50_ms": 0.4, "size_mb": 1e-300}}, "release.size_mb is 1e-300, outside"),
+], ids=["top1-150", "top1-minus-50", "top1-1e308", "p50-1e-308-vs-1e308", "size-1e-300"])
+def test_fails_closed_on_metrics_no_measurement_can_have(broken, reason):
+    # each of these passed before: the drop of a 150 % release is "negative", 1e308 / 1e-308 = inf
+    verdict = evaluate_gate({**GOOD, **broken}, GATE)
+    assert not verdict["passed"]
+    assert any(reason in f for f in verdict["failed"]), verdict["failed"]
+    assert all(c["measured"] is not None for c in verdict["checks"] if c["passed"])
+
+
+def test_evidence_problems_fail_the_release_and_the_reference_fails_every_candidate():
+    from resnet_slim.gate import Evidence
+
+    clean = Evidence(problems=[], model_problems={"teacher": [], "fast": [], "slow": []})
+    assert evaluate_gate(CANDIDATES, AUTO, clean)["release"] == "fast"
+    # a candidate whose file changed is not chosen; the next fastest passing one is
+    stale_fast = Evidence(problems=[], model_problems={"fast": ["fast: models/fast.onnx changed"]})
+    verdict = evaluate_gate(CANDIDATES, AUTO, stale_fast)
+    assert verdict["passed"] and verdict["release"] == "slow"
+    evidence = next(c for c in verdict["checks"] if c["name"] == "evidence")
+    assert evidence["passed"] and evidence["measured"] == 0
+    # the reference's problems (or the record's) fail everyone
+    stale_teacher = Evidence(problems=[], model_problems={"teacher": ["teacher: models/teacher.onnx is missing"]})
+    verdict = evaluate_gate(CANDIDATES, AUTO, stale_teacher)
+    assert not verdict["passed"]
+    assert all("evidence: teacher: models/teacher.onnx is missing" in " ".join(c["failed"])
+               for c in verdict["selection"]["candidates"])
+    torn = evaluate_gate(GOOD, GATE, Evidence(problems=["predictions.csv is not the one recorded"]))
+    assert torn["failed"] == ["evidence: predictions.csv is not the one recorded"]
+
+
+def test_gate_names_where_the_reference_came_from():
+    from resnet_slim.gate import reference_origin
+
+    origin = {"file": "models/imported/r56.th", "format": "cifar_resnet", "family": "cifar_resnet56",
+              "sha256": "ab" * 32, "tracked_by_dvc": True, "top1_as_imported": {"test": 83.2},
+              "top1_after_adaptation": None, "head_replaced": False}
+    named = reference_origin({"val_top1": 90.0, "origin": origin})
+    assert named["file"] == "models/imported/r56.th" and named["sha256"] == "ab" * 32
+    assert named["top1_as_imported"] == {"test": 83.2} and "head_replaced" not in named
+    assert reference_origin({"val_top1": 98.0}) == {"trained_here": True}
+    assert reference_origin(None) == {"trained_here": True}

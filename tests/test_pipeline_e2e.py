@@ -63,8 +63,10 @@ def test_repro_produces_a_passing_gate_and_all_reports(pipeline_repo):
 def test_second_repro_has_nothing_to_do(pipeline_repo):
     out = sh(sys.executable, "-m", "dvc", "repro", cwd=pipeline_repo).stdout
     assert "Data and pipelines are up to date" in out
-    shown = sh(sys.executable, "-m", "dvc", "metrics", "show", "--json", cwd=pipeline_repo).stdout
-    assert "benchmark.json" in shown and "gate.json" in shown
+    shown = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "show", "--json",
+                          cwd=pipeline_repo).stdout)
+    files = {path for rev in shown.values() for path in (rev.get("data") or {})}
+    assert files == {"reports/metrics.json"}  # one small file, not hundreds of benchmark keys
 
 
 def test_tightened_gate_fails_the_experiment_with_a_clear_message(pipeline_repo):
@@ -76,6 +78,12 @@ def test_tightened_gate_fails_the_experiment_with_a_clear_message(pipeline_repo)
     gate = json.loads((pipeline_repo / "reports" / "gate.json").read_text())
     assert not gate["passed"] and any("latency_speedup" in f for f in gate["failed"])
     assert gate["selection"]["why"] == "no candidate passed every check"
+    # what a reviewer sees: a short diff naming every gate check
+    diff = sh(sys.executable, "-m", "dvc", "metrics", "diff", "--md", "--all", cwd=pipeline_repo).stdout
+    rows = [line for line in diff.splitlines() if line.startswith("| reports/metrics.json")]
+    assert 0 < len(rows) <= 25, diff
+    for check in gate["checks"]:
+        assert f"checks.{check['name']}.passed" in diff, diff
     sh("git", "checkout", "--", "params.yaml", cwd=pipeline_repo)
     relaxed = sh(sys.executable, "-m", "dvc", "exp", "run", "-S", "gate.min_speedup=1000",
                  "-S", "gate.enforce=false", cwd=pipeline_repo, check=False)
@@ -130,7 +138,7 @@ def test_queued_sweep_runs_two_at_a_time_and_is_compared(pipeline_repo):
         log = dvc("queue", "logs", name, repo=pipeline_repo).stdout
         assert "Running stage 'gate'" in log or "Stage 'gate' is cached" in log, log[-2000:]
         assert "Running stage 'train_teacher'" not in log  # a gate sweep reuses the trained models
-    table = sh(sys.executable, "stages/compare_experiments.py", "--md", cwd=pipeline_repo).stdout
+    table = sh(sys.executable, "-m", "stages.compare_experiments", "--md", cwd=pipeline_repo).stdout
     header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
                         for line in table.strip().splitlines()]
     column = header.index("gate.max_acc_drop_pp")

@@ -20,13 +20,7 @@ from tests.conftest import write_params
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets gain nothing from two threads and lose a lot when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)  # also undoes the stage's seed_everything(threads=...)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str = "resnet18", seed: int = 0) -> nn.Module:

@@ -22,13 +22,7 @@ from tests.conftest import REPO, write_params
 SIZE, N_CONVS = 16, 20  # ResNet-18: stem + 16 block convs + 3 downsample convs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds sync cost (and erratic timings on 2 cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fp32_model(channels=None) -> torch.nn.Module:

@@ -332,3 +332,58 @@ def test_report_compares_with_openvino_peers_and_lists_targets(run_dir):
     # best peer INT8 is the fastest INT8 build of the teacher: OpenVINO's 1.8 ms, not ORT's 3.0 ms
     assert "best peer INT8** (`teacher_openvino_nncf_int8`" in md and "2.0× faster" in md
     assert "## Deployment targets" in md and "needs an NVIDIA GPU" in md and "student_qat_int8_openvino" in md
+
+
+def test_exp_show_rows_read_the_headline_metrics_file():
+    metrics = {"release": "pruned_qat_int8", "passed": False, "top1": 97.5, "drop_pp": 1.4,
+               "speedup_vs_reference": 3.2, "p50_ms": 2.5, "size_mb": 3.1,
+               "checks": {"accuracy_drop_pp": {"passed": False, "measured": 1.4}}}
+    entries = [{"rev": "workspace", "name": None, "error": None, "experiments": None,
+                "data": {"params": {"params.yaml": {"data": {"a": 1}}},
+                         "metrics": {"reports/metrics.json": {"data": metrics}}}}]
+    row = parse_exp_show(entries).iloc[0]
+    assert row["release"] == "pruned_qat_int8" and row["gate passed"] == False  # noqa: E712
+    assert (row["release top-1 %"], row["drop pp"], row["speed-up x"]) == (97.5, 1.4, 3.2)
+    assert (row["release p50 ms"], row["release MB"]) == (2.5, 3.1)
+
+
+def test_pareto_frontier_keeps_only_undominated_models():
+    from resnet_slim.plots import pareto_frontier
+
+    points = {"fast": (0.5, 80.0), "mid": (1.0, 90.0), "slow_worse": (3.0, 89.0), "best": (2.0, 95.0),
+              "tie_slower": (2.5, 95.0)}
+    assert pareto_frontier(points) == ["fast", "mid", "best"]
+
+
+def test_pareto_labels_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    from resnet_slim.plots import place_labels
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, 10)
+    ax.set_ylim(90, 100)
+    labels = [(f"a_rather_long_model_name_{i}", (1.0 + 0.01 * i, 95.0)) for i in range(5)]
+    place_labels(fig, ax, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 5
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+
+def test_report_names_an_imported_teachers_origin():
+    from resnet_slim.render import render_markdown
+    from resnet_slim.report_sections import teacher_origin
+
+    origin = {"file": "models/imported/r56.th", "format": "cifar_resnet", "family": "cifar_resnet56",
+              "sha256": "4bfd9763" + "0" * 56, "classes_in_file": 10, "head_replaced": False,
+              "tracked_by_dvc": True, "top1_as_imported": {"val": 83.1, "test": 83.2},
+              "top1_after_adaptation": {"val": 90.5, "test": 90.1}}
+    md = render_markdown(teacher_origin({"origin": origin, "val_top1": 90.5}))
+    for text in ("models/imported/r56.th", "cifar_resnet / cifar_resnet56", "4bfd9763",
+                 "83.10 / 83.20", "90.50 / 90.10"):
+        assert text in md, text
+    scratch = render_markdown(teacher_origin({"val_top1": 98.0}))
+    assert "Trained from scratch" in scratch

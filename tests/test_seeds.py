@@ -16,6 +16,7 @@ from resnet_slim.bench import top1
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session
+from resnet_slim.io import sha256_file
 from resnet_slim.models import build_model, make_arch
 
 # A stand-in "training" stage: a tiny ResNet whose weights depend only on base.seed.
@@ -84,7 +85,8 @@ def test_seed_repeats_rerun_the_training_chain_per_seed(tmp_path, tiny_prepared)
     assert expected[0] != expected[1], "the stand-in models must differ between seeds"
     (project / "reports").mkdir()
     (project / "reports" / "benchmark.json").write_text(json.dumps({"models": {
-        n: {"file": f"models/{n}.onnx", "top1": expected[0][n]} for n in ("teacher", "student")}}))
+        n: {"file": f"models/{n}.onnx", "top1": expected[0][n],
+            "sha256": sha256_file(project / "models" / f"{n}.onnx")} for n in ("teacher", "student")}}))
 
     result = subprocess.run([sys.executable, str(REPO / "stages" / "seed_repeats.py")], cwd=project,
                             capture_output=True, text=True)

@@ -6,8 +6,13 @@ benchmark report), never the real pipeline's.
 
 import io
 import json
+import os
 import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,13 +29,13 @@ import torch
 import werkzeug.formparser
 from PIL import Image
 from torch import nn
-from werkzeug.serving import make_server
 
 from resnet_slim import data, serve
 from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session, run_onnx
 from resnet_slim.io import write_json
 from resnet_slim.models import build_model, make_arch
+from tests.conftest import REPO
 
 RELEASE, OTHER = "fixture_centroid", "fixture_resnet"
 LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
@@ -278,7 +283,9 @@ def test_missing_pipeline_outputs_say_to_run_the_pipeline(pipeline_root, tmp_pat
 @pytest.mark.parametrize("flag, value, message", [
     ("--max-upload-mb", "0", "must be a positive number"),
     ("--max-megapixels", "nan", "must be a positive number"),
-    ("--port", "70000", "must be between 0 and 65535")])
+    ("--port", "70000", "must be between 0 and 65535"),
+    ("--max-decodes", "0", "must be between 1 and 64"),
+    ("--threads", "100000", "must be between 1 and 256")])
 def test_bad_flags_get_one_line(pipeline_root, capsys, flag, value, message):
     assert serve.main(["--root", str(pipeline_root), flag, value]) == 2
     assert f"error: {flag} {message}" in capsys.readouterr().err
@@ -287,15 +294,18 @@ def test_bad_flags_get_one_line(pipeline_root, capsys, flag, value, message):
 # --- a real server on loopback --------------------------------------------------------------------
 
 @contextmanager
-def running_server(app):
-    """Serve `app` on 127.0.0.1 at a free port in a background thread; yields its base URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def running_server(app, threads: int = serve.DEFAULT_THREADS):
+    """Serve `app` with the production server (waitress) on 127.0.0.1 at a free port, in a
+    background thread; yields its base URL."""
+    server = serve.make_server(app, host="127.0.0.1", port=0,
+                               max_upload_mb=serve.DEFAULT_MAX_UPLOAD_MB, threads=threads)
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        server.shutdown()
+        server.task_dispatcher.shutdown()  # worker threads finish their requests first
+        server.close()
         thread.join(timeout=10)
 
 
@@ -315,7 +325,11 @@ def post_over_http(url: str, filename: str | None, payload: bytes | None) -> tup
         with LOOPBACK.open(request, timeout=30) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+        text = err.read().decode("utf-8", "replace")
+        try:
+            return err.code, json.loads(text)
+        except ValueError:  # waitress's own plain-text answer (a body far over the limit)
+            return err.code, {"error": text}
 
 
 def test_concurrent_requests_share_one_session(client, release, tiny_prepared):
@@ -338,3 +352,95 @@ def test_real_server_answers_bad_uploads_and_keeps_serving(release, tiny_prepare
             assert (got_status, fragment in body["error"]) == (status, True), body
         status, body = post_over_http(url, "digit.png", digit_png(tiny_prepared, 0))
         assert status == 200 and len(body["predictions"]) == 3
+
+
+def _send_headers_then_stall(port: int, claimed: int,
+                             body: bytes = b"--x\r\n....") -> socket.socket:
+    """Open a connection that promises `claimed` body bytes and sends `body` (then nothing)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {claimed}\r\n"
+                 f"Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_a_body_far_over_the_limit_is_refused_before_it_is_read(release):
+    with running_server(serve.create_app(release)) as url:
+        # headers only: body bytes the server never reads would make it reset the connection
+        sock = _send_headers_then_stall(int(url.rsplit(":", 1)[1]), 7 * 1024 * 1024, body=b"")
+        answer = sock.recv(4096).decode()
+        sock.close()
+    assert answer.startswith("HTTP/1.1 413") and "exceeds max_body" in answer
+
+
+def test_a_body_shorter_than_its_content_length_holds_no_thread_and_times_out(
+        release, tiny_prepared, monkeypatch):
+    monkeypatch.setattr(serve, "REQUEST_TIMEOUT_S", 2)
+    with running_server(serve.create_app(release), threads=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = [_send_headers_then_stall(port, 100_000) for _ in range(3)]
+        # the one worker thread still answers at once: waitress reads bodies in its I/O thread
+        started = time.monotonic()
+        status, _ = post_over_http(url, "digit.png", digit_png(tiny_prepared, 0))
+        assert status == 200 and time.monotonic() - started < 5
+        for sock in stalled:  # and each stalled connection is closed after the timeout
+            assert sock.recv(1024) == b""  # EOF: closed by the server (recv times out after 30 s)
+            assert time.monotonic() - started < 10
+            sock.close()
+
+
+def test_decoding_is_bounded_and_a_long_wait_gets_503(release, tiny_prepared, monkeypatch):
+    active, most = [0], [0]
+    lock = threading.Lock()
+    decode = serve.decode_upload
+
+    def slow_decode(payload, *, max_pixels):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.3)
+        with lock:
+            active[0] -= 1
+        return decode(payload, max_pixels=max_pixels)
+
+    monkeypatch.setattr(serve, "decode_upload", slow_decode)
+    upload = digit_png(tiny_prepared, 0)
+    with running_server(serve.create_app(release, max_decodes=2), threads=6) as url, \
+            ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: post_over_http(url, "d.png", upload), range(6)))
+    assert [status for status, _ in answers] == [200] * 6 and most[0] == 2
+    monkeypatch.setattr(serve, "DECODE_WAIT_S", 0.1)  # now the third waits too long
+    with running_server(serve.create_app(release, max_decodes=1), threads=3) as url, \
+            ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: post_over_http(url, "d.png", upload), range(3)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses[0] == 200 and 503 in statuses, answers
+    assert all("busy" in body["error"] for status, body in answers if status == 503)
+
+
+def test_main_serves_with_waitress_until_sigterm_like_ctrl_c(pipeline_root, tiny_prepared):
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_slim.serve", "--root",
+                             str(pipeline_root), "--port", "0"], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stderr.readline()  # "serving 'NAME' at http://127.0.0.1:PORT/ (Ctrl-C stops)"
+        assert line.startswith(f"serving '{RELEASE}' at http://127.0.0.1:"), line
+        url = line.split(" at ", 1)[1].split("/ ", 1)[0]
+        status, body = post_over_http(url, "digit.png", digit_png(tiny_prepared, 0))
+        assert status == 200 and len(body["predictions"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+
+
+def test_a_port_in_use_is_one_line(pipeline_root, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main(["--root", str(pipeline_root), "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use)" in error
+    assert error.count("error:") == 1

@@ -1,0 +1,16 @@
+"""Caps on sizes and counts that turn into allocations or OS resources.
+
+Shared by the params schema and the checkpoint loader, and free of imports, so the lightest
+process (a converter subprocess, `--help`) can use them.
+"""
+
+# A typo (width: 1000000, threads: 1000000) must be one line, not a 1.4 TB allocation or
+# libgomp's "Out of memory" minutes later. Each is far above any setting this CPU pipeline is for.
+MAX_SEED = 2**32 - 1  # numpy's RandomState / SeedSequence take 32-bit seeds
+MAX_WIDTH = 256  # ResNet first-stage channels: 4x the standard 64 (ResNet-50: ~400M params, 1.6 GB)
+MAX_THREADS = 1024  # intra-op threads: more than the hardware threads of any 2-socket server
+MAX_NPROC = 64  # training processes on one machine, each holding its own copy of torch and data
+MAX_BATCH = 4096  # images per batch (4096 x 3 x 512 x 512 float32 is already 12 GB)
+MAX_CALIBRATION_IMAGES = 65536  # held in memory at once as float32
+MAX_BENCHMARK_RUNS = 100_000  # timed or warm-up runs: beyond this only the wait grows
+MAX_BOOTSTRAP_RESAMPLES = 20_000  # resamples x test images int64 indices (CIFAR-10: 1.6 GB)

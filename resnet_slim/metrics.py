@@ -1,0 +1,64 @@
+"""Headline metrics: the few numbers a reviewer diffs between commits and experiments.
+
+`dvc metrics diff` / `dvc exp show` read reports/metrics.json, written by the gate stage: a flat
+record of the release (top-1, drop and its CI, McNemar p, speed-ups, size, memory, verdict) and
+every gate check keyed by its name. The big per-model tables (benchmark.json, gate.json) stay plain
+outputs: hundreds of keys there would drown the comparison.
+"""
+
+import math
+
+
+def number(value) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN values (never a fake number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def best_peer_int8(models: dict, reference: str) -> str | None:
+    """The fastest INT8 build of the reference by another tool (ORT static PTQ, OpenVINO + NNCF)."""
+    peers = [n for n, m in models.items() if n.startswith(reference + "_") and "int8" in n
+             and "dynamic" not in n and m.get("runtime") != "pytorch" and number(m.get("p50_ms"))]
+    return min(peers, key=lambda n: models[n]["p50_ms"]) if peers else None
+
+
+def _ratio(numerator, denominator) -> float | None:
+    a, b = number(numerator), number(denominator)
+    return round(a / b, 4) if a is not None and b else None
+
+
+def _rounded(value, digits: int = 4) -> float | None:
+    value = number(value)
+    return None if value is None else round(value, digits)
+
+
+def headline_metrics(verdict: dict, models: dict) -> dict:
+    """reports/metrics.json from the gate's verdict and the benchmark rows (at most ~25 keys)."""
+    rel, ref = verdict.get("release"), verdict.get("reference")
+    release, teacher = models.get(rel) or {}, models.get(ref) or {}
+    checks = {c["name"]: c for c in verdict.get("checks") or [] if isinstance(c, dict)}
+    accuracy = checks.get("accuracy_drop_pp") or {}
+    ci = accuracy.get("ci") or [None, None]
+    peer = best_peer_int8(models, ref) if ref else None
+    return {
+        "release": rel,
+        "passed": bool(verdict.get("passed")),
+        "top1": _rounded(release.get("top1")),
+        "reference_top1": _rounded(teacher.get("top1")),
+        "drop_pp": _rounded(accuracy.get("point")),
+        "drop_ci_low_pp": _rounded(ci[0]),
+        "drop_ci_high_pp": _rounded(ci[1]),
+        "mcnemar_p": _rounded(accuracy.get("mcnemar_p")),
+        "p50_ms": _rounded(release.get("p50_ms")),
+        "speedup_vs_reference": _ratio(teacher.get("p50_ms"), release.get("p50_ms")),
+        "best_peer_int8": peer,
+        "speedup_vs_best_peer_int8": _ratio((models.get(peer) or {}).get("p50_ms"),
+                                            release.get("p50_ms")) if peer else None,
+        "size_mb": _rounded(release.get("size_mb")),
+        "size_ratio": _ratio(release.get("size_mb"), teacher.get("size_mb")),
+        "peak_rss_mb": _rounded(release.get("peak_rss_mb"), 1),
+        # one entry per check, so `dvc metrics diff` shows each verdict and measurement
+        "checks": {name: {"passed": bool(c.get("passed")), "measured": _rounded(c.get("measured"))}
+                   for name, c in checks.items()},
+    }
