@@ -17,8 +17,13 @@ $(VENV)/.installed: requirements.txt
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# pytest-xdist: one worker per usable core (PYTEST_WORKERS=0: one process), a test file per worker
+# at a time; the e2e file (its module-scoped repro) starts first (tests/conftest.py) on one of them.
+# (Not --dist loadgroup: xdist 3.8's xdist_group marks do nothing under pytest 9.)
+PYTEST_WORKERS ?= $(shell nproc 2>/dev/null || echo auto)
 test: install install-litert browser
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) \
+	  --dist loadfile --no-loadscope-reorder
 
 # The web UI for the gated release model on http://127.0.0.1:8000/, served by waitress with request
 # timeouts and at most 2 uploads decoded at once (SERVE_ARGS="--allow-ungated --max-decodes 4" ...)

@@ -5,25 +5,28 @@ logits)`, so it may run the forward its own way: cross-entropy, or distillation 
 student features and a teacher), a hook that runs between `backward()` and `step()` (network
 slimming's L1 on BN gamma), and a per-epoch hook (freezing observers / BN statistics in QAT).
 
-Under torchrun the same loop runs in every worker on a DDP-wrapped model (resnet_slim/distributed.py):
-each rank trains on its shard, loss/top-1 are summed over ranks so every rank sees the same numbers,
-and only rank 0 logs. In one process those sums are skipped and nothing changes.
+Under torchrun the same loop runs in every worker on a DDP-wrapped model
+(resnet_slim/distributed.py): each rank trains on its shard, loss/top-1 are summed over ranks so
+every rank sees the same numbers, and only rank 0 logs. In one process those sums are skipped and
+nothing changes. `rank_loaders` / `eval_loader` give this rank's shards, `fit_on` wraps a model for
+its device and hands back a plain CPU model: what every training stage uses.
 """
 
 import math
 import random
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from resnet_slim import distributed
+from resnet_slim import data, distributed
 from resnet_slim.errors import UserError
-from resnet_slim.params import TrainParams
+from resnet_slim.params import BaseParams, TrainParams
 
 LossFn = Callable[[nn.Module, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,23 +51,33 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _to(device: torch.device, targets):
-    return tuple(t.to(device) for t in targets) if isinstance(targets, tuple) else targets.to(device)
+    return (
+        tuple(t.to(device) for t in targets) if isinstance(targets, tuple) else targets.to(device)
+    )
 
 
 def _memory_format(model: nn.Module) -> torch.memory_format:
     """channels_last when the model's conv weights are (fit() sets it), so inputs match."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last) \
-            and not conv.weight.is_contiguous():
+    if (
+        conv is not None
+        and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        and not conv.weight.is_contiguous()
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(model: nn.Module, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_fn(
+        model: nn.Module, images: torch.Tensor, targets
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(images)
-        loss = nn.functional.cross_entropy(logits, _labels(targets), label_smoothing=label_smoothing)
+        loss = nn.functional.cross_entropy(
+            logits, _labels(targets), label_smoothing=label_smoothing
+        )
         return loss, logits
+
     return loss_fn
 
 
@@ -75,9 +88,15 @@ def make_optimizer(model: nn.Module, p: TrainParams, steps_per_epoch: int):
         if param.requires_grad:
             # no weight decay on BN / biases (1-D): it would fight network slimming's own L1
             (no_decay if param.ndim <= 1 else decay).append(param)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": p.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": p.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=p.lr,
+        momentum=p.momentum,
+        nesterov=p.momentum > 0,
+    )
     total = max(1, p.epochs * steps_per_epoch)
     warmup = int(p.warmup_epochs * steps_per_epoch)
 
@@ -89,21 +108,35 @@ def make_optimizer(model: nn.Module, p: TrainParams, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: LossFn, *, scheduler=None,
-                    after_backward: Callable[[nn.Module], None] | None = None, epoch: int = 0,
-                    desc: str = "train") -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer,
+    loss_fn: LossFn,
+    *,
+    scheduler=None,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    epoch: int = 0,
+    desc: str = "train",
+) -> dict:
     model.train()
     device = _device_of(model)
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}", leave=False,
-               disable=None if distributed.is_main_process() else True)
+    bar = tqdm(
+        loader,
+        desc=f"{desc} epoch {epoch + 1}",
+        leave=False,
+        disable=None if distributed.is_main_process() else True,
+    )
     memory_format = _memory_format(model)
     for step, (images, targets) in enumerate(bar):
         images, targets = images.to(device, memory_format=memory_format), _to(device, targets)
         loss, logits = loss_fn(model, images, targets)
         if not torch.isfinite(loss):
-            raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step "
-                            f"{step + 1}; lower the learning rate (nothing was saved)")
+            raise UserError(
+                f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step "
+                f"{step + 1}; lower the learning rate (nothing was saved)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -129,26 +162,98 @@ def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     for images, targets in loader:
         logits.append(model(images.to(device)).cpu())
         labels.append(_labels(targets))
+    if not logits:  # a rank's evaluation shard is empty when a split has fewer images than ranks
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(model: nn.Module, loader) -> dict:
     logits, labels = predict(model, loader)
     if distributed.world_size() == 1:
-        return {"loss": nn.functional.cross_entropy(logits, labels).item(),
-                "top1": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
+        return {
+            "loss": nn.functional.cross_entropy(logits, labels).item(),
+            "top1": 100.0 * (logits.argmax(1) == labels).float().mean().item(),
+        }
     # each rank saw its shard of the split: add up sums and counts over ranks
-    loss_sum, correct, count = distributed.all_reduce_sum([
-        nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-        (logits.argmax(1) == labels).sum().item(), len(labels)])
+    sums = (
+        [
+            nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+            (logits.argmax(1) == labels).sum().item(),
+        ]
+        if len(labels)
+        else [0.0, 0]
+    )
+    loss_sum, correct, count = distributed.all_reduce_sum([*sums, len(labels)])
     return {"loss": loss_sum / count, "top1": 100.0 * correct / count}
 
 
-def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: LossFn,
-        live_dir: str | Path, desc: str,
-        after_backward: Callable[[nn.Module], None] | None = None,
-        on_epoch_start: Callable[[nn.Module, int], None] | None = None,
-        channels_last: bool = False) -> list[dict]:
+def top1_by_split(model: nn.Module, loaders: dict) -> dict[str, float]:
+    """{split: top-1 in %, rounded to 3 decimals} of `model` on each named loader."""
+    return {split: round(evaluate(model, loader)["top1"], 3) for split, loader in loaders.items()}
+
+
+def rank_loaders(prepared_dir: str | Path, *, batch_size: int, base: BaseParams):
+    """(train, val, test loaders, meta): this process's shards (all of each split in one process).
+
+    Train: shuffled, augmented, padded so every rank takes the same number of steps, `batch_size`
+    split over the ranks. Val / test: unpadded shards that `evaluate` sums over ranks.
+    """
+    train, val, meta = data.train_val_loaders(
+        prepared_dir,
+        batch_size=batch_size,
+        augment=base.augment,
+        seed=base.seed,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+    return train, val, eval_loader(prepared_dir, "test", meta), meta
+
+
+def eval_loader(prepared_dir: str | Path, split: str, meta: dict):
+    """This process's unpadded share of a split, in order, batches of 256, for `evaluate`."""
+    pixels = data.load_split(prepared_dir, split)
+    return data.BatchLoader(
+        pixels.images,
+        pixels.labels,
+        meta=meta,
+        batch_size=256,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+        pad=False,
+    )
+
+
+def fit_on(
+    device: torch.device,
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    p: TrainParams,
+    *,
+    sync_bn: bool = False,
+    **fit_kwargs,
+) -> tuple[nn.Module, list[dict]]:
+    """`fit` on `device`, in DDP under torchrun (`distributed.wrap_model`); returns the trained
+    model as a plain CPU module (`distributed.plain_cpu`) and the history. In one CPU process the
+    model itself is trained and returned, exactly as `fit(model, ...)`."""
+    wrapped = distributed.wrap_model(model, device, sync_bn=sync_bn)
+    history = fit(wrapped, train_loader, val_loader, p, **fit_kwargs)
+    return distributed.plain_cpu(wrapped), history
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    p: TrainParams,
+    *,
+    loss_fn: LossFn,
+    live_dir: str | Path,
+    desc: str,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+    channels_last: bool = False,
+) -> list[dict]:
     """Train for `p.epochs`, evaluating on `val_loader` after each epoch; log with DVCLive.
 
     Returns the per-epoch history. The caller saves the final model (atomically). Under DDP,
@@ -159,10 +264,14 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
     """
     from dvclive import Live
 
-    for name, loader in (("training", train_loader), ("validation", val_loader)):
-        if len(loader) == 0:
-            raise UserError(f"{desc}: the {name} split is empty; re-run the prepare stage with "
-                            f"more images (nothing was saved)")
+    # summed over ranks: a rank may hold no validation batch while the split is not empty
+    batches = distributed.all_reduce_sum([len(train_loader), len(val_loader)])
+    for name, count in zip(("training", "validation"), batches, strict=True):
+        if count == 0:
+            raise UserError(
+                f"{desc}: the {name} split is empty; re-run the prepare stage with "
+                f"more images (nothing was saved)"
+            )
     channels_last = channels_last and distributed.world_size() == 1
     if channels_last:
         model.to(memory_format=torch.channels_last)  # in place: parameters stay the same objects
@@ -173,20 +282,36 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
     # calls `Live.end()` after an error or SIGTERM too, and `end()` waits on a queue whose worker
     # thread a signal during `next_step()` may have kept from starting, forever (issue 20). Each
     # `next_step()` has written the metrics so far, so a failed run skips `end()`.
-    live = (Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-            if distributed.is_main_process() else None)
+    live = (
+        Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+        if distributed.is_main_process()
+        else None
+    )
     for epoch in range(p.epochs):
         if on_epoch_start is not None:
             on_epoch_start(model, epoch)
         started = time.perf_counter()
-        train = train_one_epoch(model, train_loader, optimizer, loss_fn, scheduler=scheduler,
-                                after_backward=after_backward, epoch=epoch, desc=desc)
+        train = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            scheduler=scheduler,
+            after_backward=after_backward,
+            epoch=epoch,
+            desc=desc,
+        )
         images_per_s = train["images"] / (time.perf_counter() - started)  # all ranks together
         distributed.sync_buffers(model)  # every rank evaluates (and rank 0 saves) one model
         val = evaluate(distributed.unwrap(model), val_loader)
-        row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
-               "val_loss": val["loss"], "val_top1": val["top1"],
-               "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train["loss"],
+            "train_top1": train["top1"],
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         history.append(row)
         if live is None:
             continue
@@ -194,12 +319,85 @@ def fit(model: nn.Module, train_loader, val_loader, p: TrainParams, *, loss_fn: 
             if key != "epoch":
                 live.log_metric(key, value)
         live.next_step()
-        print(f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
-              f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
-              f" | {images_per_s:.0f} img/s", flush=True)
+        print(
+            f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
+            f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
+            f" | {images_per_s:.0f} img/s",
+            flush=True,
+        )
     if live is not None:
         live.end()
     if channels_last:
         optimizer.zero_grad(set_to_none=True)  # no NHWC gradients left on NCHW weights
         model.to(memory_format=torch.contiguous_format)  # leaves as it came (export, pruning)
     return history
+
+
+def train_teacher(
+    prepared_dir: str | Path, *, params, device: torch.device, live_dir: str | Path
+) -> tuple[nn.Module, dict, dict]:
+    """The train_teacher stage's work: (plain CPU teacher, architecture record, metrics).
+
+    A model built from teacher.arch/width, or with teacher.init one imported from a file,
+    evaluated as imported and adapted for teacher.epochs (0: used as is). Every process returns
+    the same; the caller writes on rank 0.
+    """
+    from resnet_slim.models import build_model, make_arch
+
+    p, base = params.teacher, params.base
+    # the same seed on every rank: every rank builds (and evaluates as imported) the same model
+    seed_everything(base.seed, distributed.threads_per_process(base.threads))
+    train_loader, val_loader, test_loader, meta = rank_loaders(
+        prepared_dir, batch_size=p.batch_size, base=base
+    )
+    splits = {"val": val_loader, "test": test_loader}
+    num_classes = len(meta["class_names"])
+    if p.init is None:
+        arch = make_arch(
+            name=p.arch, num_classes=num_classes, width=p.width, small_input=p.small_input
+        )
+        model, origin = build_model(arch), None
+    else:
+        from resnet_slim.model_import import import_model, untracked_note
+
+        model, arch, origin = import_model(
+            p.init, p.format, num_classes=num_classes, replace_head=p.replace_head
+        )
+        if (note := untracked_note(origin)) and distributed.is_main_process():
+            print(f"teacher: warning: {note}", file=sys.stderr, flush=True)
+        model = model.to(device)
+        origin["top1_as_imported"] = top1 = top1_by_split(model, splits)
+        if distributed.is_main_process():
+            print(
+                f"teacher: imported {origin['family']} ({origin['format']}) from {p.init}: "
+                f"top-1 val {top1['val']:.2f}%, test {top1['test']:.2f}% as imported "
+                f"(teacher.arch/width/small_input come from the file)",
+                flush=True,
+            )
+    history = []
+    if p.epochs > 0:  # 0 only with teacher.init: the imported model is used as it is
+        model, history = fit_on(
+            device,
+            model,
+            train_loader,
+            val_loader,
+            p,
+            sync_bn=base.sync_bn,
+            loss_fn=cross_entropy(p.label_smoothing),
+            live_dir=live_dir,
+            desc="teacher",
+            channels_last=True,
+        )
+    metrics = {
+        "val_top1": history[-1]["val_top1"] if history else origin["top1_as_imported"]["val"],
+        "epochs": p.epochs,
+        "val_top1_curve": [round(h["val_top1"], 3) for h in history],
+    }
+    if origin is not None:
+        origin["top1_after_adaptation"] = top1_by_split(model, splits) if history else None
+        metrics["origin"] = origin
+    return (
+        distributed.plain_cpu(model),
+        arch,
+        metrics,
+    )  # a plain CPU checkpoint, whatever trained it

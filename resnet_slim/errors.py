@@ -16,14 +16,16 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 # The machine, not the input, refused a write: the user frees space or fixes the mount or rights.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 SIGNAL_GRACE_S = 5.0  # seconds from SIGTERM to a forced exit; stages must end within 10 s
 INTERRUPTED = "interrupted; no outputs were written"
-FORCED_EXIT = (f"interrupted, and the clean-up did not finish within {SIGNAL_GRACE_S:g} s, so the "
-               f"stage was ended (its temp files removed); no outputs were written")
+FORCED_EXIT = (
+    f"interrupted, and the clean-up did not finish within {SIGNAL_GRACE_S:g} s, so the "
+    f"stage was ended (its temp files removed); no outputs were written"
+)
 
 
 class UserError(Exception):
@@ -100,8 +102,9 @@ def install_signal_handlers() -> None:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=_watch_signals, args=(read_fd,), daemon=True,
-                     name="signal-watchdog").start()
+    threading.Thread(
+        target=_watch_signals, args=(read_fd,), daemon=True, name="signal-watchdog"
+    ).start()
     for number in _STOP_SIGNALS:
         signal.signal(number, _on_signal)
 

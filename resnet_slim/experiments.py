@@ -8,17 +8,24 @@ release model, its top-1 and drop, speed-up, p50 latency, file size and whether 
 """
 
 import json
-import math
 import subprocess
 import sys
 
 import pandas as pd
 
 from resnet_slim.errors import UserError
+from resnet_slim.io import finite_number
 
 ID_COLUMNS = ["experiment", "rev", "baseline", "state"]
-KEY_METRICS = ["release", "gate passed", "release top-1 %", "drop pp", "speed-up x", "release p50 ms",
-               "release MB"]
+KEY_METRICS = [
+    "release",
+    "gate passed",
+    "release top-1 %",
+    "drop pp",
+    "speed-up x",
+    "release p50 ms",
+    "release MB",
+]
 
 
 def flatten(obj: dict, prefix: str = "") -> dict:
@@ -40,17 +47,16 @@ def _metrics_file(metrics: dict, suffix: str) -> dict:
     return {}
 
 
-def _num(value):
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) else None
-
-
 def experiment_row(rev: dict, *, name: str, baseline: str, state: str) -> dict:
     """One row: identity, every param (flattened, file-prefixed unless params.yaml), key metrics."""
     data = rev.get("data") or {}
     sha = str(rev.get("rev") or "")
-    row = {"experiment": name, "rev": sha[:7] if len(sha) == 40 else sha, "baseline": baseline,
-           "state": "error" if rev.get("error") and not data else state}
+    row = {
+        "experiment": name,
+        "rev": sha[:7] if len(sha) == 40 else sha,
+        "baseline": baseline,
+        "state": "error" if rev.get("error") and not data else state,
+    }
     for path, entry in (data.get("params") or {}).items():
         prefix = "" if path == "params.yaml" else f"{path}:"
         row.update(flatten((entry or {}).get("data") or {}, prefix))
@@ -59,15 +65,26 @@ def experiment_row(rev: dict, *, name: str, baseline: str, state: str) -> dict:
         gate = _metrics_file(data.get("metrics"), "gate.json")
         models = _metrics_file(data.get("metrics"), "benchmark.json").get("models") or {}
         rel = models.get(gate.get("release"))
-        headline = {"release": gate.get("release"), "passed": gate.get("passed"),
-                    **{k: v for k, v in (rel if isinstance(rel, dict) else {}).items()
-                       if k in ("top1", "p50_ms", "size_mb")}}
-    row.update({"release": headline.get("release"), "gate passed": headline.get("passed"),
-                "release top-1 %": _num(headline.get("top1")),
-                "drop pp": _num(headline.get("drop_pp")),
-                "speed-up x": _num(headline.get("speedup_vs_reference")),
-                "release p50 ms": _num(headline.get("p50_ms")),
-                "release MB": _num(headline.get("size_mb"))})
+        headline = {
+            "release": gate.get("release"),
+            "passed": gate.get("passed"),
+            **{
+                k: v
+                for k, v in (rel if isinstance(rel, dict) else {}).items()
+                if k in ("top1", "p50_ms", "size_mb")
+            },
+        }
+    row.update(
+        {
+            "release": headline.get("release"),
+            "gate passed": headline.get("passed"),
+            "release top-1 %": finite_number(headline.get("top1")),
+            "drop pp": finite_number(headline.get("drop_pp")),
+            "speed-up x": finite_number(headline.get("speedup_vs_reference")),
+            "release p50 ms": finite_number(headline.get("p50_ms")),
+            "release MB": finite_number(headline.get("size_mb")),
+        }
+    )
     return row
 
 
@@ -79,16 +96,29 @@ def parse_exp_show(entries: list) -> pd.DataFrame:
     for base in entries:
         if not isinstance(base, dict):
             continue
-        base_name = base.get("name") or ("workspace" if base.get("rev") == "workspace"
-                                         else str(base.get("rev") or "?")[:7])
-        rows.append(experiment_row(base, name=base_name, baseline=base_name,
-                                   state="workspace" if base.get("rev") == "workspace" else "baseline"))
+        base_name = base.get("name") or (
+            "workspace" if base.get("rev") == "workspace" else str(base.get("rev") or "?")[:7]
+        )
+        rows.append(
+            experiment_row(
+                base,
+                name=base_name,
+                baseline=base_name,
+                state="workspace" if base.get("rev") == "workspace" else "baseline",
+            )
+        )
         for exp in base.get("experiments") or []:
             executor = exp.get("executor") or {}
             state = executor.get("state") or "done"
             for rev in exp.get("revs") or []:
-                rows.append(experiment_row(rev, name=rev.get("name") or exp.get("name")
-                                           or str(rev.get("rev"))[:7], baseline=base_name, state=state))
+                rows.append(
+                    experiment_row(
+                        rev,
+                        name=rev.get("name") or exp.get("name") or str(rev.get("rev"))[:7],
+                        baseline=base_name,
+                        state=state,
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -103,7 +133,11 @@ def comparison_table(entries: list, all_params: bool = False) -> pd.DataFrame:
     df = parse_exp_show(entries)
     if df.empty:
         return df
-    params = [c for c in df.columns if c not in ID_COLUMNS + KEY_METRICS] if all_params else changed_params(df)
+    params = (
+        [c for c in df.columns if c not in ID_COLUMNS + KEY_METRICS]
+        if all_params
+        else changed_params(df)
+    )
     return df[ID_COLUMNS + params + KEY_METRICS]
 
 

@@ -1,4 +1,4 @@
-"""Export to ONNX and check the file against PyTorch on real data (parity)."""
+"""Export to ONNX, check the file against PyTorch on real data (parity), count its MACs."""
 
 import re
 import warnings
@@ -22,29 +22,76 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: int, opset: i
     """Write an ONNX model with a dynamic batch axis, named input/output, checked by onnx."""
     max_opset = max_export_opset()
     if max_opset is not None and opset > max_opset:  # torch would dump its whole graph to stderr
-        raise UserError(f"export.opset {opset} is newer than this torch can export "
-                        f"(at most {max_opset})")
+        raise UserError(
+            f"export.opset {opset} is newer than this torch can export (at most {max_opset})"
+        )
     model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # dynamo=False: the TorchScript exporter is the one that emits QuantizeLinear /
         # DequantizeLinear for fake-quant modules, so FP32 and QAT models share one path.
-        torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=opset,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamo=False,
+        )
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
-            raise UserError(f"{path}: the exported ONNX graph is invalid (opset {opset}): "
-                            f"{first}") from None
+            raise UserError(
+                f"{path}: the exported ONNX graph is invalid (opset {opset}): {first}"
+            ) from None
 
 
-def make_session(path: str | Path, *, threads: int = 1,
-                 optimized_model_path: str | Path | None = None,
-                 image_input: bool = True) -> ort.InferenceSession:
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor name -> shape (symbolic dims such as the batch count as 1)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {init.name: list(init.dims) for init in inferred.graph.initializer}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+    return shapes
+
+
+def count_macs(path: str | Path) -> int:
+    """Multiply-accumulates of one image: Conv, Gemm and MatMul, float, QDQ or integer
+    (QLinearConv; ConvInteger / MatMulInteger from dynamic quantization).
+
+    The project's one MAC count (prune.count_macs_params counts a PyTorch model's export): each
+    conv / linear output costs Cin/groups x kH x kW (or in_features) MACs. Biases, BN, ReLU,
+    pooling and residual adds are not counted; torch-pruning's counter adds those
+    (tests/test_roofline.py), so its numbers for a ResNet are ~0.3% higher.
+    """
+    model = onnx.load(str(path))
+    shapes = _shapes(model)
+    macs = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "QLinearConv", "ConvInteger"):
+            weight = shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1])
+            out = shapes.get(node.output[0])
+            if weight and out:
+                macs += int(np.prod(out)) * int(np.prod(weight[1:]))  # each output: Cin/g * kH * kW
+        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger"):
+            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if a and out:
+                macs += int(np.prod(out)) * int(a[-1])
+    return macs
+
+
+def make_session(
+    path: str | Path,
+    *,
+    threads: int = 1,
+    optimized_model_path: str | Path | None = None,
+    image_input: bool = True,
+) -> ort.InferenceSession:
     """An onnxruntime CPU session with full graph optimisation and a fixed thread count.
 
     image_input: check the model takes one NCHW RGB input (off for micro-benchmark graphs).
@@ -63,7 +110,9 @@ def make_session(path: str | Path, *, threads: int = 1,
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        first_line = (
+            str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        )
         first_line = _CPP_FRAME.sub("", first_line)  # "/onnxruntime_src/...cc:256 ort::X::X(...) "
         raise UserError(f"{path}: onnxruntime cannot load this model: {first_line}") from None
     shape = session.get_inputs()[0].shape
@@ -75,29 +124,44 @@ def make_session(path: str | Path, *, threads: int = 1,
 def check_input_size(session: ort.InferenceSession, image_size: int, path: str | Path) -> None:
     _, _, h, w = session.get_inputs()[0].shape
     if (isinstance(h, int) and h != image_size) or (isinstance(w, int) and w != image_size):
-        raise UserError(f"{path}: model expects {h}x{w} images but the dataset is "
-                        f"{image_size}x{image_size}")
+        raise UserError(
+            f"{path}: model expects {h}x{w} images but the dataset is {image_size}x{image_size}"
+        )
 
 
-def run_onnx(session: ort.InferenceSession, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+def run_onnx(
+    session: ort.InferenceSession, images: torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
     name = session.get_inputs()[0].name
-    outputs = [session.run(None, {name: images[i:i + batch_size].numpy()})[0]
-               for i in range(0, len(images), batch_size)]
+    outputs = [
+        session.run(None, {name: images[i : i + batch_size].numpy()})[0]
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(outputs)
 
 
 @torch.no_grad()
+def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """The PyTorch model's logits (eval mode, on the CPU) for a tensor of images, in batches."""
+    model.eval()
+    return torch.cat(
+        [model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    ).numpy()
+
+
 def parity(model: nn.Module, session: ort.InferenceSession, images: torch.Tensor) -> dict:
     """Compare PyTorch and onnxruntime logits on the same (normalised) images."""
-    model.eval()
-    torch_logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)]).numpy()
-    onnx_logits = run_onnx(session, images)
-    return {"max_abs_diff": float(np.abs(torch_logits - onnx_logits).max()),
-            "top1_agreement": float((torch_logits.argmax(1) == onnx_logits.argmax(1)).mean()),
-            "n_images": int(len(images))}
+    reference, logits = torch_logits(model, images), run_onnx(session, images)
+    return {
+        "max_abs_diff": float(np.abs(reference - logits).max()),
+        "top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()),
+        "n_images": int(len(images)),
+    }
 
 
-def check_parity(result: dict, *, min_top1_agreement: float, max_abs_diff: float | None) -> list[str]:
+def check_parity(
+    result: dict, *, min_top1_agreement: float, max_abs_diff: float | None
+) -> list[str]:
     """The parity problems, if any (an empty list means the export is trusted)."""
     problems = []
     if not result["top1_agreement"] >= min_top1_agreement:

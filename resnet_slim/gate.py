@@ -6,16 +6,18 @@ that check with the reason named. With an evidence chain (`resnet_slim.evidence.
 release also gets an `evidence` check: its problems, and the reference's, fail it.
 """
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
+from resnet_slim import evidence as chain_of
 from resnet_slim import stats
-from resnet_slim.params import BenchmarkParams, GateParams
-
-# What a measurement can be; outside these a number is a fault or an edit, never a result (a
-# percentage; a batch-1 latency between 1 ns and ~3 h; a model file between 1 byte and 1 TB).
-LIMITS = {"top1": (0.0, 100.0), "p50_ms": (1e-6, 1e7), "size_mb": (1e-6, 1e6)}
+from resnet_slim.evidence import MEASUREMENT_RANGES
+from resnet_slim.io import write_json, write_together
+from resnet_slim.metrics import headline_metrics
+from resnet_slim.params import BenchmarkParams, GateParams, Params
 
 
 class Evidence:
@@ -26,16 +28,28 @@ class Evidence:
     was there but unusable, which fails the accuracy check under either statistic. `problems`
     (None: no chain was verified) and `model_problems` come from `evidence.verify`."""
 
-    def __init__(self, correct: dict[str, np.ndarray] | None = None, correct_error: str | None = None,
-                 seeds: dict | None = None, ci: BenchmarkParams = BenchmarkParams(),
-                 malformed: bool = False, problems: list[str] | None = None,
-                 model_problems: dict[str, list[str]] | None = None):
-        self.correct, self.correct_error, self.seeds, self.ci = correct or {}, correct_error, seeds, ci
-        self.malformed, self.problems, self.model_problems = malformed, problems, model_problems or {}
+    def __init__(
+        self,
+        correct: dict[str, np.ndarray] | None = None,
+        correct_error: str | None = None,
+        seeds: dict | None = None,
+        ci: BenchmarkParams | None = None,
+        malformed: bool = False,
+        problems: list[str] | None = None,
+        model_problems: dict[str, list[str]] | None = None,
+    ):
+        self.correct, self.correct_error, self.seeds = correct or {}, correct_error, seeds
+        self.ci = ci or BenchmarkParams()  # params.yaml's benchmark defaults
+        self.malformed, self.problems, self.model_problems = (
+            malformed,
+            problems,
+            model_problems or {},
+        )
 
 
-def _number(results: dict, model: str, key: str, *, positive: bool = False
-            ) -> tuple[float | None, str | None]:
+def _number(
+    results: dict, model: str, key: str, *, positive: bool = False
+) -> tuple[float | None, str | None]:
     """(value, None) for a finite (and, if asked, positive) metric, else (None, the reason)."""
     entry = results.get(model)
     if not isinstance(entry, dict):
@@ -47,7 +61,7 @@ def _number(results: dict, model: str, key: str, *, positive: bool = False
         return None, f"metric {model}.{key} is {value}"
     if positive and value <= 0:
         return None, f"metric {model}.{key} is {value}, must be > 0"
-    low, high = LIMITS.get(key, (-math.inf, math.inf))
+    low, high = MEASUREMENT_RANGES.get(key, (-math.inf, math.inf))
     if not low <= value <= high:
         return None, f"metric {model}.{key} is {value:g}, outside [{low:g}, {high:g}]"
     return float(value), None
@@ -64,21 +78,43 @@ def _check(name: str, *, measured, threshold, op: str, unit: str, error: str | N
     if error is None and (measured is None or not math.isfinite(measured)):
         error = f"measured value is {measured}"
     if error is not None:
-        return {"name": name, "passed": False, "measured": None, "threshold": threshold,
-                "op": op, "unit": unit, "reason": f"{name}: {error}"}
+        return {
+            "name": name,
+            "passed": False,
+            "measured": None,
+            "threshold": threshold,
+            "op": op,
+            "unit": unit,
+            "reason": f"{name}: {error}",
+        }
     passed = measured <= threshold if op == "<=" else measured >= threshold
-    return {"name": name, "passed": bool(passed), "measured": round(measured, 6),
-            "threshold": threshold, "op": op, "unit": unit,
-            "reason": None if passed else f"{name} {measured:.4g} {unit} is not {op} {threshold}"}
+    return {
+        "name": name,
+        "passed": bool(passed),
+        "measured": round(measured, 6),
+        "threshold": threshold,
+        "op": op,
+        "unit": unit,
+        "reason": None if passed else f"{name} {measured:.4g} {unit} is not {op} {threshold}",
+    }
 
 
 def _seed_drops(seeds: dict | None, ref: str, rel: str) -> tuple[list[float], list[int]] | None:
     """Per-seed drops (reference − release, pp, same seed) when seed repeats cover both models."""
     runs = (seeds or {}).get("runs") or []
-    pairs = [(r["seed"], r["top1"].get(ref), r["top1"].get(rel)) for r in runs
-             if isinstance(r, dict) and isinstance(r.get("top1"), dict)]
-    pairs = [(seed, a, b) for seed, a, b in pairs if isinstance(a, (int, float))
-             and isinstance(b, (int, float)) and 0 <= a <= 100 and 0 <= b <= 100]
+    pairs = [
+        (r["seed"], r["top1"].get(ref), r["top1"].get(rel))
+        for r in runs
+        if isinstance(r, dict) and isinstance(r.get("top1"), dict)
+    ]
+    pairs = [
+        (seed, a, b)
+        for seed, a, b in pairs
+        if isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and 0 <= a <= 100
+        and 0 <= b <= 100
+    ]
     if len(pairs) < 2:
         return None
     return [a - b for _, a, b in pairs], [seed for seed, _, _ in pairs]
@@ -100,27 +136,42 @@ def accuracy_check(results: dict, g: GateParams, rel: str, evidence: Evidence) -
         drops, seeds = seed_drops
         summary = stats.across_seeds(drops, level=level)
         point = summary["mean"]
-        details.update(basis="seeds", seeds=seeds, per_seed_drop_pp=[round(d, 4) for d in drops],
-                       std_pp=summary["std"], ci=[summary["ci_low"], summary["ci_high"]])
+        details.update(
+            basis="seeds",
+            seeds=seeds,
+            per_seed_drop_pp=[round(d, 4) for d in drops],
+            std_pp=summary["std"],
+            ci=[summary["ci_low"], summary["ci_high"]],
+        )
     elif ref in evidence.correct and rel in evidence.correct:
         try:
-            paired = stats.paired_drop(evidence.correct[ref], evidence.correct[rel], level=level,
-                                       resamples=evidence.ci.bootstrap_resamples,
-                                       seed=evidence.ci.bootstrap_seed)
+            paired = stats.paired_drop(
+                evidence.correct[ref],
+                evidence.correct[rel],
+                level=level,
+                resamples=evidence.ci.bootstrap_resamples,
+                seed=evidence.ci.bootstrap_seed,
+            )
         except ValueError as err:
             paired, error = None, error or f"cannot pair {ref} and {rel}: {err}"
         if paired is not None:
             point = None if error else paired["drop_pp"]
-            details.update(basis="paired bootstrap over test images", n_test=paired["n"],
-                           ci=[paired["ci_low"], paired["ci_high"]],
-                           mcnemar_p=paired["mcnemar"]["p_value"],
-                           ref_only_correct=paired["mcnemar"]["ref_only_correct"],
-                           release_only_correct=paired["mcnemar"]["release_only_correct"])
+            details.update(
+                basis="paired bootstrap over test images",
+                n_test=paired["n"],
+                ci=[paired["ci_low"], paired["ci_high"]],
+                mcnemar_p=paired["mcnemar"]["p_value"],
+                ref_only_correct=paired["mcnemar"]["ref_only_correct"],
+                release_only_correct=paired["mcnemar"]["release_only_correct"],
+            )
     elif error is None and (g.acc_drop_statistic == "upper_ci" or evidence.malformed):
         missing = [m for m in (ref, rel) if m not in evidence.correct]
         error = evidence.correct_error or f"no per-image predictions for {missing}"
         if g.acc_drop_statistic == "upper_ci":
-            error += "; cannot compute the CI of the drop (gate.acc_drop_statistic: point gates on the point drop)"
+            error += (
+                "; cannot compute the CI of the drop "
+                "(gate.acc_drop_statistic: point gates on the point drop)"
+            )
     ci = details.get("ci")
     if ci is not None and None not in ci:
         # undecided: the interval straddles the threshold (the drop may or may not exceed it)
@@ -133,8 +184,14 @@ def accuracy_check(results: dict, g: GateParams, rel: str, evidence: Evidence) -
         measured = ci[1] if ci is not None and ci[1] is not None else None
         if measured is None:
             error = "the CI of the drop needs 2+ seeds or per-image predictions"
-    check = _check("accuracy_drop_pp", measured=measured, threshold=g.max_acc_drop_pp, op="<=",
-                   unit="pp", error=error)
+    check = _check(
+        "accuracy_drop_pp",
+        measured=measured,
+        threshold=g.max_acc_drop_pp,
+        op="<=",
+        unit="pp",
+        error=error,
+    )
     return {**check, "point": None if point is None else round(point, 6), **details}
 
 
@@ -145,13 +202,18 @@ def accuracy_sentence(check: dict) -> str:
     if point is None or None in ci:
         return f"top-1 drop: no interval ({check.get('reason') or 'not enough evidence'})"
     if check.get("basis") == "seeds":
-        what = (f"mean top-1 drop over {len(check.get('seeds') or [])} seeds {point:.2f} pp "
-                f"(std {check.get('std_pp') or 0:.2f}), {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}]")
+        what = (
+            f"mean top-1 drop over {len(check.get('seeds') or [])} seeds {point:.2f} pp "
+            f"(std {check.get('std_pp') or 0:.2f}), {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}]"
+        )
     else:
         p_value = check.get("mcnemar_p")
-        what = (f"top-1 drop {point:.2f} pp, {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired "
-                f"bootstrap over {check.get('n_test')} test images"
-                + (f"; McNemar p = {p_value:.3g}" if p_value is not None else "") + ")")
+        what = (
+            f"top-1 drop {point:.2f} pp, {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired "
+            f"bootstrap over {check.get('n_test')} test images"
+            + (f"; McNemar p = {p_value:.3g}" if p_value is not None else "")
+            + ")"
+        )
     if ci[1] <= threshold:
         verdict = f"the drop is at most {threshold} pp with {level:.0%} confidence"
     elif point <= threshold:
@@ -159,9 +221,15 @@ def accuracy_sentence(check: dict) -> str:
     else:
         verdict = f"the drop exceeds {threshold} pp"
     if check.get("decidable") is False:
-        verdict += (f"; the interval straddles the {threshold} pp threshold, so this test split "
-                    f"cannot decide" + (f" (about {check['images_needed']:,} test images would)"
-                                        if check.get("images_needed") else ""))
+        verdict += (
+            f"; the interval straddles the {threshold} pp threshold, so this test split "
+            f"cannot decide"
+            + (
+                f" (about {check['images_needed']:,} test images would)"
+                if check.get("images_needed")
+                else ""
+            )
+        )
     return f"{what}: {verdict}."
 
 
@@ -175,22 +243,40 @@ def evaluate_gate(results: dict, g: GateParams, evidence: Evidence | None = None
         return {**check_release(results, g, g.release, evidence), "selection": None}
     if not g.candidates:
         verdict = check_release(results, g, "auto", evidence)
-        return {**verdict, "failed": ["gate.release is auto but gate.candidates is empty"],
-                "passed": False, "selection": None}
+        return {
+            **verdict,
+            "failed": ["gate.release is auto but gate.candidates is empty"],
+            "passed": False,
+            "selection": None,
+        }
     verdicts = [check_release(results, g, name, evidence) for name in g.candidates]
     passing = [v for v in verdicts if v["passed"]]
     speed = {c: _number(results, c, "p50_ms")[0] for c in g.candidates}
     if passing:
         chosen = min(passing, key=lambda v: speed[v["release"]])
-        why = (f"fastest of {len(passing)} candidate(s) passing every check "
-               f"(p50 {speed[chosen['release']]:.4g} ms)")
+        why = (
+            f"fastest of {len(passing)} candidate(s) passing every check "
+            f"(p50 {speed[chosen['release']]:.4g} ms)"
+        )
     else:
         chosen = verdicts[0]  # report the first candidate's checks; every failure is listed
         why = "no candidate passed every check"
-        chosen = {**chosen, "failed": [f"{v['release']}: {f}" for v in verdicts for f in v["failed"]]}
-    selection = {"why": why, "candidates": [
-        {"model": v["release"], "passed": v["passed"], "p50_ms": speed[v["release"]],
-         "failed": v["failed"]} for v in verdicts]}
+        chosen = {
+            **chosen,
+            "failed": [f"{v['release']}: {f}" for v in verdicts for f in v["failed"]],
+        }
+    selection = {
+        "why": why,
+        "candidates": [
+            {
+                "model": v["release"],
+                "passed": v["passed"],
+                "p50_ms": speed[v["release"]],
+                "failed": v["failed"],
+            }
+            for v in verdicts
+        ],
+    }
     return {**chosen, "selection": selection}
 
 
@@ -201,30 +287,66 @@ def check_release(results: dict, g: GateParams, rel: str, evidence: Evidence | N
     ref_mb, rel_mb, mb_error = _pair(results, ref, rel, "size_mb", positive=True)
     checks = [
         accuracy_check(results, g, rel, evidence or Evidence()),
-        _check("latency_speedup", measured=None if ms_error else ref_ms / rel_ms,
-               threshold=g.min_speedup, op=">=", unit="x", error=ms_error),
-        _check("size_ratio", measured=None if mb_error else rel_mb / ref_mb,
-               threshold=g.max_size_ratio, op="<=", unit="x", error=mb_error),
+        _check(
+            "latency_speedup",
+            measured=None if ms_error else ref_ms / rel_ms,
+            threshold=g.min_speedup,
+            op=">=",
+            unit="x",
+            error=ms_error,
+        ),
+        _check(
+            "size_ratio",
+            measured=None if mb_error else rel_mb / ref_mb,
+            threshold=g.max_size_ratio,
+            op="<=",
+            unit="x",
+            error=mb_error,
+        ),
     ]
     if g.max_size_mb is not None:
         size, size_error = _number(results, rel, "size_mb", positive=True)
-        checks.append(_check("size_mb", measured=size, threshold=g.max_size_mb, op="<=",
-                             unit="MB", error=size_error))
+        checks.append(
+            _check(
+                "size_mb",
+                measured=size,
+                threshold=g.max_size_mb,
+                op="<=",
+                unit="MB",
+                error=size_error,
+            )
+        )
     if evidence is not None and evidence.problems is not None:
         checks.append(evidence_check(evidence, ref, rel))
 
     failed = [c["reason"] for c in checks if not c["passed"]]
-    return {"passed": not failed, "release": rel, "reference": ref, "enforce": g.enforce,
-            "checks": checks, "failed": failed}
+    return {
+        "passed": not failed,
+        "release": rel,
+        "reference": ref,
+        "enforce": g.enforce,
+        "checks": checks,
+        "failed": failed,
+    }
 
 
 def evidence_check(evidence: Evidence, ref: str, rel: str) -> dict:
     """Fails on any problem with the evidence as a whole, the reference's or the release's."""
-    problems = [*evidence.problems, *evidence.model_problems.get(ref, []),
-                *(evidence.model_problems.get(rel, []) if rel != ref else [])]
-    return {"name": "evidence", "passed": not problems, "measured": len(problems), "threshold": 0,
-            "op": "<=", "unit": "problems", "problems": problems,
-            "reason": "evidence: " + "; ".join(problems) if problems else None}
+    problems = [
+        *evidence.problems,
+        *evidence.model_problems.get(ref, []),
+        *(evidence.model_problems.get(rel, []) if rel != ref else []),
+    ]
+    return {
+        "name": "evidence",
+        "passed": not problems,
+        "measured": len(problems),
+        "threshold": 0,
+        "op": "<=",
+        "unit": "problems",
+        "problems": problems,
+        "reason": "evidence: " + "; ".join(problems) if problems else None,
+    }
 
 
 def reference_origin(teacher_summary: dict | None) -> dict:
@@ -233,6 +355,115 @@ def reference_origin(teacher_summary: dict | None) -> dict:
     origin = (teacher_summary or {}).get("origin") if isinstance(teacher_summary, dict) else None
     if not isinstance(origin, dict):
         return {"trained_here": True}
-    keys = ("file", "format", "family", "sha256", "tracked_by_dvc", "top1_as_imported",
-            "top1_after_adaptation")
+    keys = (
+        "file",
+        "format",
+        "family",
+        "sha256",
+        "tracked_by_dvc",
+        "top1_as_imported",
+        "top1_after_adaptation",
+    )
     return {key: origin.get(key) for key in keys}
+
+
+def judge(
+    bench,
+    seeds,
+    params: Params,
+    *,
+    benchmark: str | Path,
+    predictions: str | Path,
+    prepared: str | Path,
+) -> dict:
+    """The verdict on benchmark.json's numbers, with the evidence chain behind them checked.
+
+    Problems with the evidence fail the release's checks (recorded in gate.json), not the stage;
+    seed repeats are used only when they match (`evidence.seed_evidence`, its note otherwise)."""
+    g = params.gate
+    names = judged_models(g)
+    chain = chain_of.verify(
+        bench, names=names, benchmark=benchmark, predictions=predictions, prepared=prepared
+    )
+    seeds, seeds_note = chain_of.seed_evidence(seeds, base=params.base, bench=bench, names=names)
+    evidence = Evidence(
+        correct=chain.correct,
+        correct_error=chain.correct_error,
+        seeds=seeds,
+        ci=params.benchmark,
+        malformed=chain.predictions_broken,
+        problems=chain.problems,
+        model_problems=chain.model_problems,
+    )
+    verdict = evaluate_gate(benchmark_models(bench), g, evidence)
+    verdict["evidence"] = {
+        "problems": chain.problems,
+        "models": chain.model_problems,
+        "n_test": chain.n_test,
+    }
+    verdict["notes"] = [seeds_note] if seeds_note else []
+    return verdict
+
+
+def judged_models(g: GateParams) -> list[str]:
+    """The reference, then the release (or, with `release: auto`, every candidate)."""
+    return [g.reference, *(g.candidates if g.release == "auto" else [g.release])]
+
+
+def unreadable_verdict(g: GateParams, error: Exception) -> dict:
+    """A failed verdict for inputs that cannot be read: an older, passing gate.json never stays."""
+    return {
+        "passed": False,
+        "release": g.release,
+        "reference": g.reference,
+        "enforce": g.enforce,
+        "checks": [],
+        "failed": [str(error)],
+        "selection": None,
+    }
+
+
+def benchmark_models(bench) -> dict:
+    """benchmark.json's per-model rows, or {} when it has none (the checks then fail)."""
+    models = bench.get("models") if isinstance(bench, dict) else None
+    return models if isinstance(models, dict) else {}
+
+
+def write_verdict(verdict: dict, bench, *, out: str, metrics: str | None) -> list[str]:
+    """gate.json; with `metrics`, the headline metrics too, replaced together (gate.json last)."""
+    if metrics is None:
+        write_json(out, verdict)
+        return [out]
+    headline = json.dumps(headline_metrics(verdict, benchmark_models(bench)), indent=2) + "\n"
+    return [
+        str(path)
+        for path in write_together(
+            {"metrics": (metrics, lambda tmp: tmp.write_text(headline))},
+            record=out,
+            content=verdict,
+        )
+    ]
+
+
+def log_lines(verdict: dict) -> list[str]:
+    """What the gate stage prints: notes, the reference's origin, every check, the choice."""
+    lines = [f"note: {note}" for note in verdict.get("notes", [])]
+    origin = verdict.get("reference_origin") or {}
+    if origin.get("file"):
+        lines.append(
+            f"reference '{verdict['reference']}' imported from {origin['file']} (sha256 "
+            f"{origin['sha256'][:12]}...)"
+        )
+    for check in verdict["checks"]:
+        mark = "PASS" if check["passed"] else "FAIL"
+        lines.append(
+            f"{mark} {check['name']}: {check['measured']} {check['op']} {check['threshold']}"
+            + (f" ({check['reason']})" if check["reason"] else "")
+        )
+        if check.get("ci"):
+            lines.append(f"  {accuracy_sentence(check)}")
+    if verdict["selection"]:
+        lines.append(f"release auto -> '{verdict['release']}': {verdict['selection']['why']}")
+    if verdict["passed"]:
+        lines.append(f"release '{verdict['release']}' passed every check")
+    return lines

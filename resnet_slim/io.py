@@ -11,13 +11,15 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from resnet_slim.errors import WRITE_ERRNOS, UserError
+
+if TYPE_CHECKING:  # torch is imported where checkpoints are read or written: `prepare` never
+    import torch  # loads it (its import alone is ~600 MB of RSS with a CUDA build)
 
 # Temp paths of this process's atomic writes still open: a forced exit after SIGTERM removes them
 # (resnet_slim/errors.py). A SIGKILL leaves them; the next write of the same output removes them.
@@ -147,10 +149,20 @@ def _remove(path: Path) -> None:
             raise
 
 
+def finite_number(value) -> float | None:
+    """A finite float, or None for a missing, non-numeric (bool included), NaN or infinite value.
+
+    The one check every reader of measured numbers uses (report, plots, serve, experiments, JSON
+    writes): a number that is not a measurement shows as missing, never as a fake value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _finite_or_none(obj):
     # JSON has no NaN: write null so readers (the gate) see "missing", never a fake number.
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+    if isinstance(obj, float):
+        return finite_number(obj)
     if isinstance(obj, dict):
         return {key: _finite_or_none(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -175,14 +187,27 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise UserError(f"{path}: cannot read {what} ({err.strerror or err})") from None
 
 
-def save_checkpoint(path: str | Path, *, model: torch.nn.Module, arch: dict, params: dict,
-                    metrics: dict, atomic: bool = True) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: "torch.nn.Module",
+    arch: dict,
+    params: dict,
+    metrics: dict,
+    atomic: bool = True,
+) -> None:
     """Save weights plus everything needed to rebuild the model; no pickled modules.
 
     `atomic=False` writes `path` directly: for a caller that already writes to a temp path
     (a member of `write_together`)."""
-    checkpoint = {"state_dict": model.state_dict(), "arch": arch, "params": params,
-                  "metrics": metrics}
+    import torch
+
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "arch": arch,
+        "params": params,
+        "metrics": metrics,
+    }
     if not atomic:
         torch.save(checkpoint, path)
         return
@@ -207,6 +232,8 @@ def safe_torch_load(path: str | Path, *, what: str):
 
     Every failure (truncated file, not a torch file, pickled modules refused) is one UserError.
     """
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt / unsafe files
@@ -218,8 +245,10 @@ def _load_failure(err: Exception) -> str:
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
         detail = " ".join(found.group(1).split()) if found else "unsupported content"
-        return (f"refused by the safe loader, weights_only=True: {detail}; the file holds pickled "
-                f"Python objects or is not a torch file at all")
+        return (
+            f"refused by the safe loader, weights_only=True: {detail}; the file holds pickled "
+            f"Python objects or is not a torch file at all"
+        )
     first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else "no detail"
     return f"{err.__class__.__name__}: {first}; is the file truncated or corrupt?"
 
@@ -237,8 +266,12 @@ class InterruptedWrite(KeyboardInterrupt):
     """Ctrl-C / SIGTERM part-way through `write_together`; the message says what was replaced."""
 
 
-def write_together(members: dict[str, tuple[str | Path, Callable[[Path], None]]], *,
-                   record: str | Path, content: dict) -> list[Path]:
+def write_together(
+    members: dict[str, tuple[str | Path, Callable[[Path], None]]],
+    *,
+    record: str | Path,
+    content: dict,
+) -> list[Path]:
     """Replace a set of outputs so that a reader can tell a whole set from a torn one.
 
     `members` is {role: (path, write)}; `write(temp_path)` writes one member. Every member is
@@ -266,7 +299,9 @@ def write_together(members: dict[str, tuple[str | Path, Callable[[Path], None]]]
                 if reason is None:
                     raise
                 raise UserError(f"{path}: cannot write ({reason}); left as it was") from None
-        outputs = {role: {"path": str(path), "sha256": sha256_file(tmp)} for role, path, tmp in staged}
+        outputs = {
+            role: {"path": str(path), "sha256": sha256_file(tmp)} for role, path, tmp in staged
+        }
         replaced: list[Path] = []
         try:
             for _, path, tmp in staged:
@@ -278,13 +313,22 @@ def write_together(members: dict[str, tuple[str | Path, Callable[[Path], None]]]
                 raise
             names = ", ".join(map(str, replaced))
             if _lists(record, outputs):  # the signal landed after the record's own rename
-                raise InterruptedWrite(f"interrupted after writing all of {names} and {record}") from None
-            what = (f"replaced {names} but not {record}, which still records the previous set, so "
-                    f"readers refuse these outputs until the stage re-runs")
+                raise InterruptedWrite(
+                    f"interrupted after writing all of {names} and {record}"
+                ) from None
+            what = (
+                f"replaced {names} but not {record}, which still records the previous set, so "
+                f"readers refuse these outputs until the stage re-runs"
+            )
             if isinstance(err, KeyboardInterrupt):
                 raise InterruptedWrite(f"interrupted: {what}") from None
-            reason = str(err) if isinstance(err, UserError) else f"{err.filename or record}: {err.strerror}"
-            # atomic_path's refusal says "no outputs were written": here some were, `what` says which
+            reason = (
+                str(err)
+                if isinstance(err, UserError)
+                else f"{err.filename or record}: {err.strerror}"
+            )
+            # atomic_path's refusal says "no outputs were written": here some were,
+            # `what` says which
             raise UserError(f"{reason.split('; no outputs were written')[0]}; {what}") from None
     finally:
         for _, _, tmp in staged:
@@ -300,8 +344,10 @@ def check_together(content: dict, *, record: str | Path) -> list[str]:
     """
     outputs = content.get("outputs") if isinstance(content, dict) else None
     if not isinstance(outputs, dict) or not outputs:
-        return [f"{record} lists no outputs with their sha256 (written by an older or interrupted "
-                f"run); re-run the stage that writes it"]
+        return [
+            f"{record} lists no outputs with their sha256 (written by an older or interrupted "
+            f"run); re-run the stage that writes it"
+        ]
     problems = []
     for role, member in outputs.items():
         path = member.get("path") if isinstance(member, dict) else None
@@ -310,8 +356,10 @@ def check_together(content: dict, *, record: str | Path) -> list[str]:
         elif not Path(path).is_file():
             problems.append(f"{path} ({role}) is missing")
         elif sha256_file(path) != member["sha256"]:
-            problems.append(f"{path} is not the {role} file {record} was written with (sha256 "
-                            f"differs: a stale or torn write); re-run the stage")
+            problems.append(
+                f"{path} is not the {role} file {record} was written with (sha256 "
+                f"differs: a stale or torn write); re-run the stage"
+            )
     return problems
 
 

@@ -1,8 +1,17 @@
-"""Caps on sizes and counts that turn into allocations or OS resources.
+"""Caps on sizes and counts that turn into allocations or OS resources, and this machine's cores.
 
-Shared by the params schema and the checkpoint loader, and free of imports, so the lightest
-process (a converter subprocess, `--help`) can use them.
+Shared by the params schema, the checkpoint loader, prepare and the benchmark, and free of heavy
+imports, so the lightest process (a converter subprocess, `--help`) can use them.
 """
+
+import os
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container or taskset may limit
+    it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 # A typo (width: 1000000, threads: 1000000) must be one line, not a 1.4 TB allocation or
 # libgomp's "Out of memory" minutes later. Each is far above any setting this CPU pipeline is for.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from resnet_slim.errors import UserError
+from resnet_slim.models import replace_submodule
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
@@ -25,8 +26,12 @@ def factorizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     layers = {}
     for name, module in model.named_modules():
         # a fixed layer (a CIFAR ResNet's option-A shortcut, models.option_a_weight) stays exact
-        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3 \
-                and module.weight.requires_grad:
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.groups == 1
+            and module.in_channels > 3
+            and module.weight.requires_grad
+        ):
             layers[name] = module
         elif isinstance(module, nn.Linear):
             layers[name] = module
@@ -47,8 +52,9 @@ def energy_curves(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return curves
 
 
-def ranks_for_energy(layers: dict[str, nn.Module], curves: dict[str, torch.Tensor], energy: float,
-                     round_to: int) -> dict[str, int]:
+def ranks_for_energy(
+    layers: dict[str, nn.Module], curves: dict[str, torch.Tensor], energy: float, round_to: int
+) -> dict[str, int]:
     """Smallest rank keeping `energy` of each layer's Σσ², rounded up to a multiple of `round_to`;
     layers it would not shrink are left out."""
     ranks = {}
@@ -65,11 +71,14 @@ def params_with_ranks(model: nn.Module, ranks: dict[str, int]) -> int:
     """Parameter count of `model` once the named layers are factorized to these ranks."""
     layers = dict(model.named_modules())
     total = sum(p.numel() for p in model.parameters())
-    return total - sum(layers[n].weight.numel() - _factor_params(layers[n], r) for n, r in ranks.items())
+    return total - sum(
+        layers[n].weight.numel() - _factor_params(layers[n], r) for n, r in ranks.items()
+    )
 
 
-def choose_ranks(model: nn.Module, *, params_ratio: float, round_to: int = 16,
-                 steps: int = 40) -> dict[str, int]:
+def choose_ranks(
+    model: nn.Module, *, params_ratio: float, round_to: int = 16, steps: int = 40
+) -> dict[str, int]:
     """Per-layer ranks whose factorized model has ≤ `params_ratio` of the parameters (as close as
     one global energy threshold gets)."""
     if not 0.0 < params_ratio < 1.0:
@@ -83,9 +92,11 @@ def choose_ranks(model: nn.Module, *, params_ratio: float, round_to: int = 16,
     lowest = ranks_for_energy(layers, curves, 0.0, round_to)
     if not lowest or params_with_ranks(model, lowest) > target:
         floor = params_with_ranks(model, lowest) / total
-        raise UserError(f"lowrank: params_ratio {params_ratio} is out of reach: rank {round_to} in "
-                        f"every layer still keeps {floor:.3f} of the parameters (lower round_to or "
-                        f"raise params_ratio)")
+        raise UserError(
+            f"lowrank: params_ratio {params_ratio} is out of reach: rank {round_to} in "
+            f"every layer still keeps {floor:.3f} of the parameters (lower round_to or "
+            f"raise params_ratio)"
+        )
     low, high = 0.0, 1.0  # energy kept; params grow with it
     for _ in range(steps):
         mid = (low + high) / 2
@@ -97,12 +108,22 @@ def choose_ranks(model: nn.Module, *, params_ratio: float, round_to: int = 16,
 def _split(module: nn.Module, rank: int) -> nn.Sequential:
     """The two-layer replacement of `module`, weights uninitialised (filled by the caller)."""
     if isinstance(module, nn.Linear):
-        return nn.Sequential(nn.Linear(module.in_features, rank, bias=False),
-                             nn.Linear(rank, module.out_features, bias=module.bias is not None))
+        return nn.Sequential(
+            nn.Linear(module.in_features, rank, bias=False),
+            nn.Linear(rank, module.out_features, bias=module.bias is not None),
+        )
     return nn.Sequential(
-        nn.Conv2d(module.in_channels, rank, module.kernel_size, module.stride, module.padding,
-                  module.dilation, bias=False),
-        nn.Conv2d(rank, module.out_channels, 1, bias=module.bias is not None))
+        nn.Conv2d(
+            module.in_channels,
+            rank,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            bias=False,
+        ),
+        nn.Conv2d(rank, module.out_channels, 1, bias=module.bias is not None),
+    )
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -112,19 +133,21 @@ def _get(model: nn.Module, name: str) -> nn.Module:
         raise UserError(f"lowrank: the model has no layer {name!r}") from None
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """Swap each named layer for its rank-r pair (fresh weights): rebuilding from a checkpoint."""
     for name, rank in ranks.items():
         module = model.get_submodule(name)  # AttributeError, like a bad rank, is a bad record
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "groups", 1) != 1 \
-                or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"{name}: cannot factorize {module.__class__.__name__} to rank {rank!r}")
-        _replace(model, name, _split(module, rank))
+        if (
+            not isinstance(module, (nn.Conv2d, nn.Linear))
+            or getattr(module, "groups", 1) != 1
+            or not isinstance(rank, int)
+            or isinstance(rank, bool)
+            or rank < 1
+        ):
+            raise ValueError(
+                f"{name}: cannot factorize {module.__class__.__name__} to rank {rank!r}"
+            )
+        replace_submodule(model, name, _split(module, rank))
     return model
 
 
@@ -135,16 +158,18 @@ def factorize_svd(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         module = _get(model, name)
         full = min(_matrix(module).shape) if isinstance(module, (nn.Conv2d, nn.Linear)) else 0
         if getattr(module, "groups", 1) != 1 or not 1 <= rank <= full:
-            raise UserError(f"lowrank: cannot factorize {name} ({module.__class__.__name__}) to "
-                            f"rank {rank}; plain convs / linears only, rank 1..{full}")
+            raise UserError(
+                f"lowrank: cannot factorize {name} ({module.__class__.__name__}) to "
+                f"rank {rank}; plain convs / linears only, rank 1..{full}"
+            )
         u, s, vh = torch.linalg.svd(_matrix(module).double(), full_matrices=False)
         root = s[:rank].sqrt()
-        first = (root[:, None] * vh[:rank]).to(module.weight.dtype)   # rank × Cin·k·k
+        first = (root[:, None] * vh[:rank]).to(module.weight.dtype)  # rank × Cin·k·k
         second = (u[:, :rank] * root[None, :]).to(module.weight.dtype)  # Cout × rank
         pair = _split(module, rank)
         pair[0].weight.copy_(first.reshape(pair[0].weight.shape))
         pair[1].weight.copy_(second.reshape(pair[1].weight.shape))
         if module.bias is not None:
             pair[1].bias.copy_(module.bias)
-        _replace(model, name, pair)
+        replace_submodule(model, name, pair)
     return model

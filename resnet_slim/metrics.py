@@ -6,30 +6,30 @@ every gate check keyed by its name. The big per-model tables (benchmark.json, ga
 outputs: hundreds of keys there would drown the comparison.
 """
 
-import math
-
-
-def number(value) -> float | None:
-    """A finite float, or None for missing / non-numeric / NaN values (never a fake number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+from resnet_slim.io import finite_number
 
 
 def best_peer_int8(models: dict, reference: str) -> str | None:
     """The fastest INT8 build of the reference by another tool (ORT static PTQ, OpenVINO + NNCF)."""
-    peers = [n for n, m in models.items() if n.startswith(reference + "_") and "int8" in n
-             and "dynamic" not in n and m.get("runtime") != "pytorch" and number(m.get("p50_ms"))]
+    peers = [
+        n
+        for n, m in models.items()
+        if n.startswith(reference + "_")
+        and "int8" in n
+        and "dynamic" not in n
+        and m.get("runtime") != "pytorch"
+        and finite_number(m.get("p50_ms"))
+    ]
     return min(peers, key=lambda n: models[n]["p50_ms"]) if peers else None
 
 
 def _ratio(numerator, denominator) -> float | None:
-    a, b = number(numerator), number(denominator)
+    a, b = finite_number(numerator), finite_number(denominator)
     return round(a / b, 4) if a is not None and b else None
 
 
 def _rounded(value, digits: int = 4) -> float | None:
-    value = number(value)
+    value = finite_number(value)
     return None if value is None else round(value, digits)
 
 
@@ -53,12 +53,17 @@ def headline_metrics(verdict: dict, models: dict) -> dict:
         "p50_ms": _rounded(release.get("p50_ms")),
         "speedup_vs_reference": _ratio(teacher.get("p50_ms"), release.get("p50_ms")),
         "best_peer_int8": peer,
-        "speedup_vs_best_peer_int8": _ratio((models.get(peer) or {}).get("p50_ms"),
-                                            release.get("p50_ms")) if peer else None,
+        "speedup_vs_best_peer_int8": _ratio(
+            (models.get(peer) or {}).get("p50_ms"), release.get("p50_ms")
+        )
+        if peer
+        else None,
         "size_mb": _rounded(release.get("size_mb")),
         "size_ratio": _ratio(release.get("size_mb"), teacher.get("size_mb")),
         "peak_rss_mb": _rounded(release.get("peak_rss_mb"), 1),
         # one entry per check, so `dvc metrics diff` shows each verdict and measurement
-        "checks": {name: {"passed": bool(c.get("passed")), "measured": _rounded(c.get("measured"))}
-                   for name, c in checks.items()},
+        "checks": {
+            name: {"passed": bool(c.get("passed")), "measured": _rounded(c.get("measured"))}
+            for name, c in checks.items()
+        },
     }

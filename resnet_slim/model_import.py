@@ -21,8 +21,15 @@ from torch import nn
 
 from resnet_slim.errors import UserError
 from resnet_slim.io import safe_torch_load, sha256_file
-from resnet_slim.models import (ARCHS, CIFAR_DEPTHS, build_model, freeze_shortcuts, make_arch,
-                                shortcut_convs)
+from resnet_slim.models import (
+    ARCHS,
+    CIFAR_DEPTHS,
+    build_model,
+    freeze_shortcuts,
+    make_arch,
+    replace_submodule,
+    shortcut_convs,
+)
 
 FORMATS = ("auto", "resnet_slim", "torchvision", "cifar_resnet")
 # dvc.yaml makes this folder a dependency of the stages that import models: a file brought there
@@ -32,8 +39,14 @@ TRACKED_DIR = Path("models/imported")
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
 
-def import_model(path: str | Path, fmt: str = "auto", *, num_classes: int,
-                 replace_head: bool = False, key: str = "teacher") -> tuple[nn.Module, dict, dict]:
+def import_model(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    num_classes: int,
+    replace_head: bool = False,
+    key: str = "teacher",
+) -> tuple[nn.Module, dict, dict]:
     """(model with the file's weights, its architecture record, origin {file, format, sha256, ...}).
 
     `num_classes` is the data's class count. A file with another count is refused unless
@@ -47,19 +60,27 @@ def import_model(path: str | Path, fmt: str = "auto", *, num_classes: int,
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
     loaded = safe_torch_load(path, what="model file")
-    if isinstance(loaded, dict) and "arch" in loaded and "state_dict" in loaded \
-            and fmt in ("auto", "resnet_slim"):
+    if (
+        isinstance(loaded, dict)
+        and "arch" in loaded
+        and "state_dict" in loaded
+        and fmt in ("auto", "resnet_slim")
+    ):
         model, arch, found = _project_checkpoint(path, loaded), dict(loaded["arch"]), "resnet_slim"
     elif fmt == "resnet_slim":
-        raise UserError(f"{path}: not a resnet_slim checkpoint (no 'arch' and 'state_dict'); "
-                        f"set {key}.format to auto, torchvision or cifar_resnet")
+        raise UserError(
+            f"{path}: not a resnet_slim checkpoint (no 'arch' and 'state_dict'); "
+            f"set {key}.format to auto, torchvision or cifar_resnet"
+        )
     else:
         model, arch, found = _foreign_state_dict(path, _state_dict_of(path, loaded), fmt)
     classes_in_file = arch["num_classes"]
     if classes_in_file != num_classes and not replace_head:
-        raise UserError(f"{path}: the model predicts {classes_in_file} classes but the data "
-                        f"has {num_classes}; set {key}.replace_head: true to re-initialise "
-                        f"the classifier for {num_classes} classes (and train it)")
+        raise UserError(
+            f"{path}: the model predicts {classes_in_file} classes but the data "
+            f"has {num_classes}; set {key}.replace_head: true to re-initialise "
+            f"the classifier for {num_classes} classes (and train it)"
+        )
     if replace_head:  # also with an equal count: another label set needs a fresh classifier
         _replace_classifier(model, num_classes)
         arch = {**arch, "num_classes": num_classes}
@@ -68,9 +89,15 @@ def import_model(path: str | Path, fmt: str = "auto", *, num_classes: int,
             out_in = arch["channels"].get(model.classifier_name)
             if out_in is not None:
                 arch["channels"][model.classifier_name] = [num_classes, out_in[1]]
-    origin = {"file": str(path), "format": found, "sha256": sha256_file(path),
-              "family": describe(arch), "classes_in_file": classes_in_file,
-              "head_replaced": replace_head, "tracked_by_dvc": is_tracked(path)}
+    origin = {
+        "file": str(path),
+        "format": found,
+        "sha256": sha256_file(path),
+        "family": describe(arch),
+        "classes_in_file": classes_in_file,
+        "head_replaced": replace_head,
+        "tracked_by_dvc": is_tracked(path),
+    }
     return model, arch, origin
 
 
@@ -83,9 +110,11 @@ def untracked_note(origin: dict) -> str | None:
     """The warning for an imported file that DVC does not track (None when it does)."""
     if origin.get("tracked_by_dvc"):
         return None
-    return (f"{origin['file']} is outside {TRACKED_DIR}/, so DVC tracks its path but not its "
-            f"content (sha256 {origin['sha256'][:12]} is recorded); to re-run on an edited file, "
-            f"copy it there and `dvc add` it")
+    return (
+        f"{origin['file']} is outside {TRACKED_DIR}/, so DVC tracks its path but not its "
+        f"content (sha256 {origin['sha256'][:12]} is recorded); to re-run on an edited file, "
+        f"copy it there and `dvc add` it"
+    )
 
 
 def describe(arch: dict) -> str:
@@ -104,12 +133,17 @@ def _project_checkpoint(path: Path, checkpoint: dict) -> nn.Module:
 def _state_dict_of(path: Path, loaded) -> dict[str, torch.Tensor]:
     """The tensors of a bare or {"state_dict": ...}-wrapped state dict, `module.` prefix removed."""
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-    if not isinstance(state, dict) or not state \
-            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise UserError(f"{path}: not a state dict (expected a mapping of parameter names to "
-                        f"tensors, bare or under 'state_dict'; got {type(state).__name__})")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise UserError(
+            f"{path}: not a state dict (expected a mapping of parameter names to "
+            f"tensors, bare or under 'state_dict'; got {type(state).__name__})"
+        )
     if all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
-        state = {key[len("module."):]: value for key, value in state.items()}
+        state = {key[len("module.") :]: value for key, value in state.items()}
     return dict(state)
 
 
@@ -121,8 +155,9 @@ def _candidates(fmt: str) -> dict[str, dict]:
             records[name] = make_arch(name=name, num_classes=2, width=8, small_input=True)
     if fmt in ("auto", "cifar_resnet"):
         for depth in CIFAR_DEPTHS:
-            records[f"cifar_resnet{depth}"] = make_arch(name="cifar_resnet", depth=depth,
-                                                        num_classes=2, width=8)
+            records[f"cifar_resnet{depth}"] = make_arch(
+                name="cifar_resnet", depth=depth, num_classes=2, width=8
+            )
     return records
 
 
@@ -135,8 +170,9 @@ def _expected_keys(arch: dict) -> tuple[set[str], set[str]]:
     return keys - optional, optional
 
 
-def _foreign_state_dict(path: Path, state: dict[str, torch.Tensor],
-                        fmt: str) -> tuple[nn.Module, dict, str]:
+def _foreign_state_dict(
+    path: Path, state: dict[str, torch.Tensor], fmt: str
+) -> tuple[nn.Module, dict, str]:
     given = {k for k in state if not k.endswith(OPTIONAL_SUFFIXES)}
     mismatch = {}
     for family, record in _candidates(fmt).items():
@@ -151,9 +187,11 @@ def _foreign_state_dict(path: Path, state: dict[str, torch.Tensor],
     closest = min(mismatch, key=lambda f: len(mismatch[f][0]) + len(mismatch[f][1]))
     unexpected, missing = mismatch[closest]
     which = "any family" if fmt == "auto" else f"the {fmt} format"
-    raise UserError(f"{path}: keys match no model of {which}; closest is {closest}, but the file "
-                    f"has {len(unexpected)} unexpected key(s) {unexpected[:3]} and lacks "
-                    f"{len(missing)} {missing[:3]}")
+    raise UserError(
+        f"{path}: keys match no model of {which}; closest is {closest}, but the file "
+        f"has {len(unexpected)} unexpected key(s) {unexpected[:3]} and lacks "
+        f"{len(missing)} {missing[:3]}"
+    )
 
 
 def _arch_from_weights(path: Path, record: dict, state: dict[str, torch.Tensor]) -> dict:
@@ -161,20 +199,29 @@ def _arch_from_weights(path: Path, record: dict, state: dict[str, torch.Tensor])
     classifier = "linear" if record["name"] == "cifar_resnet" else "fc"
     stem, head = state["conv1.weight"], state[f"{classifier}.weight"]
     if stem.ndim != 4 or head.ndim != 2:
-        raise UserError(f"{path}: conv1.weight has shape {list(stem.shape)} and the classifier "
-                        f"{list(head.shape)}; expected a 4-D conv and a 2-D linear weight")
+        raise UserError(
+            f"{path}: conv1.weight has shape {list(stem.shape)} and the classifier "
+            f"{list(head.shape)}; expected a 4-D conv and a 2-D linear weight"
+        )
     kernel = stem.shape[-1]
     if record["name"] == "cifar_resnet":
         if kernel != 3:
             raise UserError(f"{path}: conv1 is {kernel}x{kernel}; a CIFAR ResNet's stem is 3x3")
-        return make_arch(name="cifar_resnet", depth=record["depth"], num_classes=head.shape[0],
-                         width=stem.shape[0])
+        return make_arch(
+            name="cifar_resnet",
+            depth=record["depth"],
+            num_classes=head.shape[0],
+            width=stem.shape[0],
+        )
     if kernel not in (3, 7):
-        raise UserError(f"{path}: conv1 is {kernel}x{kernel}; expected the ImageNet 7x7 stem or "
-                        f"the small-input 3x3 stem")
+        raise UserError(
+            f"{path}: conv1 is {kernel}x{kernel}; expected the ImageNet 7x7 stem or "
+            f"the small-input 3x3 stem"
+        )
     # 7x7/2 + max-pool: the ImageNet stem; 3x3/1 without max-pool: the small-input (CIFAR) stem
-    return make_arch(name=record["name"], num_classes=head.shape[0], width=stem.shape[0],
-                     small_input=kernel == 3)
+    return make_arch(
+        name=record["name"], num_classes=head.shape[0], width=stem.shape[0], small_input=kernel == 3
+    )
 
 
 def _load(path: Path, model: nn.Module, state: dict, *, family: str) -> None:
@@ -182,9 +229,11 @@ def _load(path: Path, model: nn.Module, state: dict, *, family: str) -> None:
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise UserError(f"{path}: {key} has shape {list(value.shape)} in the file but "
-                            f"{list(own[key].shape)} in {family}; the file is not a {family} "
-                            f"(or was altered)")
+            raise UserError(
+                f"{path}: {key} has shape {list(value.shape)} in the file but "
+                f"{list(own[key].shape)} in {family}; the file is not a {family} "
+                f"(or was altered)"
+            )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -198,9 +247,13 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     """A freshly initialised classifier for `num_classes` (torch's default Linear init)."""
     old = model.get_submodule(model.classifier_name)
     if not isinstance(old, nn.Linear):  # e.g. split in two by the lowrank stage
-        raise UserError(f"cannot replace the classifier {model.classifier_name!r}: it is a "
-                        f"{old.__class__.__name__}, not one linear layer; import an unfactorized "
-                        f"checkpoint")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    parent_name, _, child = model.classifier_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        raise UserError(
+            f"cannot replace the classifier {model.classifier_name!r}: it is a "
+            f"{old.__class__.__name__}, not one linear layer; import an unfactorized "
+            f"checkpoint"
+        )
+    replace_submodule(
+        model,
+        model.classifier_name,
+        nn.Linear(old.in_features, num_classes, bias=old.bias is not None),
+    )

@@ -28,8 +28,15 @@ class ResNet(nn.Module):
 
     classifier_name = "fc"  # the layer whose outputs are the classes (never pruned, replaceable)
 
-    def __init__(self, block, layers: list[int], *, num_classes: int, width: int = 64,
-                 small_input: bool = False):
+    def __init__(
+        self,
+        block,
+        layers: list[int],
+        *,
+        num_classes: int,
+        width: int = 64,
+        small_input: bool = False,
+    ):
         super().__init__()
         self.inplanes = width
         if small_input:
@@ -57,8 +64,10 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -124,8 +133,9 @@ class CifarResNet(ResNet):
     def __init__(self, *, depth: int, num_classes: int, width: int = 16):
         nn.Module.__init__(self)
         if depth not in CIFAR_DEPTHS:
-            raise UserError(f"cifar_resnet depth must be one of {list(CIFAR_DEPTHS)} (6n+2), "
-                            f"got {depth}")
+            raise UserError(
+                f"cifar_resnet depth must be one of {list(CIFAR_DEPTHS)} (6n+2), got {depth}"
+            )
         blocks = (depth - 2) // 6
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
@@ -165,9 +175,13 @@ def shortcut_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     """{name: conv} of a CifarResNet's fixed option-A shortcut convs (empty for other models)."""
     if not isinstance(model, CifarResNet):
         return {}
-    return {f"{name}.downsample.0": block.downsample[0] for name, block in model.named_modules()
-            if isinstance(block, BasicBlock) and block.downsample is not None
-            and isinstance(block.downsample[0], nn.Conv2d)}
+    return {
+        f"{name}.downsample.0": block.downsample[0]
+        for name, block in model.named_modules()
+        if isinstance(block, BasicBlock)
+        and block.downsample is not None
+        and isinstance(block.downsample[0], nn.Conv2d)
+    }
 
 
 def freeze_shortcuts(model: nn.Module) -> None:
@@ -177,8 +191,9 @@ def freeze_shortcuts(model: nn.Module) -> None:
         conv.weight.requires_grad_(False)
 
 
-def _fill_option_a_weights(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                           unexpected_keys, error_msgs) -> None:
+def _fill_option_a_weights(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     # A checkpoint of the parameter-free option A has no shortcut keys: supply the fixed weights.
     # Only for unpruned shapes; a pruned model's checkpoint always stores its (sliced) weights.
     for name, conv in shortcut_convs(module).items():
@@ -224,8 +239,14 @@ class MobileNetV3Small(nn.Module):
 STUDENT_ONLY = ("mobilenet_v3_small",)
 
 
-def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool = True,
-              depth: int | None = None) -> dict:
+def make_arch(
+    *,
+    name: str,
+    num_classes: int,
+    width: int = 64,
+    small_input: bool = True,
+    depth: int | None = None,
+) -> dict:
     """The plain-data architecture record stored in every checkpoint.
 
     `cifar_resnet` also records its `depth` (20/32/44/56/110); its stem is always the small one.
@@ -233,13 +254,26 @@ def make_arch(*, name: str, num_classes: int, width: int = 64, small_input: bool
     if name == "cifar_resnet":
         if depth not in CIFAR_DEPTHS:
             raise UserError(f"cifar_resnet depth must be one of {list(CIFAR_DEPTHS)}, got {depth}")
-        return {"name": name, "depth": int(depth), "num_classes": int(num_classes),
-                "width": int(width), "small_input": True, "channels": None}
+        return {
+            "name": name,
+            "depth": int(depth),
+            "num_classes": int(num_classes),
+            "width": int(width),
+            "small_input": True,
+            "channels": None,
+        }
     if name not in ARCHS and name not in STUDENT_ONLY:
-        raise UserError(f"unknown architecture {name!r}; choose one of "
-                        f"{sorted(ARCHS) + list(STUDENT_ONLY) + ['cifar_resnet']}")
-    return {"name": name, "num_classes": int(num_classes), "width": int(width),
-            "small_input": bool(small_input), "channels": None}
+        raise UserError(
+            f"unknown architecture {name!r}; choose one of "
+            f"{sorted(ARCHS) + list(STUDENT_ONLY) + ['cifar_resnet']}"
+        )
+    return {
+        "name": name,
+        "num_classes": int(num_classes),
+        "width": int(width),
+        "small_input": bool(small_input),
+        "channels": None,
+    }
 
 
 # A checkpoint is untrusted input: sizes it claims are checked before anything is allocated
@@ -252,18 +286,22 @@ def check_arch_size(arch: dict) -> None:
     """One UserError if an architecture record claims sizes beyond what any allowed model has."""
     if not isinstance(arch, dict):
         return  # build_model names what is wrong with it
-    claims = {"width": (arch.get("width"), MAX_WIDTH),
-              "num_classes": (arch.get("num_classes"), MAX_CLASSES)}
+    claims = {
+        "width": (arch.get("width"), MAX_WIDTH),
+        "num_classes": (arch.get("num_classes"), MAX_CLASSES),
+    }
     channels, lowrank = arch.get("channels"), arch.get("lowrank")
-    for layer, counts in (channels.items() if isinstance(channels, dict) else []):
+    for layer, counts in channels.items() if isinstance(channels, dict) else []:
         for i, count in enumerate(counts if isinstance(counts, (list, tuple)) else [counts]):
             claims[f"channels[{layer!r}][{i}]"] = (count, MAX_CHANNELS)
-    for layer, rank in (lowrank.items() if isinstance(lowrank, dict) else []):
+    for layer, rank in lowrank.items() if isinstance(lowrank, dict) else []:
         claims[f"lowrank[{layer!r}]"] = (rank, MAX_CHANNELS)
     for key, (value, limit) in claims.items():
         if isinstance(value, int) and not isinstance(value, bool) and not 0 < value <= limit:
-            raise UserError(f"bad architecture record: it claims {key} = {value}, outside "
-                            f"1..{limit}; the checkpoint is corrupt or not from this tool")
+            raise UserError(
+                f"bad architecture record: it claims {key} = {value}, outside "
+                f"1..{limit}; the checkpoint is corrupt or not from this tool"
+            )
 
 
 def build_model(arch: dict) -> nn.Module:
@@ -271,24 +309,35 @@ def build_model(arch: dict) -> nn.Module:
     check_arch_size(arch)
     try:
         if arch["name"] == "mobilenet_v3_small":
-            model = MobileNetV3Small(num_classes=arch["num_classes"], width=arch["width"],
-                                     small_input=arch["small_input"])
+            model = MobileNetV3Small(
+                num_classes=arch["num_classes"],
+                width=arch["width"],
+                small_input=arch["small_input"],
+            )
         elif arch["name"] == "cifar_resnet":
-            model = CifarResNet(depth=arch["depth"], num_classes=arch["num_classes"],
-                                width=arch["width"])
+            model = CifarResNet(
+                depth=arch["depth"], num_classes=arch["num_classes"], width=arch["width"]
+            )
         else:
             block, layers = ARCHS[arch["name"]]
-            model = ResNet(block, layers, num_classes=arch["num_classes"], width=arch["width"],
-                           small_input=arch["small_input"])
+            model = ResNet(
+                block,
+                layers,
+                num_classes=arch["num_classes"],
+                width=arch["width"],
+                small_input=arch["small_input"],
+            )
         if arch.get("channels"):
             resize_to_channels(model, arch["channels"])
         if arch.get("lowrank"):  # {layer: rank} of an SVD-factorized model (resnet_slim/lowrank.py)
             from resnet_slim.lowrank import factorized_structure
+
             factorized_structure(model, arch["lowrank"])
         freeze_shortcuts(model)  # layers re-created above come back trainable
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UserError(f"bad architecture record {str(arch)[:200]}: "
-                        f"{err.__class__.__name__}: {err}") from None
+        raise UserError(
+            f"bad architecture record {str(arch)[:200]}: {err.__class__.__name__}: {err}"
+        ) from None
     return model
 
 
@@ -302,16 +351,19 @@ def load_model(path, *, num_classes: int | None = None) -> tuple[nn.Module, dict
     checkpoint = load_checkpoint(path)
     model = build_model(checkpoint["arch"])
     if num_classes is not None and checkpoint["arch"]["num_classes"] != num_classes:
-        raise UserError(f"{path}: model has {checkpoint['arch']['num_classes']} classes but the "
-                        f"prepared dataset has {num_classes}; re-train it on this dataset")
+        raise UserError(
+            f"{path}: model has {checkpoint['arch']['num_classes']} classes but the "
+            f"prepared dataset has {num_classes}; re-train it on this dataset"
+        )
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
         detail = detail if len(detail) <= 300 else detail[:300] + "..."
-        raise UserError(f"{path}: weights do not match the checkpoint's architecture record "
-                        f"({detail})") from None
+        raise UserError(
+            f"{path}: weights do not match the checkpoint's architecture record ({detail})"
+        ) from None
     return model, checkpoint
 
 
@@ -328,23 +380,37 @@ def channel_record(model: nn.Module) -> dict[str, list[int]]:
     return record
 
 
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the dotted `name` ("layer1.0.conv1", or a top-level "fc") is in `model`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def resize_to_channels(model: nn.Module, channels: dict[str, list[int]]) -> None:
     """Re-create conv/BN/linear layers with recorded channel counts (weights are loaded after)."""
     for name, module in list(model.named_modules()):
         if name not in channels:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, nn.Conv2d):
             out_c, in_c = channels[name]
-            new = nn.Conv2d(in_c, out_c, module.kernel_size, module.stride, module.padding,
-                            module.dilation, module.groups, module.bias is not None)
+            new = nn.Conv2d(
+                in_c,
+                out_c,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                module.bias is not None,
+            )
         elif isinstance(module, nn.BatchNorm2d):
             new = nn.BatchNorm2d(channels[name][0], eps=module.eps, momentum=module.momentum)
         elif isinstance(module, nn.Linear):
             out_f, in_f = channels[name]
             new = nn.Linear(in_f, out_f, bias=module.bias is not None)
         else:
-            raise UserError(f"architecture record names {name!r}, which is a "
-                            f"{module.__class__.__name__}, not a conv/BN/linear layer")
-        setattr(parent, child, new)
+            raise UserError(
+                f"architecture record names {name!r}, which is a "
+                f"{module.__class__.__name__}, not a conv/BN/linear layer"
+            )
+        replace_submodule(model, name, new)

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from resnet_slim.metrics import number  # noqa: E402
+from resnet_slim.io import finite_number  # noqa: E402
 
 PNG_META = {"Software": None}  # no version string: the same inputs give the same bytes
 # label positions tried in turn (points from the marker) until one overlaps no other label
@@ -27,7 +27,7 @@ def feasible_region(ref_top1, ref_p50, max_acc_drop_pp, min_speedup) -> tuple[fl
     The gate passes accuracy when ref_top1 - top1 <= max_acc_drop_pp and latency when
     ref_p50 / p50 >= min_speedup, i.e. top1 >= ref_top1 - drop and p50 <= ref_p50 / speed-up.
     """
-    values = [number(v) for v in (ref_top1, ref_p50, max_acc_drop_pp, min_speedup)]
+    values = [finite_number(v) for v in (ref_top1, ref_p50, max_acc_drop_pp, min_speedup)]
     if any(v is None for v in values) or values[3] <= 0:
         return None
     ref_top1, ref_p50, drop, speedup = values
@@ -35,8 +35,9 @@ def feasible_region(ref_top1, ref_p50, max_acc_drop_pp, min_speedup) -> tuple[fl
 
 
 def is_feasible(top1, p50_ms, region: tuple[float, float] | None) -> bool:
-    """True when a model's (top-1, p50) lies inside the region (the size check is not part of it)."""
-    top1, p50_ms = number(top1), number(p50_ms)
+    """True when a model's (top-1, p50) lies inside the region (the size check is not part of
+    it)."""
+    top1, p50_ms = finite_number(top1), finite_number(p50_ms)
     if region is None or top1 is None or p50_ms is None:
         return False
     return top1 >= region[0] and p50_ms <= region[1]
@@ -50,7 +51,8 @@ def _png(fig) -> bytes:
 
 
 def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names of the points no other point beats on both latency (lower) and top-1 (higher), fastest first."""
+    """Names of the points no other point beats on both latency (lower) and top-1 (higher), fastest
+    first."""
     frontier, best = [], -math.inf
     for name, (_, top1) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
         if top1 > best:
@@ -76,8 +78,15 @@ def place_labels(fig, ax, labels: list[tuple[str, tuple[float, float]]]) -> None
 
 def pareto_png(models: dict, release: str | None, region: tuple[float, float] | None) -> bytes:
     """Top-1 vs batch-1 p50 latency (log x) for every model with both numbers."""
+    return _png(pareto_figure(models, release, region))
+
+
+def pareto_figure(models: dict, release: str | None, region: tuple[float, float] | None):
+    """The Pareto figure: each model with its top-1 CI bar, the frontier, the gate's region."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    points = {n: (number(m.get("p50_ms")), number(m.get("top1"))) for n, m in models.items()}
+    points = {
+        n: (finite_number(m.get("p50_ms")), finite_number(m.get("top1"))) for n, m in models.items()
+    }
     points = {n: p for n, p in points.items() if p[0] is not None and p[1] is not None and p[0] > 0}
     if points:
         xs = [p[0] for p in points.values()] + ([region[1]] if region and region[1] > 0 else [])
@@ -88,27 +97,59 @@ def pareto_png(models: dict, release: str | None, region: tuple[float, float] | 
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
     if region is not None and points:
         (left, _), (low, top) = ax.get_xlim(), ax.get_ylim()
-        ax.fill_between([left, region[1]], max(region[0], low), top, color="tab:green", alpha=0.12,
-                        label=f"gate: top-1 ≥ {region[0]:.2f}%, p50 ≤ {region[1]:.3g} ms")
+        ax.fill_between(
+            [left, region[1]],
+            max(region[0], low),
+            top,
+            color="tab:green",
+            alpha=0.12,
+            label=f"gate: top-1 ≥ {region[0]:.2f}%, p50 ≤ {region[1]:.3g} ms",
+        )
         ax.axvline(region[1], color="tab:green", lw=0.8, ls="--")
         ax.axhline(region[0], color="tab:green", lw=0.8, ls="--")
     for name, (x, y) in points.items():
-        low, high = number(models[name].get("top1_ci_low")), number(models[name].get("top1_ci_high"))
+        low, high = (
+            finite_number(models[name].get("top1_ci_low")),
+            finite_number(models[name].get("top1_ci_high")),
+        )
         if low is not None and high is not None and low <= y <= high:  # 95% CI of the top-1
-            ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="none", ecolor="tab:gray",
-                        elinewidth=0.8, capsize=2, alpha=0.7, zorder=2)
+            ax.errorbar(
+                x,
+                y,
+                yerr=[[y - low], [high - y]],
+                fmt="none",
+                ecolor="tab:gray",
+                elinewidth=0.8,
+                capsize=2,
+                alpha=0.7,
+                zorder=2,
+            )
     frontier = pareto_frontier(points)
     if len(frontier) > 1:
-        ax.step([points[n][0] for n in frontier], [points[n][1] for n in frontier], where="post",
-                color="tab:orange", lw=1.0, alpha=0.8, zorder=2, label="Pareto frontier")
+        ax.step(
+            [points[n][0] for n in frontier],
+            [points[n][1] for n in frontier],
+            where="post",
+            color="tab:orange",
+            lw=1.0,
+            alpha=0.8,
+            zorder=2,
+            label="Pareto frontier",
+        )
     labels = []
     for name, (x, y) in sorted(points.items(), key=lambda item: item[1][0]):
         torch_row = models[name].get("runtime") == "pytorch"
         if name == release:
             ax.scatter(x, y, marker="*", s=260, color="tab:red", zorder=4, label=f"release: {name}")
         else:
-            ax.scatter(x, y, s=45, zorder=3, facecolors="none" if torch_row else "tab:blue",
-                       edgecolors="tab:gray" if torch_row else "tab:blue")
+            ax.scatter(
+                x,
+                y,
+                s=45,
+                zorder=3,
+                facecolors="none" if torch_row else "tab:blue",
+                edgecolors="tab:gray" if torch_row else "tab:blue",
+            )
         labels.append((name + (" (PyTorch)" if torch_row else ""), (x, y)))
     place_labels(fig, ax, labels)
     ax.set_xlabel("p50 latency, batch 1 (ms, log scale)")
@@ -117,12 +158,12 @@ def pareto_png(models: dict, release: str | None, region: tuple[float, float] | 
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return fig
 
 
 def size_png(models: dict, release: str | None) -> bytes:
     """Horizontal bars of each model's file size in MB."""
-    sizes = {n: number(m.get("size_mb")) for n, m in models.items()}
+    sizes = {n: finite_number(m.get("size_mb")) for n, m in models.items()}
     sizes = {n: s for n, s in sizes.items() if s is not None}
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(sizes) + 1.2))
     names = list(sizes)[::-1]
@@ -165,8 +206,10 @@ def channels_png(channels: list[dict]) -> bytes:
     rows = [c for c in channels if isinstance(c, dict) and "layer" in c]
     fig, ax = plt.subplots(figsize=(max(7.5, 0.32 * len(rows)), 4.2))
     xs = range(len(rows))
-    ax.bar(xs, [number(c.get("before")) or 0 for c in rows], color="lightgray", label="before")
-    ax.bar(xs, [number(c.get("after")) or 0 for c in rows], color="tab:blue", label="kept")
+    ax.bar(
+        xs, [finite_number(c.get("before")) or 0 for c in rows], color="lightgray", label="before"
+    )
+    ax.bar(xs, [finite_number(c.get("after")) or 0 for c in rows], color="tab:blue", label="kept")
     ax.set_xticks(list(xs), [c["layer"] for c in rows], rotation=90, fontsize=7)
     ax.set_ylabel("output channels")
     ax.set_title("Channels kept per layer")

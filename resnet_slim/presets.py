@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from resnet_slim.errors import UserError
-from resnet_slim.params import parse_params, read_yaml
+from resnet_slim.params import merged, parse_params, read_yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
 
@@ -33,24 +33,19 @@ def describe_preset(name: str, directory: Path = PRESET_DIR) -> str:
 def load_preset(name: str, directory: Path = PRESET_DIR) -> dict:
     path = Path(directory) / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"unknown preset {name!r}; choose from {available_presets(directory)} "
-                        f"(files in {directory})")
+        raise UserError(
+            f"unknown preset {name!r}; choose from {available_presets(directory)} "
+            f"(files in {directory})"
+        )
     try:
         overlay = read_yaml(path)  # duplicate keys are an error, as in params.yaml
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
     if not isinstance(overlay, dict) or not overlay:
-        raise UserError(f"{path}: expected a mapping of params sections, e.g. 'prune: {{ratio: 0.4}}'")
+        raise UserError(
+            f"{path}: expected a mapping of params sections, e.g. 'prune: {{ratio: 0.4}}'"
+        )
     return overlay
-
-
-def merge(base: dict, overlay: dict) -> dict:
-    """A new dict: `overlay`'s leaves over `base` (nested sections merged, lists replaced)."""
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
 
 
 def _yaml_value(value) -> str:
@@ -73,8 +68,9 @@ def flatten_overrides(overlay: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def preset_overrides(names: list[str], params_path: str | Path = "params.yaml",
-                     directory: Path = PRESET_DIR) -> list[str]:
+def preset_overrides(
+    names: list[str], params_path: str | Path = "params.yaml", directory: Path = PRESET_DIR
+) -> list[str]:
     """-S arguments for `names` applied in order over params.yaml; validated before returning."""
     if not names:
         raise UserError(f"name at least one preset; available: {available_presets(directory)}")
@@ -84,8 +80,8 @@ def preset_overrides(names: list[str], params_path: str | Path = "params.yaml",
         raise UserError(f"{params_path}: cannot read params ({err.__class__.__name__})") from None
     overlay: dict = {}
     for name in names:
-        overlay = merge(overlay, load_preset(name, directory))
-    parse_params(merge(params, overlay), source=f"preset {'+'.join(names)} over {params_path}")
+        overlay = merged(overlay, load_preset(name, directory))
+    parse_params(merged(params, overlay), source=f"preset {'+'.join(names)} over {params_path}")
     return flatten_overrides(overlay)
 
 
@@ -95,3 +91,28 @@ def exp_run_command(names: list[str], overrides: list[str], *, queue: bool = Fal
     for item in overrides:
         command += ["-S", item]
     return command + (["--queue"] if queue else [])
+
+
+def preset_commands(
+    names: list[str], params_path, extra: list[str], *, combine: bool, queue: bool
+) -> list[list[str]]:
+    """The `dvc exp run` command(s) for `names` (+ `extra` KEY=VALUE overrides), all validated.
+
+    Several presets run as separate experiments (a sweep) unless combined into one."""
+    if not names:
+        raise UserError(f"name a preset; available: {available_presets()}")
+    for item in extra:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. gate.enforce=false")
+    if len(names) > 1 and not (combine or queue):
+        # `dvc exp run` leaves its -S values in the workspace's params.yaml, so back-to-back runs
+        # would inherit each other's keys; queued experiments each start from the last commit
+        raise UserError(
+            "several presets: add --queue (one experiment each, from the last commit) "
+            "or --combine (one experiment with all of them)"
+        )
+    groups = [names] if combine or len(names) == 1 else [[name] for name in names]
+    return [
+        exp_run_command(group, preset_overrides(group, params_path) + extra, queue=queue)
+        for group in groups
+    ]

@@ -7,22 +7,25 @@ so channels tied together (a block's output, its residual add, the downsample br
 block's input) are removed together and the result is a plain, smaller `nn.Module`. A CIFAR
 ResNet's option-A shortcut is a fixed 0/1 1x1 conv (models.option_a_weight), so removal slices it
 like any conv and the shortcut stays exact for the channels that remain.
+
+The slim_prune stage's work is `slim_prune_and_finetune`; the lowrank stage's, its like-for-like
+alternative at the same parameter budget, is `factorize_and_finetune` (why here: its docstring).
 """
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from resnet_slim import engine
+from resnet_slim import data, distributed, engine, lowrank
 from resnet_slim.distill import kd_logit_loss
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
-from resnet_slim.models import freeze_shortcuts
+from resnet_slim.models import build_model, channel_record, freeze_shortcuts, load_model
 
 CHANNEL_METHODS = ("bn_slimming", "l1_filter")
 # the models' classifiers (models.ResNet: fc, models.CifarResNet: linear): classes are never pruned
@@ -41,9 +44,16 @@ def bn_l1_hook(l1_lambda: float) -> Callable[[nn.Module], None]:
     @torch.no_grad()
     def hook(model: nn.Module) -> None:
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d) and module.weight is not None \
-                    and module.weight.grad is not None:
+            # _BatchNorm: BatchNorm2d, and SyncBatchNorm under DDP with base.sync_bn (not a
+            # BatchNorm2d subclass). The gradients are already averaged over ranks and γ is the
+            # same on every rank, so every rank adds the same term.
+            if (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.weight is not None
+                and module.weight.grad is not None
+            ):
                 module.weight.grad.add_(l1_lambda * torch.sign(module.weight))
+
     return hook
 
 
@@ -54,27 +64,38 @@ def _importance(method: str):
         return tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
     # L1 norm of the conv weights touching each channel (Li et al. 2017, arXiv:1608.08710),
     # divided by the layer's mean so that layers with large fan-in do not dominate a global rank.
-    return tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer="mean",
-                                             target_types=[nn.Conv2d])
+    return tp.importance.MagnitudeImportance(
+        p=1, group_reduction="mean", normalizer="mean", target_types=[nn.Conv2d]
+    )
 
 
-def prune_channels(model: nn.Module, *, method: str, ratio: float, round_to: int | None,
-                   global_pruning: bool, image_size: int) -> nn.Module:
+def prune_channels(
+    model: nn.Module,
+    *,
+    method: str,
+    ratio: float,
+    round_to: int | None,
+    global_pruning: bool,
+    image_size: int,
+) -> nn.Module:
     """A copy of `model` with `ratio` of its prunable conv channels physically removed.
 
     method: "bn_slimming" (rank by BN |γ|) or "l1_filter" (rank by conv-weight L1 norm).
     global_pruning: one threshold across all layers (true) or `ratio` of every layer (false).
     round_to: kept channel counts are rounded to the nearest multiple of this. Every layer keeps
     at least round_to (or 1) channels, and one with fewer than round_to is left whole, so the
-    channels actually removed can differ a little from `ratio` (`channels_kept` reports it). The classifier's outputs are never
-    pruned. `model` itself is not modified.
+    channels actually removed can differ a little from `ratio` (`channels_kept` reports it). The
+    classifier's outputs are never pruned. `model` itself is not modified.
     """
     if method not in CHANNEL_METHODS:
-        raise UserError(f"prune.method {method!r} does not remove channels; "
-                        f"choose one of {list(CHANNEL_METHODS)}")
+        raise UserError(
+            f"prune.method {method!r} does not remove channels; "
+            f"choose one of {list(CHANNEL_METHODS)}"
+        )
     if not 0.0 <= ratio < 1.0:
-        raise UserError(f"prune.ratio must be in [0, 1) (the fraction of channels removed), "
-                        f"got {ratio}")
+        raise UserError(
+            f"prune.ratio must be in [0, 1) (the fraction of channels removed), got {ratio}"
+        )
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise UserError(f"prune.round_to must be a positive integer or null, got {round_to!r}")
     if image_size < 1:
@@ -83,22 +104,44 @@ def prune_channels(model: nn.Module, *, method: str, ratio: float, round_to: int
     example = torch.zeros(1, 3, image_size, image_size)
     importance = _importance(method)
     ignored = [pruned.get_submodule(pruned.classifier_name)]
-    plan = _removal_plan(pruned, example, importance, ignored, ratio=ratio,
-                         global_pruning=global_pruning, min_keep=round_to or 1)
+    plan = _removal_plan(
+        pruned,
+        example,
+        importance,
+        ignored,
+        ratio=ratio,
+        global_pruning=global_pruning,
+        min_keep=round_to or 1,
+    )
     if plan:
         # Per-layer counts as ratios; torch-pruning picks the lowest-importance channels of each
         # group, removes them from every coupled layer and rounds kept counts down to round_to.
-        pruner = tp.pruner.BasePruner(pruned, example, importance=importance, pruning_ratio=0.0,
-                                      pruning_ratio_dict=plan, global_pruning=False,
-                                      round_to=round_to, ignored_layers=ignored)
+        pruner = tp.pruner.BasePruner(
+            pruned,
+            example,
+            importance=importance,
+            pruning_ratio=0.0,
+            pruning_ratio_dict=plan,
+            global_pruning=False,
+            round_to=round_to,
+            ignored_layers=ignored,
+        )
         pruner.step()
         freeze_shortcuts(pruned)  # torch-pruning re-creates the sliced weights as trainable
     pruned.train(model.training)
     return pruned
 
 
-def _removal_plan(model: nn.Module, example: torch.Tensor, importance, ignored: list[nn.Module], *,
-                  ratio: float, global_pruning: bool, min_keep: int) -> dict[nn.Module, float]:
+def _removal_plan(
+    model: nn.Module,
+    example: torch.Tensor,
+    importance,
+    ignored: list[nn.Module],
+    *,
+    ratio: float,
+    global_pruning: bool,
+    min_keep: int,
+) -> dict[nn.Module, float]:
     """{root module of a coupled channel group: fraction of its channels to remove}.
 
     Computed here rather than by torch-pruning's global mode because that one skips a group
@@ -107,8 +150,9 @@ def _removal_plan(model: nn.Module, example: torch.Tensor, importance, ignored: 
     """
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     scores = []
-    for group in graph.get_all_groups(ignored_layers=ignored,
-                                      root_module_types=[nn.Conv2d, nn.Linear]):
+    for group in graph.get_all_groups(
+        ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]
+    ):
         score = importance(group)
         if score is not None:
             scores.append((group[0].dep.target.module, score))
@@ -119,12 +163,16 @@ def _removal_plan(model: nn.Module, example: torch.Tensor, importance, ignored: 
         every = torch.cat([score for _, score in scores])
         n_remove = len(every) - int(len(every) * (1.0 - ratio))
         owner = torch.cat([torch.full((len(score),), i) for i, (_, score) in enumerate(scores)])
-        rank_in_layer = torch.cat([(torch.argsort(torch.argsort(score, stable=True)) + 0.5)
-                                   / len(score) for _, score in scores])
+        rank_in_layer = torch.cat(
+            [
+                (torch.argsort(torch.argsort(score, stable=True)) + 0.5) / len(score)
+                for _, score in scores
+            ]
+        )
         by_rank = torch.argsort(rank_in_layer, stable=True)
         lowest = by_rank[torch.argsort(every[by_rank], stable=True)][:n_remove]
         counts = torch.bincount(owner[lowest], minlength=len(scores)).tolist()
-        wanted = {module: n for (module, _), n in zip(scores, counts)}
+        wanted = {module: n for (module, _), n in zip(scores, counts, strict=True)}
     else:
         wanted = {module: len(score) - int(len(score) * (1.0 - ratio)) for module, score in scores}
     plan = {}
@@ -149,12 +197,14 @@ def prune_unstructured(model: nn.Module, *, ratio: float) -> nn.Module:
     for comparison with channel pruning, not a speed-up. `model` itself is not modified.
     """
     if not 0.0 <= ratio < 1.0:
-        raise UserError(f"prune.ratio must be in [0, 1) (the fraction of weights zeroed), "
-                        f"got {ratio}")
+        raise UserError(
+            f"prune.ratio must be in [0, 1) (the fraction of weights zeroed), got {ratio}"
+        )
     pruned = copy.deepcopy(model)
     targets = [(m, "weight") for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured,
-                                    amount=ratio)
+    torch_prune.global_unstructured(
+        targets, pruning_method=torch_prune.L1Unstructured, amount=ratio
+    )
     for module, name in targets:
         torch_prune.remove(module, name)  # bake the mask in: plain `weight` tensors again
     return pruned
@@ -166,20 +216,28 @@ def keep_zeros_hook(model: nn.Module) -> Callable[[nn.Module], None]:
     With the shared loop's SGD (weight decay of a zero weight is zero) those weights then stay
     exactly 0, so fine-tuning after `prune_unstructured` keeps the sparsity it was given.
     """
-    masks = {name: (module.weight != 0) for name, module in model.named_modules()
-             if isinstance(module, (nn.Conv2d, nn.Linear))}
+    masks = {
+        name: (module.weight != 0)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    }
 
     @torch.no_grad()
     def hook(trained: nn.Module) -> None:
+        trained = distributed.unwrap(trained)  # DDP would prefix every name with "module."
         for name, mask in masks.items():
             weight = trained.get_submodule(name).weight
             if weight.grad is not None:
+                # the masks follow the model to its device once (a no-op on the CPU)
+                masks[name] = mask = mask.to(weight.device)
                 weight.grad.mul_(mask)
+
     return hook
 
 
-def finetune_loss(teacher: nn.Module | None, *, kd_alpha: float, temperature: float,
-                  label_smoothing: float = 0.0) -> engine.LossFn:
+def finetune_loss(
+    teacher: nn.Module | None, *, kd_alpha: float, temperature: float, label_smoothing: float = 0.0
+) -> engine.LossFn:
     """Cross-entropy, or with kd_alpha > 0 KD: α·T²·KL(p_t^T ‖ p_s^T) + (1−α)·CE."""
     if kd_alpha == 0.0 or teacher is None:
         return engine.cross_entropy(label_smoothing)
@@ -190,15 +248,29 @@ def finetune_loss(teacher: nn.Module | None, *, kd_alpha: float, temperature: fl
         with torch.no_grad():
             teacher_logits = teacher(images)
         logits = model(images)
-        return kd_logit_loss(logits, teacher_logits, labels, alpha=kd_alpha,
-                             temperature=temperature), logits
+        return kd_logit_loss(
+            logits, teacher_logits, labels, alpha=kd_alpha, temperature=temperature
+        ), logits
+
     return loss_fn
 
 
 def count_macs_params(model: nn.Module, image_size: int) -> tuple[int, int]:
-    """(multiply-accumulates of one image_size² image, parameter count), by torch-pruning."""
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size))
-    return int(macs), int(params)
+    """(multiply-accumulates of one image_size² image, parameter count).
+
+    MACs are counted on the model's ONNX export by export.count_macs, the one MAC count that
+    benchmark.json uses too, so a model has the same number in every report (conv and linear
+    weights only; torch-pruning's counter also adds BN, ReLU, pooling and biases).
+    """
+    import tempfile  # lazy: the training stages import this module, and only this needs ONNX
+
+    from resnet_slim.export import count_macs, export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, image_size=image_size, opset=17)  # same count at any opset
+        macs = count_macs(path)
+    return macs, sum(p.numel() for p in model.parameters())
 
 
 def count_nonzero(model: nn.Module) -> int:
@@ -231,9 +303,191 @@ def plot_kept_channels(rows: list[dict], path: str | Path) -> None:
     axes.set_xlabel("output channels")
     total_before = sum(r["before"] for r in rows)
     total_after = sum(r["after"] for r in rows)
-    axes.set_title(f"Conv channels kept: {total_after}/{total_before} "
-                   f"({100.0 * total_after / max(total_before, 1):.1f}%)", fontsize=9)
+    axes.set_title(
+        f"Conv channels kept: {total_after}/{total_before} "
+        f"({100.0 * total_after / max(total_before, 1):.1f}%)",
+        fontsize=9,
+    )
     axes.legend(loc="lower right", fontsize=7)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
+
+
+# ---------------------------------------------------------------- the stages' work
+
+
+def slim_prune_and_finetune(
+    *,
+    teacher_path: str | Path,
+    prepared_dir: str | Path,
+    reports: str | Path,
+    params,
+    device: torch.device,
+) -> tuple[nn.Module, dict, dict, list[dict]] | None:
+    """The slim_prune stage's work: sparsity training (bn_slimming), channel removal (or magnitude
+    zeroing), fine-tuning (KD with prune.kd_alpha > 0) on `device`, DVCLive logs under `reports`.
+
+    Returns (pruned plain CPU model, its architecture record, metrics, kept-channel rows) on rank
+    0 and None on the other ranks, which write nothing (and so skip the MAC counts).
+    """
+    p, base = params.prune, params.base
+    engine.seed_everything(base.seed, distributed.threads_per_process(base.threads))
+    teacher, checkpoint = load_model(
+        teacher_path, num_classes=len(data.load_meta(prepared_dir)["class_names"])
+    )
+    model = build_model(checkpoint["arch"])
+    model.load_state_dict(checkpoint["state_dict"])
+    _, val_loader, test_loader, meta = engine.rank_loaders(
+        prepared_dir, batch_size=p.finetune.batch_size, base=base
+    )
+    teacher, size = teacher.to(device), meta["image_size"]  # teacher: forward only, no DDP
+    top1 = {"before": engine.evaluate(teacher, test_loader)["top1"]}
+    val_top1 = {"before": engine.evaluate(teacher, val_loader)["top1"]}
+
+    def train(model, phase, desc, loss_fn, after_backward):  # on `device`; a plain CPU model back
+        train_loader, *_ = engine.rank_loaders(prepared_dir, batch_size=phase.batch_size, base=base)
+        return engine.fit_on(
+            device,
+            model,
+            train_loader,
+            val_loader,
+            phase,
+            sync_bn=base.sync_bn,
+            loss_fn=loss_fn,
+            live_dir=f"{reports}/{desc}",
+            desc=desc,
+            after_backward=after_backward,
+        )
+
+    if p.method == "bn_slimming" and p.sparsity.epochs > 0:
+        model, _ = train(
+            model,
+            p.sparsity,
+            "sparsity",
+            engine.cross_entropy(p.sparsity.label_smoothing),
+            bn_l1_hook(p.sparsity.l1_lambda),
+        )
+        top1["after_sparsity"] = engine.evaluate(model, test_loader)["top1"]
+    # Every process removes the same weights: DDP kept them equal on all ranks (averaged gradients,
+    # BN statistics synced each epoch) and removal is a deterministic function of them; the DDP
+    # wrap for fine-tuning also checks shapes across ranks and broadcasts rank 0's values.
+    if p.method == "magnitude":
+        pruned = prune_unstructured(model, ratio=p.ratio)
+        keep_zeros = keep_zeros_hook(pruned)
+    else:
+        pruned = prune_channels(
+            model,
+            method=p.method,
+            ratio=p.ratio,
+            round_to=p.round_to,
+            global_pruning=p.global_pruning,
+            image_size=size,
+        )
+        keep_zeros = None
+    top1["after_removal"] = engine.evaluate(pruned, test_loader)["top1"]
+    pruned, history = train(
+        pruned,
+        p.finetune,
+        "finetune",
+        finetune_loss(
+            teacher,
+            kd_alpha=p.kd_alpha,
+            temperature=p.temperature,
+            label_smoothing=p.finetune.label_smoothing,
+        ),
+        keep_zeros,
+    )
+    top1["after_finetune"] = engine.evaluate(pruned, test_loader)["top1"]
+    if not distributed.is_main_process():
+        return None
+    teacher = teacher.cpu()
+    (t_macs, t_params), (s_macs, s_params) = (count_macs_params(m, size) for m in (teacher, pruned))
+    rows = kept_channels(channel_record(teacher), channel_record(pruned))
+    val_top1["after_finetune"] = history[-1]["val_top1"]
+    metrics = {
+        "method": p.method,
+        "ratio": p.ratio,
+        "top1_test": top1,
+        "top1_val": val_top1,
+        "macs": {"teacher": t_macs, "pruned": s_macs, "ratio": s_macs / t_macs},
+        "params": {"teacher": t_params, "pruned": s_params, "ratio": s_params / t_params},
+        "nonzero_params": {"teacher": count_nonzero(teacher), "pruned": count_nonzero(pruned)},
+        "channels_kept": sum(r["after"] for r in rows) / sum(r["before"] for r in rows),
+    }
+    return pruned, {**checkpoint["arch"], "channels": channel_record(pruned)}, metrics, rows
+
+
+def factorize_and_finetune(
+    *,
+    teacher_path: str | Path,
+    pruned_path: str | Path,
+    prepared_dir: str | Path,
+    reports: str | Path,
+    params,
+    device: torch.device,
+) -> tuple[nn.Module, dict, dict] | None:
+    """The lowrank stage's work: SVD-factorize the teacher (resnet_slim/lowrank.py) to
+    lowrank.params_ratio of its parameters (match_pruned: the pruned model's share), then
+    fine-tune on `device`, DVCLive logs under `reports`.
+
+    Returns (plain CPU model, its architecture record, metrics) on rank 0 and None on the other
+    ranks, which write nothing. It lives here, not in lowrank.py, because models.py imports
+    lowrank.py to rebuild factorized checkpoints: training code there would make every stage that
+    loads a model (train_teacher, export, ...) depend on it in dvc.yaml.
+    """
+    p, base = params.lowrank, params.base
+    engine.seed_everything(base.seed, distributed.threads_per_process(base.threads))
+    train_loader, val_loader, test_loader, meta = engine.rank_loaders(
+        prepared_dir, batch_size=p.finetune.batch_size, base=base
+    )
+    num_classes, size = len(meta["class_names"]), meta["image_size"]
+    teacher, checkpoint = load_model(teacher_path, num_classes=num_classes)
+    model, _ = load_model(teacher_path, num_classes=num_classes)  # factorized in place
+    pruned = None
+    target = p.params_ratio
+    if target == "match_pruned":  # non-zero counts: also right for unstructured (magnitude) pruning
+        pruned, _ = load_model(pruned_path, num_classes=num_classes)
+        target = count_nonzero(pruned) / count_nonzero(teacher)
+    # Every process gets the same ranks and factors: each loaded the same teacher file, and the
+    # SVD of the same matrices on the same CPU is deterministic (fit_on's DDP wrap then checks
+    # the shapes across ranks and broadcasts rank 0's values).
+    ranks = lowrank.choose_ranks(model, params_ratio=target, round_to=p.round_to)
+    lowrank.factorize_svd(model, ranks)
+
+    top1 = {
+        "before": engine.evaluate(teacher, test_loader)["top1"],
+        "after_factorization": engine.evaluate(model, test_loader)["top1"],
+    }
+    model, history = engine.fit_on(
+        device,
+        model,
+        train_loader,
+        val_loader,
+        p.finetune,
+        sync_bn=base.sync_bn,
+        desc="lowrank finetune",
+        loss_fn=engine.cross_entropy(p.finetune.label_smoothing),
+        live_dir=f"{reports}/finetune",
+    )
+    top1["after_finetune"] = engine.evaluate(model, test_loader)["top1"]
+    if not distributed.is_main_process():
+        return None
+    counts = {
+        "teacher": count_macs_params(teacher, size),
+        "lowrank": count_macs_params(model, size),
+    }
+    if pruned is not None:
+        counts["pruned"] = count_macs_params(pruned, size)
+    metrics = {
+        "params_ratio_target": target,
+        "round_to": p.round_to,
+        "ranks": ranks,
+        "top1_test": top1,
+        "val_top1": history[-1]["val_top1"],
+        "params": {k: v[1] for k, v in counts.items()},
+        "macs": {k: v[0] for k, v in counts.items()},
+    }
+    for key in ("params", "macs"):
+        metrics[key]["ratio"] = metrics[key]["lowrank"] / metrics[key]["teacher"]
+    return model, {**checkpoint["arch"], "lowrank": ranks}, metrics

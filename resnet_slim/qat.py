@@ -14,10 +14,9 @@ Why this route:
 * Export folds BN into each conv with its running statistics (what the QAT module computes in
   eval mode), keeps the learned fake quants frozen, and traces with the TorchScript exporter,
   which writes QuantizeLinear/DequantizeLinear. An unfolded export keeps float Conv+Div+BN (slower
-  than FP32). A small ONNX pass then stores weights as int8 (the file shrinks ~3x) and biases as
-  int32 (scale = input x weight scale, the standard QDQ conv, as quantize_static writes it), and
-  makes per-tensor scales scalars, without which ORT's fused QLinearAdd refuses to load.
-  `int8_kernel_report` checks what ORT really runs: the op types of its optimized graph.
+  than FP32). `onnx_int8.store_int8` then stores int8 weights and int32 biases, and
+  `export_qat_checked` accepts the file only if ORT runs every conv as an int8 kernel
+  (`onnx_int8.int8_kernel_report`) and its top-1 matches the PyTorch QAT model's.
 * Checkpoint = the QAT state_dict (scales and observer state are buffers, so `weights_only`
   loading works) + the FP32 arch + params["backend"]; `load_qat_model` rebuilds it (build_model
   -> prepare_qat_model -> load_state_dict). BN-freeze flags are not saved: re-apply the epoch
@@ -27,54 +26,71 @@ Why this route:
 
 import copy
 import tempfile
-import time
-import warnings
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import onnx
 import torch
 import torch.ao.nn.intrinsic.qat as nniqat
 import torch.ao.nn.qat as nnqat
-from onnx import helper, numpy_helper
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
-from torch.ao.quantization import (DeQuantStub, FakeQuantize,
-                                   MovingAverageMinMaxObserver,
-                                   MovingAveragePerChannelMinMaxObserver, QConfig, QuantStub,
-                                   disable_observer, enable_observer)
+from torch.ao.quantization import (
+    DeQuantStub,
+    FakeQuantize,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    QConfig,
+    QuantStub,
+    disable_observer,
+    enable_observer,
+)
 from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableBottleneck
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from resnet_slim import distributed, engine
+from resnet_slim.bench import top1, torch_top1
+from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session
 from resnet_slim.io import atomic_path
-from resnet_slim.models import ResNet, build_model
+from resnet_slim.models import ResNet, build_model, replace_submodule
+from resnet_slim.onnx_int8 import int8_kernel_report, store_int8
+from resnet_slim.params import BaseParams, QatParams
+from resnet_slim.quant import calibration_images
 
 # x86 int8 kernels without VNNI (fbgemm's, and ORT's MLAS) add pairs of u8 x s8 products in int16
 # (VPMADDUBSW), which saturates: 2 x 255 x 128 > 32767. Like torch's x86/fbgemm qconfigs we give up
 # one bit, but on the weights, as ORT's `reduce_range` does (2 x 255 x 64 fits), so activations
 # keep the full uint8 range. qnnpack (ARM) has no such limit.
-WEIGHT_RANGE = {"x86": (-64, 63), "fbgemm": (-64, 63), "qnnpack": (-128, 127),
-                "onednn": (-128, 127)}
+WEIGHT_RANGE = {
+    "x86": (-64, 63),
+    "fbgemm": (-64, 63),
+    "qnnpack": (-128, 127),
+    "onednn": (-128, 127),
+}
 
 
 def qat_qconfig(backend: str) -> QConfig:
     """uint8 per-tensor activations (full range), int8 per-channel symmetric weights."""
     low, high = WEIGHT_RANGE[backend]
     return QConfig(
-        activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0,
-                                          quant_max=255, dtype=torch.quint8,
-                                          qscheme=torch.per_tensor_affine),
-        weight=FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver,
-                                      quant_min=low, quant_max=high, dtype=torch.qint8,
-                                      qscheme=torch.per_channel_symmetric, ch_axis=0))
-
-
-FLOAT_CONVS = {"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv"}  # any domain (nchwc too)
-INT8_CONVS = {"QLinearConv", "NhwcQLinearConv", "ConvInteger"}
+        activation=FakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver,
+            quant_min=0,
+            quant_max=255,
+            dtype=torch.quint8,
+            qscheme=torch.per_tensor_affine,
+        ),
+        weight=FakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver,
+            quant_min=low,
+            quant_max=high,
+            dtype=torch.qint8,
+            qscheme=torch.per_channel_symmetric,
+            ch_axis=0,
+        ),
+    )
 
 
 class QuantReady(nn.Module):
@@ -97,8 +113,10 @@ class QuantReady(nn.Module):
 
 def _check_backend(backend: str) -> None:
     if backend not in torch.backends.quantized.supported_engines or backend not in WEIGHT_RANGE:
-        raise UserError(f"quantization backend {backend!r} is not in this torch build "
-                        f"(available: {torch.backends.quantized.supported_engines})")
+        raise UserError(
+            f"quantization backend {backend!r} is not in this torch build "
+            f"(available: {torch.backends.quantized.supported_engines})"
+        )
 
 
 def _quantizable(model_fp32: nn.Module, *, train: bool) -> QuantReady:
@@ -109,8 +127,10 @@ def _quantizable(model_fp32: nn.Module, *, train: bool) -> QuantReady:
         if type(block) is BasicBlock:
             block.__class__ = QuantizableBasicBlock
             block.add_relu = FloatFunctional()
-            groups += [[f"{name}.conv1", f"{name}.bn1", f"{name}.relu"],
-                       [f"{name}.conv2", f"{name}.bn2"]]
+            groups += [
+                [f"{name}.conv1", f"{name}.bn1", f"{name}.relu"],
+                [f"{name}.conv2", f"{name}.bn2"],
+            ]
         elif type(block) is Bottleneck:
             block.__class__ = QuantizableBottleneck
             block.skip_add_relu, block.relu1, block.relu2 = FloatFunctional(), nn.ReLU(), nn.ReLU()
@@ -129,8 +149,10 @@ def _quantizable(model_fp32: nn.Module, *, train: bool) -> QuantReady:
 def prepare_qat_model(model_fp32: nn.Module, *, backend: str = "x86") -> QuantReady:
     """A fake-quant copy of an FP32 ResNet (pruned or not), ready for calibration and training."""
     if not isinstance(model_fp32, ResNet):
-        raise UserError(f"QAT supports the ResNet family; got {type(model_fp32).__name__} "
-                        f"(quantize it with the ptq stage: onnxruntime static INT8)")
+        raise UserError(
+            f"QAT supports the ResNet family; got {type(model_fp32).__name__} "
+            f"(quantize it with the ptq stage: onnxruntime static INT8)"
+        )
     _check_backend(backend)
     model = _quantizable(model_fp32, train=True)
     model.qconfig = qat_qconfig(backend)
@@ -140,8 +162,9 @@ def prepare_qat_model(model_fp32: nn.Module, *, backend: str = "x86") -> QuantRe
 
 def load_qat_model(checkpoint: dict) -> QuantReady:
     """Rebuild a QAT model saved by stages/qat.py (FP32 arch + QAT state_dict + backend)."""
-    model = prepare_qat_model(build_model(checkpoint["arch"]),
-                              backend=checkpoint["params"]["backend"])
+    model = prepare_qat_model(
+        build_model(checkpoint["arch"]), backend=checkpoint["params"]["backend"]
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
@@ -153,30 +176,80 @@ def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> N
     Runs in eval mode, so BN running statistics stay those of the FP32 model.
     """
     if len(images) == 0:
-        raise UserError("QAT calibration set is empty: need at least one training image to "
-                        "initialise the activation ranges")
+        raise UserError(
+            "QAT calibration set is empty: need at least one training image to "
+            "initialise the activation ranges"
+        )
     was_training = model.training
     model.eval()
     model.apply(enable_observer)
     for start in range(0, len(images), batch_size):
-        model(images[start:start + batch_size])
+        model(images[start : start + batch_size])
     model.train(was_training)
 
 
-def qat_epoch_hook(*, freeze_bn_epoch: int, freeze_observer_epoch: int
-                   ) -> Callable[[nn.Module, int], None]:
+def qat_epoch_hook(
+    *, freeze_bn_epoch: int, freeze_observer_epoch: int
+) -> Callable[[nn.Module, int], None]:
     """engine.fit's on_epoch_start: from these (0-based) epochs on, BN uses its running statistics
     and the quantization ranges stop moving, so the last epochs train against the final grid."""
+
     def hook(model: nn.Module, epoch: int) -> None:
+        model = distributed.unwrap(model)  # under DDP fit passes the wrapper, not the QuantReady
         if epoch >= freeze_bn_epoch:
             model.apply(nniqat.freeze_bn_stats)
         if epoch >= freeze_observer_epoch:
             model.observers_frozen.fill_(True)
             model.apply(disable_observer)
+
     return hook
 
 
+def train_qat(
+    model_fp32: nn.Module,
+    prepared_dir: str | Path,
+    p: QatParams,
+    *,
+    base: BaseParams,
+    device: torch.device,
+    live_dir: str | Path,
+) -> tuple[QuantReady, list[dict]]:
+    """(QAT model as a plain CPU module, engine.fit's history): a fake-quant copy calibrated on
+    p.calibration_images training images, then trained with the shared loop on `device` (under
+    torchrun: this rank's shard, in DDP), BN and then the ranges frozen at p.freeze_bn_epoch /
+    p.freeze_observer_epoch. Every process returns the same model."""
+    model = prepare_qat_model(model_fp32, backend=p.backend)
+    train_images, _ = normalized_split(prepared_dir, "train")
+    # the same seeded images on every rank, so every rank starts from the same observer ranges
+    # (DDP's construction broadcasts rank 0's buffers anyway)
+    calibrate(
+        model,
+        torch.from_numpy(calibration_images(train_images, p.calibration_images, seed=base.seed)),
+    )
+    train_loader, val_loader, _, _ = engine.rank_loaders(
+        prepared_dir, batch_size=p.batch_size, base=base
+    )
+    # sync_bn stays off whatever base.sync_bn says: the BNs sit inside torch.ao's fused QAT
+    # conv-BN modules (SyncBatchNorm there is untested), and from p.freeze_bn_epoch on they use
+    # running statistics; before it each rank normalises over its own share of the batch
+    return engine.fit_on(
+        device,
+        model,
+        train_loader,
+        val_loader,
+        p,
+        sync_bn=False,
+        loss_fn=engine.cross_entropy(p.label_smoothing),
+        live_dir=live_dir,
+        desc="qat",
+        on_epoch_start=qat_epoch_hook(
+            freeze_bn_epoch=p.freeze_bn_epoch, freeze_observer_epoch=p.freeze_observer_epoch
+        ),
+    )
+
+
 # ---------------------------------------------------------------- export
+
 
 class _Frozen(nn.Module):
     """A QAT conv (BN folded in with its running statistics) or linear layer as ONNX will run it:
@@ -197,16 +270,23 @@ class _Frozen(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("scale", fake_quant.scale)
         self.register_buffer("zero_point", fake_quant.zero_point)
-        self.conv_args = None if isinstance(layer, nn.Linear) else (
-            layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.conv_args = (
+            None
+            if isinstance(layer, nn.Linear)
+            else (layer.stride, layer.padding, layer.dilation, layer.groups)
+        )
         self.relu = isinstance(layer, (nniqat.ConvBnReLU2d, nniqat.ConvReLU2d, nniqat.LinearReLU))
         self.activation_post_process = layer.activation_post_process
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.fake_quantize_per_channel_affine(self.weight, self.scale, self.zero_point, 0,
-                                                   -128, 127)
-        y = (nn.functional.linear(x, w, self.bias) if self.conv_args is None
-             else nn.functional.conv2d(x, w, self.bias, *self.conv_args))
+        w = torch.fake_quantize_per_channel_affine(
+            self.weight, self.scale, self.zero_point, 0, -128, 127
+        )
+        y = (
+            nn.functional.linear(x, w, self.bias)
+            if self.conv_args is None
+            else nn.functional.conv2d(x, w, self.bias, *self.conv_args)
+        )
         return self.activation_post_process(torch.relu(y) if self.relu else y)
 
 
@@ -220,130 +300,129 @@ def _folded_copy(qat_model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         # nnqat.Conv2d / Linear are the bases of the fused ConvReLU2d / LinearReLU
         if isinstance(module, (nnqat.Conv2d, nniqat.ConvBn2d, nnqat.Linear)):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, _Frozen(module))
+            replace_submodule(model, name, _Frozen(module))
     return model
 
 
-def export_qat_onnx(qat_model: nn.Module, path: str | Path, *, image_size: int,
-                    opset: int = 17) -> None:
+def export_qat_onnx(
+    qat_model: nn.Module, path: str | Path, *, image_size: int, opset: int = 17
+) -> None:
     """Write the QAT model as an INT8 QDQ ONNX file (BN folded, int8 weights, int32 biases)."""
     with tempfile.TemporaryDirectory() as tmp_dir:
         raw = Path(tmp_dir) / "fakequant.onnx"
         export_onnx(_folded_copy(qat_model), raw, image_size=image_size, opset=opset)
         model = onnx.load(str(raw))
-    _store_int8(model.graph)
+    store_int8(model.graph)
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
 
 
-def _store_int8(graph: onnx.GraphProto) -> None:
-    """Turn QuantizeLinear of constant weights into int8 initializers, give every Conv/Gemm fed by
-    DequantizeLinear an int32 bias, drop the float copies, make per-tensor scales scalars."""
-    qdq = ("QuantizeLinear", "DequantizeLinear")
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant"})
-    # the exporter shares equal initializers through Identity nodes: read them directly
-    alias = {n.output[0]: n.input[0] for n in graph.node
-             if n.op_type == "Identity" and n.input[0] in values}
-    for node in graph.node:
-        node.input[:] = [alias.get(name, name) for name in node.input]
-    producer = {out: n for n in graph.node for out in n.output}
-    new, bias_nodes = {}, []
-    for node in list(graph.node):
-        if node.op_type == "QuantizeLinear" and node.input[0] in values:  # a weight (axis 0)
-            w, scale, zp = (values[name] for name in node.input)
-            shape = [-1] + [1] * (w.ndim - 1) if scale.size > 1 else [1] * w.ndim
-            q = np.rint(w / scale.reshape(shape)) + zp.reshape(shape)
-            info = np.iinfo(zp.dtype)
-            new[node.output[0]] = q.clip(info.min, info.max).astype(zp.dtype)
-            graph.node.remove(node)
-        elif node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in values:
-            x_dq, w_dq = (producer.get(name) for name in node.input[:2])
-            if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
-                continue
-            bias = values[node.input[2]]
-            scale = np.broadcast_to(values[x_dq.input[1]] * values[w_dq.input[1]], bias.shape)
-            q = np.rint(bias / scale)
-            if np.abs(q).max(initial=0) > 2**31 - 1:  # a (near-)zero weight channel with a bias
-                warnings.warn(f"{node.name}: int32 bias clipped; check the exported accuracy")
-            name = f"{node.output[0]}_bias"  # per node: equal float biases may share one tensor
-            new.update({f"{name}_int32": q.clip(1 - 2**31, 2**31 - 1).astype(np.int32),
-                        f"{name}_scale": scale.astype(np.float32),
-                        f"{name}_zero_point": np.zeros(bias.shape, np.int32)})
-            bias_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int32", f"{name}_scale",
-                                               f"{name}_zero_point"], [f"{name}_dq"], axis=0))
-            node.input[2] = f"{name}_dq"
-    for node in bias_nodes:
-        graph.node.insert(0, node)
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new.items())
-    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    for node in [n for n in graph.node if n.op_type in ("Constant", "Identity")]:
-        if node.output[0] not in used:
-            graph.node.remove(node)
-    used = {name for n in graph.node for name in n.input}
-    others = {name for n in graph.node if n.op_type not in qdq for name in n.input}
-    for tensor in list(graph.initializer):
-        if tensor.name not in used:
-            graph.initializer.remove(tensor)
-        elif tensor.name not in others and list(tensor.dims) == [1]:
-            # ORT's QLinearAdd (the fused residual add) wants scalar scales and zero points
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).reshape(()),
-                                                    tensor.name))
-
-
-def int8_kernel_report(onnx_path: str | Path, *, threads: int = 1) -> dict:
-    """What ORT really runs: op types of its optimized graph, float vs int8 conv kernels."""
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        optimized = Path(tmp_dir) / "optimized.onnx"
-        make_session(onnx_path, threads=threads, optimized_model_path=optimized)
-        graph = onnx.load(str(optimized)).graph
-    ops = Counter(f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                  for n in graph.node)
-    float_convs = sum(c for op, c in ops.items() if op.rpartition(":")[2] in FLOAT_CONVS)
-    int8_convs = sum(c for op, c in ops.items() if op.rpartition(":")[2] in INT8_CONVS)
-    return {"op_types": dict(sorted(ops.items())), "float_convs": float_convs,
-            "int8_convs": int8_convs, "all_convs_int8": float_convs == 0 and int8_convs > 0}
+def export_qat_checked(
+    qat_model: nn.Module,
+    onnx_path: str | Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    opset: int,
+    threads: int,
+    max_top1_diff_pp: float,
+    val_top1: float,
+    fp32_metrics: dict,
+) -> dict:
+    """export_qat_onnx, then the acceptance test: the file passes only if onnxruntime runs every
+    conv as an int8 kernel and its test top-1 is within max_top1_diff_pp of the PyTorch QAT
+    model's. Returns the QAT metrics record; "problems" says why the caller must reject the file."""
+    reference_top1 = torch_top1(qat_model, images, labels)
+    export_qat_onnx(qat_model, onnx_path, image_size=images.shape[-1], opset=opset)
+    onnx_top1 = top1(make_session(onnx_path, threads=threads), images, labels)
+    kernels = int8_kernel_report(onnx_path)
+    problems = []
+    if not abs(onnx_top1 - reference_top1) <= max_top1_diff_pp:
+        problems.append(
+            f"ONNX top-1 {onnx_top1:.2f}% vs PyTorch QAT {reference_top1:.2f}% differ "
+            f"by more than qat.max_top1_diff_pp={max_top1_diff_pp}"
+        )
+    if not kernels["all_convs_int8"]:
+        problems.append(
+            f"onnxruntime runs {kernels['float_convs']} conv(s) in float "
+            f"({kernels['int8_convs']} int8)"
+        )
+    return {
+        "torch_top1": reference_top1,
+        "onnx_top1": onnx_top1,
+        "top1_diff_pp": onnx_top1 - reference_top1,
+        "val_top1": val_top1,
+        "size_mb": Path(onnx_path).stat().st_size / 1e6,
+        "kernels": kernels,
+        "fp32_metrics": fp32_metrics,
+        "passed": not problems,
+        "problems": problems,
+    }
 
 
 # ---------------------------------------------------------------- PyTorch eager PTQ baseline
 
+
 @torch.no_grad()
-def eager_ptq_int8(model_fp32: nn.Module, calibration_images: torch.Tensor, *,
-                   backend: str = "x86", batch_size: int = 64) -> nn.Module:
+def eager_ptq_int8(
+    model_fp32: nn.Module, calibration: torch.Tensor, *, backend: str = "x86", batch_size: int = 64
+) -> nn.Module:
     """PyTorch static PTQ: fuse, the backend's default qconfig, calibrate, convert (int8 CPU)."""
     _check_backend(backend)
-    if len(calibration_images) == 0:
+    if len(calibration) == 0:
         raise UserError("PTQ calibration set is empty")
     # process-global: weights are packed for this engine at convert time and must match at run time
     torch.backends.quantized.engine = backend
     model = _quantizable(model_fp32, train=False)
     model.qconfig = torch.ao.quantization.get_default_qconfig(backend)
     torch.ao.quantization.prepare(model, inplace=True)
-    for start in range(0, len(calibration_images), batch_size):
-        model(calibration_images[start:start + batch_size])
+    for start in range(0, len(calibration), batch_size):
+        model(calibration[start : start + batch_size])
     return torch.ao.quantization.convert(model, inplace=True)
 
 
-@torch.inference_mode()
-def torch_latency_ms(model: nn.Module, image: torch.Tensor, *, threads: int = 1,
-                     warmup: int = 50, runs: int = 300) -> dict:
-    """Latency percentiles of `model(image)` in ms (the statistics of bench.latency_ms)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model.eval()
-        for _ in range(warmup):
-            model(image)
-        times = np.empty(runs)
-        for i in range(runs):
-            start = time.perf_counter()
-            model(image)
-            times[i] = (time.perf_counter() - start) * 1000.0
-    finally:
-        torch.set_num_threads(previous)
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-            "mean_ms": float(times.mean())}
+def quantize_checkpoint(
+    checkpoint_path, data_dir, params, device, *, onnx_path, out, reports
+) -> None:
+    """The qat stage on this rank: train (every rank), then on rank 0 export the INT8 ONNX, check
+    it (rejected: deleted, a UserError) and write the QAT checkpoint and metrics."""
+    from resnet_slim.data import load_meta
+    from resnet_slim.io import save_checkpoint, write_json
+    from resnet_slim.models import load_model
+
+    p, base = params.qat, params.base
+    # the same seed on every rank (DDP then starts every rank from rank 0's weights anyway)
+    engine.seed_everything(base.seed, distributed.threads_per_process(base.threads))
+    fp32, checkpoint = load_model(
+        checkpoint_path, num_classes=len(load_meta(data_dir)["class_names"])
+    )
+    model, history = train_qat(
+        fp32, data_dir, p, base=base, device=device, live_dir=f"{reports}/live"
+    )
+    if not distributed.is_main_process():
+        return  # rank 0 exports, checks and writes the outputs, once
+    images, labels = normalized_split(data_dir, "test")
+    metrics = export_qat_checked(
+        model,
+        onnx_path,
+        images,
+        labels,
+        opset=params.export.opset,
+        threads=base.threads,
+        max_top1_diff_pp=p.max_top1_diff_pp,
+        val_top1=history[-1]["val_top1"],
+        fp32_metrics=checkpoint.get("metrics", {}),
+    )
+    write_json(f"{reports}/metrics.json", metrics)
+    if metrics["problems"]:
+        Path(onnx_path).unlink()
+        raise UserError(f"{onnx_path}: QAT export rejected: {'; '.join(metrics['problems'])}")
+    save_checkpoint(
+        out, model=model, arch=checkpoint["arch"], params=p.model_dump(), metrics=metrics
+    )
+    print(
+        f"qat: PyTorch top-1 {metrics['torch_top1']:.2f}%, ONNX top-1 "
+        f"{metrics['onnx_top1']:.2f}%, {metrics['kernels']['int8_convs']} int8 convs "
+        f"-> {onnx_path}"
+    )

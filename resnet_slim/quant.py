@@ -5,10 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                      QuantType, quantize_dynamic, quantize_static)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from resnet_slim.bench import has_int8_dot_product
 from resnet_slim.errors import UserError
 from resnet_slim.export import INPUT_NAME, make_session
 from resnet_slim.io import atomic_path
@@ -16,8 +23,9 @@ from resnet_slim.io import atomic_path
 
 class _Batches(CalibrationDataReader):
     def __init__(self, images: np.ndarray, batch_size: int = 32):
-        self.batches = iter([{INPUT_NAME: images[i:i + batch_size]}
-                             for i in range(0, len(images), batch_size)])
+        self.batches = iter(
+            [{INPUT_NAME: images[i : i + batch_size]} for i in range(0, len(images), batch_size)]
+        )
 
     def get_next(self):
         return next(self.batches, None)
@@ -31,9 +39,21 @@ def calibration_images(images: torch.Tensor, count: int, seed: int) -> np.ndarra
     return images[pick].numpy().astype(np.float32)
 
 
-def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *,
-                         per_channel: bool = True, reduce_range: bool = False,
-                         image_input: bool = True) -> None:
+def resolve_reduce_range(setting: bool | str) -> bool:
+    """ptq.reduce_range: "auto" uses 7-bit weights exactly when this CPU lacks VNNI (see
+    quantize_static_int8); True / False as given."""
+    return not has_int8_dot_product() if setting == "auto" else setting
+
+
+def quantize_static_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    *,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    image_input: bool = True,
+) -> None:
     """Static INT8 in QDQ form: uint8 activations, int8 (symmetric) weights, min-max calibrated.
 
     U8S8 is the combination ORT's x86 int8 kernels run fastest. `reduce_range` uses 7-bit
@@ -47,10 +67,17 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, calibratio
         # shape inference + graph cleanup first, as onnxruntime's quantization docs advise
         prepared = Path(tmp_dir) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(tmp), _Batches(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
+        quantize_static(
+            str(prepared),
+            str(tmp),
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            reduce_range=reduce_range,
+        )
 
 
 def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> None:

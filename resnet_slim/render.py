@@ -13,18 +13,40 @@ import re
 
 import pandas as pd
 
-FORMATS = {"top-1 %": "{:.2f}", "Δ pp vs ref": "{:+.2f}", "params": "{:,.0f}", "file MB": "{:.2f}",
-           "p50 ms": "{:.3f}", "p99 ms": "{:.3f}", "speed-up ×": "{:.2f}×", "size × smaller": "{:.1f}×",
-           "peak RSS MB": "{:.0f}", "img/s": "{:,.0f}", "latency ×": "{:.2f}×", "Δ top-1 pp": "{:+.2f}",
-           "PyTorch top-1": "{:.2f}", "ONNX top-1": "{:.2f}", "Δ pp": "{:+.3f}", "teacher": "{:,.0f}",
-           "pruned": "{:,.0f}", "pruned / teacher": "{:.3f}", "release top-1 %": "{:.2f}",
-           "release p50 ms": "{:.3f}", "release MB": "{:.2f}"}
+FORMATS = {
+    "top-1 %": "{:.2f}",
+    "Δ pp vs ref": "{:+.2f}",
+    "params": "{:,.0f}",
+    "file MB": "{:.2f}",
+    "p50 ms": "{:.3f}",
+    "p99 ms": "{:.3f}",
+    "speed-up ×": "{:.2f}×",
+    "size × smaller": "{:.1f}×",
+    "peak RSS MB": "{:.0f}",
+    "img/s": "{:,.0f}",
+    "latency ×": "{:.2f}×",
+    "Δ top-1 pp": "{:+.2f}",
+    "PyTorch top-1": "{:.2f}",
+    "ONNX top-1": "{:.2f}",
+    "Δ pp": "{:+.3f}",
+    "teacher": "{:,.0f}",
+    "pruned": "{:,.0f}",
+    "pruned / teacher": "{:.3f}",
+    "release top-1 %": "{:.2f}",
+    "release p50 ms": "{:.3f}",
+    "release MB": "{:.2f}",
+}
 
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:3px 7px}
-th{background:#f3f3f3}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}
-code{background:#f3f3f3;padding:0 3px}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
-img{max-width:100%;border:1px solid #eee}li{margin:.2em 0}"""
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "color:#222}\n"
+    "table{border-collapse:collapse;margin:.6em 0;font-size:.88em}"
+    "th,td{border:1px solid #ccc;padding:3px 7px}\n"
+    "th{background:#f3f3f3}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}\n"
+    "code{background:#f3f3f3;padding:0 3px}"
+    "pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}\n"
+    "img{max-width:100%;border:1px solid #eee}li{margin:.2em 0}"
+)
 
 
 def cell(value, fmt: str | None = None) -> str:
@@ -41,15 +63,22 @@ def cell(value, fmt: str | None = None) -> str:
 
 def formatted(df: pd.DataFrame) -> pd.DataFrame:
     """All cells as display strings (FORMATS names the decimals per column)."""
-    return pd.DataFrame({c: [cell(v, FORMATS.get(c)) for v in df[c].astype(object)] for c in df.columns})
+    return pd.DataFrame(
+        {c: [cell(v, FORMATS.get(c)) for v in df[c].astype(object)] for c in df.columns}
+    )
 
 
 def markdown_table(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no tabulate needed)."""
     df = formatted(df)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
-              for row in df.itertuples(index=False)]
+    lines = [
+        "| " + " | ".join(map(str, df.columns)) + " |",
+        "|" + "|".join("---" for _ in df.columns) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+        for row in df.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -96,8 +125,12 @@ def render_html(blocks: list, images: dict[str, bytes], title: str = "resnet-sli
             out.append(f"<pre>{html.escape(rest[0])}</pre>")
         elif kind == "img" and rest[0] in images:
             data = base64.b64encode(images[rest[0]]).decode("ascii")
-            out.append(f'<figure><img alt="{html.escape(rest[1])}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{inline_html(rest[1])}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{html.escape(rest[1])}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{inline_html(rest[1])}</figcaption></figure>"
+            )
     body = "\n".join(out)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )

@@ -16,13 +16,13 @@ import yaml
 from resnet_slim import plots
 from resnet_slim import report_sections as sec
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path, read_json
-from resnet_slim.metrics import number
+from resnet_slim.io import atomic_path, finite_number, read_json
 from resnet_slim.render import render_html, render_markdown
 
 
 def optional_json(path: Path, kind: type = dict):
-    """The parsed file, or None when it is missing, unreadable or not a `kind` (section: not run)."""
+    """The parsed file, or None when it is missing, unreadable or not a `kind` (section: not
+    run)."""
     try:
         content = read_json(path) if Path(path).is_file() else None
     except UserError:
@@ -32,13 +32,31 @@ def optional_json(path: Path, kind: type = dict):
 
 def _torch_row(path: Path, r: dict) -> dict:
     """A torch_ptq report as a model row (newer benchmark.json files already carry these rows)."""
-    return {**{k: r.get(k) for k in ("top1", "n_test", "size_mb", "p50_ms", "p90_ms", "p99_ms",
-                                     "mean_ms", "threads")},
-            "file": str(path), "runtime": "pytorch", "peak_rss_mb": r.get("process_peak_rss_mb")}
+    return {
+        **{
+            k: r.get(k)
+            for k in (
+                "top1",
+                "n_test",
+                "size_mb",
+                "p50_ms",
+                "p90_ms",
+                "p99_ms",
+                "mean_ms",
+                "threads",
+            )
+        },
+        "file": str(path),
+        "runtime": "pytorch",
+        "peak_rss_mb": r.get("process_peak_rss_mb"),
+    }
 
 
 def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None) -> dict:
-    """Everything the report shows; UserError only for a missing or malformed benchmark."""
+    """Everything the report shows; UserError only for a missing or malformed benchmark.
+
+    The report opens no model file: what it says of a model (opset, size, ops) is what the
+    benchmark recorded when it measured that file."""
     reports = Path(reports)
     benchmark = Path(benchmark or reports / "benchmark.json")
     bench = read_json(benchmark, what="benchmark results")
@@ -62,32 +80,48 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
         if pairs := plots.read_curve(tsv):
             curves[label] = pairs
     hardware, roofline = bench.get("hardware"), bench.get("roofline")
-    return {"models": models, "hardware": hardware if isinstance(hardware, dict) else {},
-            "roofline": roofline if isinstance(roofline, dict) else None,
-            "unavailable_targets": bench.get("unavailable_targets") if isinstance(
-                bench.get("unavailable_targets"), dict) else {},
-            "gate": optional_json(reports / "gate.json"),
-            "seeds": optional_json(reports / "seeds.json"),
-            "prune": optional_json(reports / "prune" / "metrics.json"),
-            "channels": optional_json(reports / "prune" / "channels.json", list),
-            "lowrank": optional_json(reports / "lowrank" / "metrics.json"),
-            "distill": optional_json(reports / "distill" / "metrics.json"),
-            "qat": {p.parent.name.removeprefix("qat_") + "_qat_int8": optional_json(p)
-                    for p in sorted(reports.glob("qat_*/metrics.json"))},
-            "export": {p.stem: optional_json(p) for p in sorted((reports / "export").glob("*.json"))},
-            "teacher": optional_json(reports / "teacher" / "summary.json"),
-            "curves": curves, "params": params if isinstance(params, dict) else {},
-            "params_text": params_text}
+    return {
+        "models": models,
+        "hardware": hardware if isinstance(hardware, dict) else {},
+        "roofline": roofline if isinstance(roofline, dict) else None,
+        "unavailable_targets": bench.get("unavailable_targets")
+        if isinstance(bench.get("unavailable_targets"), dict)
+        else {},
+        "gate": optional_json(reports / "gate.json"),
+        "seeds": optional_json(reports / "seeds.json"),
+        "prune": optional_json(reports / "prune" / "metrics.json"),
+        "channels": optional_json(reports / "prune" / "channels.json", list),
+        "lowrank": optional_json(reports / "lowrank" / "metrics.json"),
+        "distill": optional_json(reports / "distill" / "metrics.json"),
+        "qat": {
+            p.parent.name.removeprefix("qat_") + "_qat_int8": optional_json(p)
+            for p in sorted(reports.glob("qat_*/metrics.json"))
+        },
+        "export": {p.stem: optional_json(p) for p in sorted((reports / "export").glob("*.json"))},
+        "teacher": optional_json(reports / "teacher" / "summary.json"),
+        "curves": curves,
+        "params": params if isinstance(params, dict) else {},
+        "params_text": params_text,
+    }
 
 
 def build_report(inputs: dict) -> list:
     """All sections, in reading order, as render blocks."""
     s = sec.gate_settings(inputs)
     blocks = sec.headline(inputs) + sec.comparison(inputs)
-    blocks += [("img", "pareto.png", f"Top-1 vs p50 latency; shaded: where point estimates meet the gate's thresholds around `{s['reference']}`"),
-               ("img", "size.png", "File size per model")]
+    blocks += [
+        (
+            "img",
+            "pareto.png",
+            "Top-1 vs p50 latency; shaded: where point estimates meet the gate's thresholds "
+            f"around `{s['reference']}`",
+        ),
+        ("img", "size.png", "File size per model"),
+    ]
     blocks += sec.teacher_origin(inputs["teacher"])
-    blocks += sec.checklist(inputs) + sec.deployment_targets(inputs["models"], inputs["unavailable_targets"])
+    blocks += sec.checklist(inputs) + sec.deployment_targets(
+        inputs["models"], inputs["unavailable_targets"]
+    )
     blocks += sec.seed_repeats(inputs["seeds"])
     blocks += sec.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
     blocks += sec.pruning(inputs["prune"])
@@ -100,8 +134,10 @@ def build_report(inputs: dict) -> list:
 
 def pareto_rows(models: dict) -> list[dict]:
     """(model, top1, p50_ms) for every model with both numbers: the data behind pareto.png."""
-    rows = [{"model": n, "top1": number(m.get("top1")), "p50_ms": number(m.get("p50_ms"))}
-            for n, m in models.items()]
+    rows = [
+        {"model": n, "top1": finite_number(m.get("top1")), "p50_ms": finite_number(m.get("p50_ms"))}
+        for n, m in models.items()
+    ]
     return [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None]
 
 
@@ -117,7 +153,7 @@ def make_plots(inputs: dict) -> dict[str, bytes]:
         writer.writeheader()
         writer.writerows(rows)
         out["pareto.csv"] = buf.getvalue().encode()
-    if any(number(m.get("size_mb")) is not None for m in models.values()):
+    if any(finite_number(m.get("size_mb")) is not None for m in models.values()):
         out["size.png"] = plots.size_png(models, release)
     if inputs["curves"]:
         out["training_curves.png"] = plots.curves_png(inputs["curves"])
@@ -126,10 +162,8 @@ def make_plots(inputs: dict) -> dict[str, bytes]:
     return out
 
 
-def write_report(reports: Path, params_path: Path, *, out_md: Path, out_html: Path, plots_dir: Path,
-                 benchmark: Path | None = None) -> dict:
+def write_report(inputs: dict, *, out_md: Path, out_html: Path, plots_dir: Path) -> dict:
     """Write the figures directory, report.md and report.html, each replaced atomically."""
-    inputs = load_inputs(reports, params_path, benchmark)
     blocks = build_report(inputs)
     files = make_plots(inputs)
     plots_dir = Path(plots_dir)
@@ -143,6 +177,8 @@ def write_report(reports: Path, params_path: Path, *, out_md: Path, out_html: Pa
         tmp.write_text(render_markdown(blocks, rel, images), encoding="utf-8")
     with atomic_path(out_html) as tmp:
         tmp.write_text(render_html(blocks, images), encoding="utf-8")
-    return {"release": sec.gate_settings(inputs)["release"], "models": list(inputs["models"]),
-            "plots": sorted(files)}
-
+    return {
+        "release": sec.gate_settings(inputs)["release"],
+        "models": list(inputs["models"]),
+        "plots": sorted(files),
+    }

@@ -10,14 +10,19 @@ import re
 import pandas as pd
 
 from resnet_slim.gate import accuracy_sentence
-from resnet_slim.metrics import best_peer_int8, number
+from resnet_slim.io import finite_number
+from resnet_slim.metrics import best_peer_int8
 from resnet_slim.plots import feasible_region
 
 QUANT_SUFFIX = re.compile(r"_(qat_int8|ptq_dynamic_int8|ptq_int8|torch_eager_int8)$")
 PLATEAU_EPOCHS, PLATEAU_PP = 3, 0.5  # "plateaued": the last 3 epochs lie within 0.5 pp
 OPS = {"<=": "≤", ">=": "≥"}
-CHECK_NAMES = {"accuracy_drop_pp": "top-1 drop vs the reference", "latency_speedup": "p50 speed-up",
-               "size_ratio": "file size / the reference's", "size_mb": "file size"}
+CHECK_NAMES = {
+    "accuracy_drop_pp": "top-1 drop vs the reference",
+    "latency_speedup": "p50 speed-up",
+    "size_ratio": "file size / the reference's",
+    "size_mb": "file size",
+}
 
 
 def base_model(name: str) -> str:
@@ -30,26 +35,32 @@ def gate_settings(inputs: dict) -> dict:
     gate, g = inputs["gate"] or {}, inputs["params"].get("gate") or {}
     checks = {c.get("name"): c for c in gate.get("checks") or [] if isinstance(c, dict)}
     release = gate.get("release") or (g.get("release") if g.get("release") != "auto" else None)
-    return {"reference": gate.get("reference") or g.get("reference") or "teacher", "release": release,
-            "max_acc_drop_pp": checks.get("accuracy_drop_pp", {}).get("threshold", g.get("max_acc_drop_pp")),
-            "min_speedup": checks.get("latency_speedup", {}).get("threshold", g.get("min_speedup")),
-            "checks": checks}
+    accuracy, latency = checks.get("accuracy_drop_pp", {}), checks.get("latency_speedup", {})
+    return {
+        "reference": gate.get("reference") or g.get("reference") or "teacher",
+        "release": release,
+        "max_acc_drop_pp": accuracy.get("threshold", g.get("max_acc_drop_pp")),
+        "min_speedup": latency.get("threshold", g.get("min_speedup")),
+        "checks": checks,
+    }
 
 
 def region_for(inputs: dict) -> tuple[float, float] | None:
     """The gate's feasible (top-1, p50) region around the reference model."""
     s = gate_settings(inputs)
     ref = inputs["models"].get(s["reference"], {})
-    return feasible_region(ref.get("top1"), ref.get("p50_ms"), s["max_acc_drop_pp"], s["min_speedup"])
+    return feasible_region(
+        ref.get("top1"), ref.get("p50_ms"), s["max_acc_drop_pp"], s["min_speedup"]
+    )
 
 
 def _ratio(a, b):
-    a, b = number(a), number(b)
+    a, b = finite_number(a), finite_number(b)
     return a / b if a is not None and b else None
 
 
 def _diff(a, b):
-    a, b = number(a), number(b)
+    a, b = finite_number(a), finite_number(b)
     return a - b if a is not None and b is not None else None
 
 
@@ -59,22 +70,33 @@ def model_table(models: dict, reference: str, release: str | None) -> pd.DataFra
     rows = []
     for name, m in models.items():
         torch_row = m.get("runtime") == "pytorch"
-        rows.append({
-            "model": name,
-            "runtime": "PyTorch eager, measured in PyTorch" if torch_row else m.get("runtime", "onnxruntime"),
-            "top-1 %": number(m.get("top1")), "95% CI": _interval(m.get("top1_ci_low"), m.get("top1_ci_high")),
-            "Δ pp vs ref": _diff(m.get("top1"), ref.get("top1")),
-            "params": number(m.get("params")), "file MB": number(m.get("size_mb")),
-            "p50 ms": number(m.get("p50_ms")), "p99 ms": number(m.get("p99_ms")),
-            "speed-up ×": _ratio(ref.get("p50_ms"), m.get("p50_ms")),
-            "size × smaller": _ratio(ref.get("size_mb"), m.get("size_mb")),
-            "peak RSS MB": number(m.get("peak_rss_mb")), "img/s": number(m.get("throughput_ips")),
-            "role": "release" if name == release else "reference" if name == reference else ""})
+        rows.append(
+            {
+                "model": name,
+                "runtime": (
+                    "PyTorch eager, measured in PyTorch"
+                    if torch_row
+                    else m.get("runtime", "onnxruntime")
+                ),
+                "top-1 %": finite_number(m.get("top1")),
+                "95% CI": _interval(m.get("top1_ci_low"), m.get("top1_ci_high")),
+                "Δ pp vs ref": _diff(m.get("top1"), ref.get("top1")),
+                "params": finite_number(m.get("params")),
+                "file MB": finite_number(m.get("size_mb")),
+                "p50 ms": finite_number(m.get("p50_ms")),
+                "p99 ms": finite_number(m.get("p99_ms")),
+                "speed-up ×": _ratio(ref.get("p50_ms"), m.get("p50_ms")),
+                "size × smaller": _ratio(ref.get("size_mb"), m.get("size_mb")),
+                "peak RSS MB": finite_number(m.get("peak_rss_mb")),
+                "img/s": finite_number(m.get("throughput_ips")),
+                "role": "release" if name == release else "reference" if name == reference else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _interval(low, high) -> str:
-    low, high = number(low), number(high)
+    low, high = finite_number(low), finite_number(high)
     return "–" if low is None or high is None else f"[{low:.1f}, {high:.1f}]"
 
 
@@ -83,7 +105,7 @@ def _mark(ok) -> str:
 
 
 def _f(value, fmt="{:.4g}", unit="") -> str:
-    return "–" if number(value) is None else fmt.format(value) + unit
+    return "–" if finite_number(value) is None else fmt.format(value) + unit
 
 
 def headline(inputs: dict) -> list:
@@ -92,35 +114,72 @@ def headline(inputs: dict) -> list:
     if not isinstance(gate, dict):
         return [("h1", "resnet-slim report"), ("p", "**Gate: not run** (no reports/gate.json).")]
     verdict = "✓ PASSED" if gate.get("passed") else "✗ FAILED"
-    enforce = "" if gate.get("enforce", True) else " (gate.enforce is false: recorded, not enforced)"
-    items = [f"{_mark(c.get('passed'))} {CHECK_NAMES.get(c.get('name'), c.get('name'))} (`{c.get('name')}`): "
-             f"{_f(c.get('measured'))} {c.get('unit', '')} {OPS.get(c.get('op'), c.get('op'))} "
-             f"{c.get('threshold')} {c.get('unit', '')}" + (f" — {c['reason']}" if c.get("reason") else "")
-             + (" (negative: more accurate than the reference)" if c.get("name") == "accuracy_drop_pp"
-                and (number(c.get("measured")) or 0) < 0 else "")
-             for c in s["checks"].values()]
-    blocks = [("h1", f"resnet-slim report: release `{s['release']}`"),
-              ("p", f"**Gate {verdict}**{enforce}: `{s['release']}` against the FP32 `{s['reference']}`."),
-              ("ul", items)]
+    enforce = (
+        "" if gate.get("enforce", True) else " (gate.enforce is false: recorded, not enforced)"
+    )
+    items = [
+        f"{_mark(c.get('passed'))} {CHECK_NAMES.get(c.get('name'), c.get('name'))} "
+        f"(`{c.get('name')}`): {_f(c.get('measured'))} {c.get('unit', '')} "
+        f"{OPS.get(c.get('op'), c.get('op'))} {c.get('threshold')} {c.get('unit', '')}"
+        + (f" — {c['reason']}" if c.get("reason") else "")
+        + (
+            " (negative: more accurate than the reference)"
+            if c.get("name") == "accuracy_drop_pp" and (finite_number(c.get("measured")) or 0) < 0
+            else ""
+        )
+        for c in s["checks"].values()
+    ]
+    blocks = [
+        ("h1", f"resnet-slim report: release `{s['release']}`"),
+        (
+            "p",
+            f"**Gate {verdict}**{enforce}: `{s['release']}` against the FP32 `{s['reference']}`.",
+        ),
+        ("ul", items),
+    ]
     accuracy = s["checks"].get("accuracy_drop_pp")
     if isinstance(accuracy, dict) and accuracy.get("statistic"):
-        gated_on = ("the upper end of the drop's confidence interval" if accuracy["statistic"] == "upper_ci"
-                    else "the point drop")
-        blocks.append(("p", f"**What the data support:** {accuracy_sentence(accuracy)} The gate judged "
-                            f"{gated_on} (`gate.acc_drop_statistic: {accuracy['statistic']}`)."))
+        gated_on = (
+            "the upper end of the drop's confidence interval"
+            if accuracy["statistic"] == "upper_ci"
+            else "the point drop"
+        )
+        blocks.append(
+            (
+                "p",
+                f"**What the data support:** {accuracy_sentence(accuracy)} The gate "
+                f"judged {gated_on} (`gate.acc_drop_statistic: "
+                f"{accuracy['statistic']}`).",
+            )
+        )
         if accuracy.get("decidable") is False:
             need = accuracy.get("images_needed")
-            blocks.append(("p", f"**⚠ The test split is too small for this gate to decide:** the "
-                                f"{accuracy.get('level', 0.95):.0%} CI of the drop is "
-                                f"{accuracy.get('ci_width_pp', 0):.2f} pp wide and straddles the "
-                                f"{accuracy.get('threshold')} pp threshold"
-                                + (f"; about {need:,} test images would narrow it to the threshold." if need
-                                   else "; more seeds or more test images would narrow it.")))
+            blocks.append(
+                (
+                    "p",
+                    f"**⚠ The test split is too small for this gate to decide:** "
+                    f"the {accuracy.get('level', 0.95):.0%} CI of the drop is "
+                    f"{accuracy.get('ci_width_pp', 0):.2f} pp wide and straddles the "
+                    f"{accuracy.get('threshold')} pp threshold"
+                    + (
+                        f"; about {need:,} test images would narrow it to the threshold."
+                        if need
+                        else "; more seeds or more test images would narrow it."
+                    ),
+                )
+            )
     if isinstance(gate.get("selection"), dict):
         sel = gate["selection"]
         blocks.append(("p", f"Why this model: {sel.get('why')}."))
-        cands = [{"candidate": c.get("model"), "passed": _mark(c.get("passed")), "p50 ms": number(c.get("p50_ms")),
-                  "failed": "; ".join(c.get("failed") or []) or "–"} for c in sel.get("candidates") or []]
+        cands = [
+            {
+                "candidate": c.get("model"),
+                "passed": _mark(c.get("passed")),
+                "p50 ms": finite_number(c.get("p50_ms")),
+                "failed": "; ".join(c.get("failed") or []) or "–",
+            }
+            for c in sel.get("candidates") or []
+        ]
         if cands:
             blocks.append(("table", pd.DataFrame(cands)))
     return blocks
@@ -130,64 +189,107 @@ def comparison(inputs: dict) -> list:
     """Every model's row, then the release against the FP32 reference and INT8 baselines."""
     models, s = inputs["models"], gate_settings(inputs)
     ref, rel = s["reference"], s["release"]
-    n_test = number(models.get(ref, {}).get("n_test"))
-    blocks = [("h2", "Every model"), ("table", model_table(models, ref, rel)),
-              ("p", f"Δ, speed-up and size are against `{ref}`. Latency is batch 1 on onnxruntime "
-                    "unless the runtime says PyTorch; those rows' peak RSS is the whole PyTorch process "
-                    "(calibration included), so compare their latency, not their memory.")]
+    n_test = finite_number(models.get(ref, {}).get("n_test"))
+    blocks = [
+        ("h2", "Every model"),
+        ("table", model_table(models, ref, rel)),
+        (
+            "p",
+            f"Δ, speed-up and size are against `{ref}`. Latency is batch 1 on onnxruntime "
+            "unless the runtime says PyTorch; those rows' peak RSS is the whole PyTorch "
+            "process (calibration included), so compare their latency, not their memory.",
+        ),
+    ]
     if n_test:
-        blocks.append(("p", f"The test split has {n_test:.0f} images: one image is {100 / n_test:.2f} pp, "
-                            "so top-1 differences of a few images are noise."))
+        blocks.append(
+            (
+                "p",
+                f"The test split has {n_test:.0f} images: one image is "
+                f"{100 / n_test:.2f} pp, so top-1 differences of a few images are noise.",
+            )
+        )
     if rel not in models:
         return blocks + [("p", f"No benchmark row for the release `{rel}`: no ratios.")]
     peers = [ref] + [n for n in models if n != rel and models[n].get("role") == "peer"]
     peers += [n for n in models if n.endswith("_ptq_int8") and n != rel and "dynamic" not in n]
-    rows = [{"release vs": n, "runtime": models[n].get("runtime", "onnxruntime"),
-             "latency ×": _ratio(models[n].get("p50_ms"), models[rel].get("p50_ms")),
-             "latency × (all cores)": _ratio(models[n].get("p50_ms_all_cores"), models[rel].get("p50_ms_all_cores")),
-             "size × smaller": _ratio(models[n].get("size_mb"), models[rel].get("size_mb")),
-             "Δ top-1 pp": _diff(models[rel].get("top1"), models[n].get("top1"))}
-            for n in dict.fromkeys(peers) if n in models]
-    blocks += [("h2", f"Release `{rel}` vs its baselines"), ("table", pd.DataFrame(rows)),
-               ("p", "× > 1: the release is faster / smaller; Δ > 0: the release is more accurate. "
-                     "`*_ptq_int8` rows are onnxruntime static post-training quantization; `*_openvino_*` rows "
-                     "are OpenVINO (FP32, and NNCF INT8): the tools a user would pick instead of this pipeline.")]
+    m = models[rel]
+    rows = [
+        {
+            "release vs": n,
+            "runtime": models[n].get("runtime", "onnxruntime"),
+            "latency ×": _ratio(models[n].get("p50_ms"), m.get("p50_ms")),
+            "latency × (all cores)": _ratio(
+                models[n].get("p50_ms_all_cores"), m.get("p50_ms_all_cores")
+            ),
+            "size × smaller": _ratio(models[n].get("size_mb"), m.get("size_mb")),
+            "Δ top-1 pp": _diff(m.get("top1"), models[n].get("top1")),
+        }
+        for n in dict.fromkeys(peers)
+        if n in models
+    ]
+    blocks += [
+        ("h2", f"Release `{rel}` vs its baselines"),
+        ("table", pd.DataFrame(rows)),
+        (
+            "p",
+            "× > 1: the release is faster / smaller; Δ > 0: the release is more accurate. "
+            "`*_ptq_int8` rows are onnxruntime static post-training quantization; "
+            "`*_openvino_*` rows are OpenVINO (FP32, and NNCF INT8): the tools a user "
+            "would pick instead of this pipeline.",
+        ),
+    ]
     best = best_peer_int8(models, ref)
     if best is not None:
-        blocks.append(("p", f"**Release vs the teacher FP32** (`{ref}`): "
-                            f"{_f(_ratio(models[ref].get('p50_ms'), models[rel].get('p50_ms')), '{:.1f}')}× faster, "
-                            f"{_f(_ratio(models[ref].get('size_mb'), models[rel].get('size_mb')), '{:.1f}')}× smaller, "
-                            f"{_f(_diff(models[rel].get('top1'), models[ref].get('top1')), '{:+.2f}')} pp top-1. "
-                            f"**Release vs the best peer INT8** (`{best}`, the fastest INT8 build of the teacher): "
-                            f"{_f(_ratio(models[best].get('p50_ms'), models[rel].get('p50_ms')), '{:.1f}')}× faster, "
-                            f"{_f(_diff(models[rel].get('top1'), models[best].get('top1')), '{:+.2f}')} pp top-1."))
+        r, b = models[ref], models[best]
+        blocks.append(
+            (
+                "p",
+                f"**Release vs the teacher FP32** (`{ref}`): "
+                f"{_f(_ratio(r.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster, "
+                f"{_f(_ratio(r.get('size_mb'), m.get('size_mb')), '{:.1f}')}× smaller, "
+                f"{_f(_diff(m.get('top1'), r.get('top1')), '{:+.2f}')} pp top-1. "
+                f"**Release vs the best peer INT8** (`{best}`, the fastest INT8 build "
+                f"of the teacher): "
+                f"{_f(_ratio(b.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster, "
+                f"{_f(_diff(m.get('top1'), b.get('top1')), '{:+.2f}')} pp top-1.",
+            )
+        )
     return blocks
 
 
 def deployment_targets(models: dict, unavailable: dict) -> list:
     """The release in other runtimes (export.targets), with parity, and why a target is missing."""
-    rows = [{"model": n, "target": m.get("target"), "runtime": m.get("runtime"), "status": m.get("status"),
-             "top-1 %": number(m.get("top1")), "p50 ms": number(m.get("p50_ms")), "MB": number(m.get("size_mb")),
-             "parity vs": (m.get("parity") or {}).get("reference"),
-             "agreement": number((m.get("parity") or {}).get("top1_agreement")), "reason": "–"}
-            for n, m in models.items() if m.get("role") == "release target"]
-    rows += [{"model": n, "target": u.get("target"), "status": "unavailable", "reason": u.get("reason")}
-             for n, u in (unavailable or {}).items()]
+    rows = [
+        {
+            "model": n,
+            "target": m.get("target"),
+            "runtime": m.get("runtime"),
+            "status": m.get("status"),
+            "top-1 %": finite_number(m.get("top1")),
+            "p50 ms": finite_number(m.get("p50_ms")),
+            "MB": finite_number(m.get("size_mb")),
+            "parity vs": (m.get("parity") or {}).get("reference"),
+            "agreement": finite_number((m.get("parity") or {}).get("top1_agreement")),
+            "reason": "–",
+        }
+        for n, m in models.items()
+        if m.get("role") == "release target"
+    ]
+    rows += [
+        {"model": n, "target": u.get("target"), "status": "unavailable", "reason": u.get("reason")}
+        for n, u in (unavailable or {}).items()
+    ]
     if not rows:
         return []
-    return [("h2", "Deployment targets"), ("table", pd.DataFrame(rows)),
-            ("p", "Each target is checked against the model it came from on the whole test split "
-                  "(`export.targets`); an unavailable target names the exact reason.")]
-
-
-def onnx_opset(path) -> int | None:
-    """The default-domain opset of an ONNX file, or None if it cannot be read."""
-    try:
-        import onnx
-        model = onnx.load(str(path), load_external_data=False)
-        return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    except Exception:  # a missing or corrupt file: the checklist shows ✗
-        return None
+    return [
+        ("h2", "Deployment targets"),
+        ("table", pd.DataFrame(rows)),
+        (
+            "p",
+            "Each target is checked against the model it came from on the whole test split "
+            "(`export.targets`); an unavailable target names the exact reason.",
+        ),
+    ]
 
 
 def _gate_line(checks: dict, *names: str) -> tuple[bool, str]:
@@ -195,25 +297,37 @@ def _gate_line(checks: dict, *names: str) -> tuple[bool, str]:
     found = [checks[n] for n in names if n in checks]
     if not found:
         return False, "gate not run"
-    text = "; ".join(f"gate: {CHECK_NAMES.get(c.get('name'), c.get('name'))} {OPS.get(c.get('op'), c.get('op'))} "
-                     f"{c.get('threshold')} {c.get('unit', '')}" for c in found)
+    text = "; ".join(
+        f"gate: {CHECK_NAMES.get(c.get('name'), c.get('name'))} "
+        f"{OPS.get(c.get('op'), c.get('op'))} {c.get('threshold')} {c.get('unit', '')}"
+        for c in found
+    )
     return all(c.get("passed") for c in found), text
 
 
 def _runtime_line(inputs: dict, rel: str, m: dict) -> tuple:
-    """Opset read from the ONNX file, the ops in it, and the QAT stage's int8 kernel count."""
-    opset, kernels = onnx_opset(m.get("file", "")), (inputs["qat"].get(rel) or {}).get("kernels")
+    """The release file's opset (read by the report stage), its ops, the QAT int8 kernel count."""
+    opset = (inputs["models"].get(rel) or {}).get("opset")  # recorded by the benchmark
+    kernels = (inputs["qat"].get(rel) or {}).get("kernels")
     want = (inputs["params"].get("export") or {}).get("opset")
     if isinstance(kernels, dict):
-        ktext = (f"{kernels.get('int8_convs')} int8 / {kernels.get('float_convs')} float convs after "
-                 "onnxruntime optimization")
+        ktext = (
+            f"{kernels.get('int8_convs')} int8 / {kernels.get('float_convs')} float convs after "
+            "onnxruntime optimization"
+        )
     else:
         ktext = "no INT8 kernel report for this model"
-    ok = opset is not None and (not isinstance(kernels, dict) or bool(kernels.get("all_convs_int8")))
+    ok = opset is not None and (
+        not isinstance(kernels, dict) or bool(kernels.get("all_convs_int8"))
+    )
     ops = ", ".join(m.get("onnx_ops") or []) or "–"
-    return ("runtime / opset", ok, f"opset {opset if opset is not None else 'unreadable'}, onnxruntime "
-            f"{inputs['hardware'].get('onnxruntime', '?')}; ops: {ops}; {ktext}",
-            f"opset readable (export.opset {want}); every conv int8 when quantized")
+    return (
+        "runtime / opset",
+        ok,
+        f"opset {opset if opset is not None else 'unreadable'}, onnxruntime "
+        f"{inputs['hardware'].get('onnxruntime', '?')}; ops: {ops}; {ktext}",
+        f"opset readable (export.opset {want}); every conv int8 when quantized",
+    )
 
 
 def _stability_line(inputs: dict, rel: str) -> tuple:
@@ -221,12 +335,19 @@ def _stability_line(inputs: dict, rel: str) -> tuple:
     parity, qat = inputs["export"].get(base_model(rel)), inputs["qat"].get(rel)
     found, text = [x for x in (parity, qat) if isinstance(x, dict)], []
     if isinstance(parity, dict):
-        text.append(f"FP32 `{base_model(rel)}` export: max |Δlogit| {_f(parity.get('max_abs_diff'), '{:.2e}')}, "
-                    f"top-1 agreement {_f(parity.get('top1_agreement'), '{:.4f}')}")
+        text.append(
+            f"FP32 `{base_model(rel)}` export: "
+            f"max |Δlogit| {_f(parity.get('max_abs_diff'), '{:.2e}')}, "
+            f"top-1 agreement {_f(parity.get('top1_agreement'), '{:.4f}')}"
+        )
     if isinstance(qat, dict):
         text.append(f"QAT PyTorch vs ONNX: {_f(qat.get('top1_diff_pp'), '{:+.3f}')} pp")
-    return ("numerical stability", bool(found) and all(x.get("passed") for x in found),
-            "; ".join(text) or "no export parity report", "export / QAT parity checks passed")
+    return (
+        "numerical stability",
+        bool(found) and all(x.get("passed") for x in found),
+        "; ".join(text) or "no export parity report",
+        "export / QAT parity checks passed",
+    )
 
 
 def checklist(inputs: dict) -> list:
@@ -235,23 +356,45 @@ def checklist(inputs: dict) -> list:
     rel, ref, checks = s["release"], s["reference"], s["checks"]
     m, r = models.get(rel), models.get(ref, {})
     if not m:
-        return [("h2", "Deployment checklist"), ("p", "Not run: no release model with benchmark results.")]
-    lines = [("size", *_gate_line(checks, "size_ratio", "size_mb"),
-              f"{_f(m.get('size_mb'), '{:.2f}', ' MB')}, "
-              f"{_f(_ratio(m.get('size_mb'), r.get('size_mb')), '{:.3f}', '×')} of `{ref}`"),
-             ("latency", *_gate_line(checks, "latency_speedup"),
-              f"p50 {_f(m.get('p50_ms'), '{:.3f}')} ms, p99 {_f(m.get('p99_ms'), '{:.3f}')} ms, "
-              f"{_f(_ratio(r.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster than `{ref}`"),
-             ("accuracy", *_gate_line(checks, "accuracy_drop_pp"),
-              f"top-1 {_f(m.get('top1'), '{:.2f}', '%')} ({_f(_diff(m.get('top1'), r.get('top1')), '{:+.2f}')} "
-              f"pp vs `{ref}`)")]
+        return [
+            ("h2", "Deployment checklist"),
+            ("p", "Not run: no release model with benchmark results."),
+        ]
+    lines = [
+        (
+            "size",
+            *_gate_line(checks, "size_ratio", "size_mb"),
+            f"{_f(m.get('size_mb'), '{:.2f}', ' MB')}, "
+            f"{_f(_ratio(m.get('size_mb'), r.get('size_mb')), '{:.3f}', '×')} of `{ref}`",
+        ),
+        (
+            "latency",
+            *_gate_line(checks, "latency_speedup"),
+            f"p50 {_f(m.get('p50_ms'), '{:.3f}')} ms, p99 {_f(m.get('p99_ms'), '{:.3f}')} ms, "
+            f"{_f(_ratio(r.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster than `{ref}`",
+        ),
+        (
+            "accuracy",
+            *_gate_line(checks, "accuracy_drop_pp"),
+            f"top-1 {_f(m.get('top1'), '{:.2f}', '%')} "
+            f"({_f(_diff(m.get('top1'), r.get('top1')), '{:+.2f}')} pp vs `{ref}`)",
+        ),
+    ]
     lines = [(name, ok, value, crit) for name, ok, crit, value in lines]
-    peak, ref_peak = number(m.get("peak_rss_mb")), number(r.get("peak_rss_mb"))
-    lines.append(("peak memory", peak is not None and peak <= (ref_peak or math.inf),
-                  f"{_f(peak, '{:.0f}', ' MB')} peak RSS (onnxruntime alone "
-                  f"{_f(m.get('runtime_rss_mb'), '{:.0f}', ' MB')})", f"≤ `{ref}`'s {_f(ref_peak, '{:.0f}', ' MB')}"))
+    peak, ref_peak = finite_number(m.get("peak_rss_mb")), finite_number(r.get("peak_rss_mb"))
+    lines.append(
+        (
+            "peak memory",
+            peak is not None and peak <= (ref_peak or math.inf),
+            f"{_f(peak, '{:.0f}', ' MB')} peak RSS (onnxruntime alone "
+            f"{_f(m.get('runtime_rss_mb'), '{:.0f}', ' MB')})",
+            f"≤ `{ref}`'s {_f(ref_peak, '{:.0f}', ' MB')}",
+        )
+    )
     lines += [_runtime_line(inputs, rel, m), _stability_line(inputs, rel)]
-    df = pd.DataFrame([{"": _mark(ok), "check": k, "measured": v, "criterion": c} for k, ok, v, c in lines])
+    df = pd.DataFrame(
+        [{"": _mark(ok), "check": k, "measured": v, "criterion": c} for k, ok, v, c in lines]
+    )
     return [("h2", f"Deployment checklist: `{rel}`"), ("table", df)]
 
 
@@ -259,26 +402,45 @@ def seed_repeats(seeds) -> list:
     """Mean ± std per model across seed repeats, and the per-seed drops the gate used."""
     blocks = [("h2", "Seed repeats")]
     if not isinstance(seeds, dict) or not seeds.get("repeats"):
-        return blocks + [("p", "Off (`base.seeds: []`): every number above comes from one training seed. "
-                               "Run-to-run seed noise is typically 0.3-0.5 pp on CIFAR-sized test sets; "
-                               "set `base.seeds: [0, 1, 2]` to measure it here.")]
+        return blocks + [
+            (
+                "p",
+                "Off (`base.seeds: []`): every number above comes from one training seed. "
+                "Run-to-run seed noise is typically 0.3-0.5 pp on CIFAR-sized test sets; "
+                "set `base.seeds: [0, 1, 2]` to measure it here.",
+            )
+        ]
     runs = [r for r in seeds.get("runs") or [] if isinstance(r, dict)]
     rows = []
     for name, summary in (seeds.get("top1") or {}).items():
         drop = (seeds.get("drop_pp") or {}).get(name) or {}
-        rows.append({"model": name, "seeds": len(runs),
-                     "top-1 mean ± std %": _pm(summary.get("mean"), summary.get("std")),
-                     "per seed %": ", ".join(_f(r.get("top1", {}).get(name), "{:.2f}") for r in runs),
-                     "drop vs ref, mean ± std pp": _pm(drop.get("mean"), drop.get("std")) if drop else "–",
-                     "drop 95% CI (t, across seeds)": _interval(drop.get("ci_low"), drop.get("ci_high"))
-                     if drop else "–"})
-    return blocks + [("p", f"Seeds {seeds.get('seeds')}: each re-ran {', '.join(seeds.get('rerun_stages') or [])} "
-                           "on the same data split; latency and size are not re-measured (they do not depend "
-                           "on the seed)."), ("table", pd.DataFrame(rows))]
+        rows.append(
+            {
+                "model": name,
+                "seeds": len(runs),
+                "top-1 mean ± std %": _pm(summary.get("mean"), summary.get("std")),
+                "per seed %": ", ".join(_f(r.get("top1", {}).get(name), "{:.2f}") for r in runs),
+                "drop vs ref, mean ± std pp": _pm(drop.get("mean"), drop.get("std"))
+                if drop
+                else "–",
+                "drop 95% CI (t, across seeds)": _interval(drop.get("ci_low"), drop.get("ci_high"))
+                if drop
+                else "–",
+            }
+        )
+    return blocks + [
+        (
+            "p",
+            f"Seeds {seeds.get('seeds')}: each re-ran {', '.join(seeds.get('rerun_stages') or [])} "
+            "on the same data split; latency and size are not re-measured (they do not depend "
+            "on the seed).",
+        ),
+        ("table", pd.DataFrame(rows)),
+    ]
 
 
 def _pm(mean, std) -> str:
-    mean, std = number(mean), number(std)
+    mean, std = finite_number(mean), finite_number(std)
     return "–" if mean is None else f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
@@ -287,27 +449,54 @@ def pruning(prune) -> list:
     blocks = [("h2", "Pruning")]
     if not isinstance(prune, dict):
         return blocks + [("p", "Not run (no reports/prune/metrics.json).")]
-    rows = [{"": k, "teacher": number((prune.get(key) or {}).get("teacher")),
-             "pruned": number((prune.get(key) or {}).get("pruned")),
-             "pruned / teacher": _ratio((prune.get(key) or {}).get("pruned"),
-                                        (prune.get(key) or {}).get("teacher"))}
-            for k, key in (("params", "params"), ("MACs", "macs"), ("non-zero params", "nonzero_params"))
-            if isinstance(prune.get(key), dict)]
+    rows = [
+        {
+            "": k,
+            "teacher": finite_number((prune.get(key) or {}).get("teacher")),
+            "pruned": finite_number((prune.get(key) or {}).get("pruned")),
+            "pruned / teacher": _ratio(
+                (prune.get(key) or {}).get("pruned"), (prune.get(key) or {}).get("teacher")
+            ),
+        }
+        for k, key in (
+            ("params", "params"),
+            ("MACs", "macs"),
+            ("non-zero params", "nonzero_params"),
+        )
+        if isinstance(prune.get(key), dict)
+    ]
     t = prune.get("top1_test") if isinstance(prune.get("top1_test"), dict) else {}
-    steps = [f"{label} {_f(t.get(k), '{:.2f}', '%')}" for label, k in (
-        ("before", "before"), ("after sparsity training", "after_sparsity"),
-        ("after channel removal", "after_removal"), ("after fine-tune", "after_finetune")) if k in t]
+    steps = [
+        f"{label} {_f(t.get(k), '{:.2f}', '%')}"
+        for label, k in (
+            ("before", "before"),
+            ("after sparsity training", "after_sparsity"),
+            ("after channel removal", "after_removal"),
+            ("after fine-tune", "after_finetune"),
+        )
+        if k in t
+    ]
     method = prune.get("method")
     blocks.append(("p", f"Method `{method}`, ratio {prune.get('ratio')}."))
     blocks += [("table", pd.DataFrame(rows))] if rows else []
     blocks += [("p", "Test top-1: " + " → ".join(steps) + ".")] if steps else []
     if method == "magnitude":
-        blocks.append(("p", "**Magnitude pruning is unstructured: it reduces non-zero weights, not latency "
-                            "or the dense file size.** The ONNX file keeps every (zeroed) weight and "
-                            "onnxruntime runs dense kernels."))
+        blocks.append(
+            (
+                "p",
+                "**Magnitude pruning is unstructured: it reduces non-zero weights, not latency "
+                "or the dense file size.** The ONNX file keeps every (zeroed) weight and "
+                "onnxruntime runs dense kernels.",
+            )
+        )
     else:
-        blocks.append(("p", f"Whole channels are removed ({_f(prune.get('channels_kept'), '{:.0%}')} kept), "
-                            "so the dense model itself is smaller and faster."))
+        blocks.append(
+            (
+                "p",
+                f"Whole channels are removed ({_f(prune.get('channels_kept'), '{:.0%}')} kept), "
+                "so the dense model itself is smaller and faster.",
+            )
+        )
     return blocks + [("img", "channels.png", "Channels kept per layer")]
 
 
@@ -324,40 +513,78 @@ def lowrank_vs_pruning(lowrank, prune, models: dict) -> list:
     top1 = lowrank.get("top1_test") or {}
     rows = []
     for label, name, technique, test_top1 in (
-            ("pruned FP32", "pruned", "pruned", prune_top1.get("after_finetune")),
-            ("pruned INT8 (QAT)", "pruned_qat_int8", "pruned", None),
-            ("pruned INT8 (PTQ)", "pruned_ptq_int8", "pruned", None),
-            ("low-rank FP32", "lowrank", "lowrank", top1.get("after_finetune")),
-            ("low-rank INT8 (PTQ)", "lowrank_ptq_int8", "lowrank", None)):
+        ("pruned FP32", "pruned", "pruned", prune_top1.get("after_finetune")),
+        ("pruned INT8 (QAT)", "pruned_qat_int8", "pruned", None),
+        ("pruned INT8 (PTQ)", "pruned_ptq_int8", "pruned", None),
+        ("low-rank FP32", "lowrank", "lowrank", top1.get("after_finetune")),
+        ("low-rank INT8 (PTQ)", "lowrank_ptq_int8", "lowrank", None),
+    ):
         m = models.get(name) if isinstance(models.get(name), dict) else {}
         if not m and "INT8" in label:
             continue  # INT8 rows as benchmarked; the FP32 rows fall back to the stage metrics
-        rows.append({"model": label, "params": number(params.get(technique)),
-                     "MACs": number(macs.get(technique)),
-                     "test top-1 %": number(m.get("top1", test_top1)),
-                     "p50 ms": number(m.get("p50_ms")), "MB": number(m.get("size_mb"))})
-    blocks.append(("p", f"SVD of the conv / linear weights it shrinks (ranks multiples of {lowrank.get('round_to')}, "
-                        f"one energy threshold for all layers) to {_f(lowrank.get('params_ratio_target'), '{:.1%}')} "
-                        f"of the teacher's parameters, then fine-tuning. Test top-1: "
-                        f"{_f(top1.get('before'), '{:.2f}', '%')} → {_f(top1.get('after_factorization'), '{:.2f}', '%')} "
-                        f"after factorization → {_f(top1.get('after_finetune'), '{:.2f}', '%')} after fine-tuning."))
+        rows.append(
+            {
+                "model": label,
+                "params": finite_number(params.get(technique)),
+                "MACs": finite_number(macs.get(technique)),
+                "test top-1 %": finite_number(m.get("top1", test_top1)),
+                "p50 ms": finite_number(m.get("p50_ms")),
+                "MB": finite_number(m.get("size_mb")),
+            }
+        )
+    blocks.append(
+        (
+            "p",
+            "SVD of the conv / linear weights it shrinks "
+            f"(ranks multiples of {lowrank.get('round_to')}, one energy threshold for all layers) "
+            f"to {_f(lowrank.get('params_ratio_target'), '{:.1%}')} "
+            f"of the teacher's parameters, then fine-tuning. Test top-1: "
+            f"{_f(top1.get('before'), '{:.2f}', '%')} → "
+            f"{_f(top1.get('after_factorization'), '{:.2f}', '%')} after factorization → "
+            f"{_f(top1.get('after_finetune'), '{:.2f}', '%')} after fine-tuning.",
+        )
+    )
     blocks.append(("table", pd.DataFrame(rows)))
     fp32 = {r["model"].split()[0]: r for r in rows if "FP32" in r["model"]}
     a, b = fp32.get("pruned", {}), fp32.get("low-rank", {})
-    if all(isinstance(x, (int, float)) for x in (a.get("p50 ms"), b.get("p50 ms"),
-                                                 a.get("test top-1 %"), b.get("test top-1 %"))):
+    if all(
+        isinstance(x, (int, float))
+        for x in (a.get("p50 ms"), b.get("p50 ms"), a.get("test top-1 %"), b.get("test top-1 %"))
+    ):
         gain, ms = b["test top-1 %"] - a["test top-1 %"], (a["p50 ms"], b["p50 ms"])
-        lead = {"top-1": "low-rank" if gain > 0 else "pruned" if gain < 0 else None,
-                "latency": "low-rank" if ms[1] < ms[0] else "pruned" if ms[0] < ms[1] else None}
+        lead = {
+            "top-1": "low-rank" if gain > 0 else "pruned" if gain < 0 else None,
+            "latency": "low-rank" if ms[1] < ms[0] else "pruned" if ms[0] < ms[1] else None,
+        }
         winners = set(lead.values()) - {None}
-        verdict = ("neither wins: they tie" if not winners else f"{winners.pop()} wins" if len(winners) == 1
-                   else f"neither wins outright: {lead['top-1']} is more accurate, {lead['latency']} is faster")
-        size = (f"{a['params']:,.0f} vs {b['params']:,.0f} parameters (pruned vs low-rank)"
-                if number(a.get("params")) and number(b.get("params")) else "about the same parameter count")
-        blocks.append(("p", f"At {size}, {verdict}: FP32 p50 {ms[0]:.3f} ms pruned vs {ms[1]:.3f} ms "
-                            f"low-rank, top-1 {gain:+.2f} pp (low-rank − pruned)."
-                            + (" A factorized layer runs as two convolutions: a second operator's overhead "
-                               "where pruning just shrinks one." if lead["latency"] == "pruned" else "")))
+        verdict = (
+            "neither wins: they tie"
+            if not winners
+            else f"{winners.pop()} wins"
+            if len(winners) == 1
+            else (
+                f"neither wins outright: {lead['top-1']} is more accurate, "
+                f"{lead['latency']} is faster"
+            )
+        )
+        size = (
+            f"{a['params']:,.0f} vs {b['params']:,.0f} parameters (pruned vs low-rank)"
+            if finite_number(a.get("params")) and finite_number(b.get("params"))
+            else "about the same parameter count"
+        )
+        blocks.append(
+            (
+                "p",
+                f"At {size}, {verdict}: FP32 p50 {ms[0]:.3f} ms pruned vs {ms[1]:.3f} ms "
+                f"low-rank, top-1 {gain:+.2f} pp (low-rank − pruned)."
+                + (
+                    " A factorized layer runs as two convolutions: a second operator's overhead "
+                    "where pruning just shrinks one."
+                    if lead["latency"] == "pruned"
+                    else ""
+                ),
+            )
+        )
     return blocks
 
 
@@ -366,20 +593,30 @@ def distillation(d) -> list:
     blocks = [("h2", "Distillation")]
     if not isinstance(d, dict):
         return blocks + [("p", "Not run (no reports/distill/metrics.json).")]
-    kd, no_kd, gain = (number(d.get(k)) for k in ("student_top1_kd", "student_top1_no_kd", "kd_gain_pp"))
-    text = (f"Student test top-1 with KD {_f(kd, '{:.2f}', '%')} (α {d.get('alpha')}, T {d.get('temperature')}, "
-            f"feature weight {d.get('feature_weight')}); {_f(d.get('macs_vs_teacher'), '{:.1%}')} of the "
-            f"teacher's MACs, {_f(d.get('params_vs_teacher'), '{:.1%}')} of its params.")
+    kd, no_kd, gain = (
+        finite_number(d.get(k)) for k in ("student_top1_kd", "student_top1_no_kd", "kd_gain_pp")
+    )
+    text = (
+        f"Student test top-1 with KD {_f(kd, '{:.2f}', '%')} "
+        f"(α {d.get('alpha')}, T {d.get('temperature')}, "
+        f"feature weight {d.get('feature_weight')}); "
+        f"{_f(d.get('macs_vs_teacher'), '{:.1%}')} of the teacher's MACs, "
+        f"{_f(d.get('params_vs_teacher'), '{:.1%}')} of its params."
+    )
     if gain is None:
         verdict = "No baseline without the teacher was trained (distill.train_baseline is false)."
     elif gain > 0:
-        verdict = (f"KD helped: +{gain:.2f} pp over the same student trained without the teacher "
-                   f"({_f(no_kd, '{:.2f}', '%')}).")
+        verdict = (
+            f"KD helped: +{gain:.2f} pp over the same student trained without the teacher "
+            f"({_f(no_kd, '{:.2f}', '%')})."
+        )
     else:
-        verdict = (f"**KD did not help here**: the same student trained without the teacher scored "
-                   f"{_f(no_kd, '{:.2f}', '%')} ({gain:+.2f} pp for KD). On an easy dataset the labels "
-                   f"alone are enough; distillation pays off when the student is too small to learn "
-                   f"the task from labels.")
+        verdict = (
+            f"**KD did not help here**: the same student trained without the teacher scored "
+            f"{_f(no_kd, '{:.2f}', '%')} ({gain:+.2f} pp for KD). On an easy dataset the labels "
+            f"alone are enough; distillation pays off when the student is too small to learn "
+            f"the task from labels."
+        )
     return blocks + [("p", text), ("p", verdict)]
 
 
@@ -390,15 +627,28 @@ def quantization(qat: dict) -> list:
     for name, m in qat.items():
         if isinstance(m, dict):
             k = m.get("kernels") if isinstance(m.get("kernels"), dict) else {}
-            rows.append({"model": name, "PyTorch top-1": number(m.get("torch_top1")),
-                         "ONNX top-1": number(m.get("onnx_top1")), "Δ pp": number(m.get("top1_diff_pp")),
-                         "int8 convs": k.get("int8_convs"), "float convs": k.get("float_convs"),
-                         "all convs int8": _mark(k.get("all_convs_int8")), "passed": _mark(m.get("passed"))})
+            rows.append(
+                {
+                    "model": name,
+                    "PyTorch top-1": finite_number(m.get("torch_top1")),
+                    "ONNX top-1": finite_number(m.get("onnx_top1")),
+                    "Δ pp": finite_number(m.get("top1_diff_pp")),
+                    "int8 convs": k.get("int8_convs"),
+                    "float convs": k.get("float_convs"),
+                    "all convs int8": _mark(k.get("all_convs_int8")),
+                    "passed": _mark(m.get("passed")),
+                }
+            )
     if not rows:
         return blocks + [("p", "Not run (no reports/qat_*/metrics.json).")]
-    return blocks + [("table", pd.DataFrame(rows)),
-                     ("p", "Kernels are counted after onnxruntime's graph optimization: a QDQ `Conv` that "
-                           "becomes `QLinearConv` runs in int8; one left as `Conv` runs in float.")]
+    return blocks + [
+        ("table", pd.DataFrame(rows)),
+        (
+            "p",
+            "Kernels are counted after onnxruntime's graph optimization: a QDQ `Conv` that "
+            "becomes `QLinearConv` runs in int8; one left as `Conv` runs in float.",
+        ),
+    ]
 
 
 def teacher_origin(teacher) -> list:
@@ -409,24 +659,42 @@ def teacher_origin(teacher) -> list:
         return blocks + [("p", "Trained from scratch by this pipeline (`teacher.init: null`).")]
     as_imported = origin.get("top1_as_imported") or {}
     adapted = origin.get("top1_after_adaptation") or {}
-    rows = [{"": "file", "value": f"`{origin.get('file')}`"},
-            {"": "format / family", "value": f"{origin.get('format')} / {origin.get('family')}"},
-            {"": "sha256", "value": f"`{origin.get('sha256')}`"},
-            {"": "tracked by DVC", "value": _mark(origin.get("tracked_by_dvc"))},
-            {"": "classes in the file", "value": str(origin.get("classes_in_file"))
-             + (" (classifier replaced)" if origin.get("head_replaced") else "")},
-            {"": "top-1 as imported (val / test %)",
-             "value": f"{_f(as_imported.get('val'), '{:.2f}')} / {_f(as_imported.get('test'), '{:.2f}')}"},
-            {"": "top-1 after adaptation (val / test %)",
-             "value": (f"{_f(adapted.get('val'), '{:.2f}')} / {_f(adapted.get('test'), '{:.2f}')}"
-                       if adapted else "not adapted (`teacher.epochs: 0`)")}]
+    rows = [
+        {"": "file", "value": f"`{origin.get('file')}`"},
+        {"": "format / family", "value": f"{origin.get('format')} / {origin.get('family')}"},
+        {"": "sha256", "value": f"`{origin.get('sha256')}`"},
+        {"": "tracked by DVC", "value": _mark(origin.get("tracked_by_dvc"))},
+        {
+            "": "classes in the file",
+            "value": str(origin.get("classes_in_file"))
+            + (" (classifier replaced)" if origin.get("head_replaced") else ""),
+        },
+        {
+            "": "top-1 as imported (val / test %)",
+            "value": (
+                f"{_f(as_imported.get('val'), '{:.2f}')} / {_f(as_imported.get('test'), '{:.2f}')}"
+            ),
+        },
+        {
+            "": "top-1 after adaptation (val / test %)",
+            "value": (
+                f"{_f(adapted.get('val'), '{:.2f}')} / {_f(adapted.get('test'), '{:.2f}')}"
+                if adapted
+                else "not adapted (`teacher.epochs: 0`)"
+            ),
+        },
+    ]
     return blocks + [("table", pd.DataFrame(rows))]
 
 
 def training(teacher, curves: dict) -> list:
     """The teacher's validation curve and whether it plateaued; every run's curve as a figure."""
     blocks = [("h2", "Training curves")]
-    curve = [number(v) for v in (teacher or {}).get("val_top1_curve") or []] if isinstance(teacher, dict) else []
+    curve = (
+        [finite_number(v) for v in (teacher or {}).get("val_top1_curve") or []]
+        if isinstance(teacher, dict)
+        else []
+    )
     curve = [v for v in curve if v is not None] or [v for _, v in curves.get("teacher", [])]
     if curve:
         tail = curve[-PLATEAU_EPOCHS:]
@@ -436,14 +704,23 @@ def training(teacher, curves: dict) -> list:
         elif spread <= PLATEAU_PP:
             verdict = f"It plateaued: the last {PLATEAU_EPOCHS} epochs lie within {spread:.2f} pp."
         else:
-            verdict = (f"It had not plateaued: the last {PLATEAU_EPOCHS} epochs span {spread:.2f} pp "
-                       f"(> {PLATEAU_PP} pp); more epochs (teacher.epochs) may still help.")
-        blocks.append(("p", f"Teacher validation top-1 per epoch: {', '.join(f'{v:.1f}' for v in curve)}. "
-                            + verdict))
+            verdict = (
+                f"It had not plateaued: the last {PLATEAU_EPOCHS} epochs span {spread:.2f} pp "
+                f"(> {PLATEAU_PP} pp); more epochs (teacher.epochs) may still help."
+            )
+        blocks.append(
+            (
+                "p",
+                f"Teacher validation top-1 per epoch: {', '.join(f'{v:.1f}' for v in curve)}. "
+                + verdict,
+            )
+        )
     else:
         blocks.append(("p", "Teacher: not run (no reports/teacher/summary.json)."))
     if curves:
-        blocks.append(("img", "training_curves.png", "Validation top-1 per epoch: " + ", ".join(curves)))
+        blocks.append(
+            ("img", "training_curves.png", "Validation top-1 per epoch: " + ", ".join(curves))
+        )
     return blocks
 
 
@@ -452,38 +729,58 @@ def hardware_limit(models: dict, roofline: dict | None, release: str | None) -> 
     blocks = [("h2", "How close to the hardware limit")]
     if not isinstance(roofline, dict):
         return blocks + [("p", "Not measured (`benchmark.roofline: false`).")]
-    rows = [{"model": n, "MACs (M)": (number(m.get("macs")) or 0) / 1e6, "kernels": m.get("peak_kind"),
-             "achieved GMAC/s": number(m.get("gmacs_per_s")), "floor ms (MACs ÷ peak)": number(m.get("floor_ms")),
-             "p50 ms": number(m.get("p50_ms")), "of the limit": _f(m.get("peak_fraction"), "{:.0%}"),
-             f"p50 ms, {m.get('all_cores', 'all')} cores": number(m.get("p50_ms_all_cores"))}
-            for n, m in models.items() if number(m.get("macs"))]
-    text = (f"Peak from a conv micro-benchmark on this CPU ({roofline.get('threads')} thread, best of "
-            f"{len(roofline.get('shapes') or [])} conv chains): **{_f(roofline.get('fp32_gmacs'), '{:.1f}')} "
-            f"GMAC/s FP32, {_f(roofline.get('int8_gmacs'), '{:.1f}')} GMAC/s INT8** "
-            f"({_f(roofline.get('int8_over_fp32'), '{:.2f}')}× for INT8). \"Of the limit\" is the floor "
-            "latency at that peak over the measured p50. Small models stay far below 100%: per-op costs "
-            "(dispatch, re-quantization, pooling, the classifier) do not shrink with the MAC count, so past a "
-            "point fewer MACs buy less latency. A model above 100% runs kernels the micro-benchmark does "
-            "not (e.g. fused stem convs).")
+    rows = [
+        {
+            "model": n,
+            "MACs (M)": (finite_number(m.get("macs")) or 0) / 1e6,
+            "kernels": m.get("peak_kind"),
+            "achieved GMAC/s": finite_number(m.get("gmacs_per_s")),
+            "floor ms (MACs ÷ peak)": finite_number(m.get("floor_ms")),
+            "p50 ms": finite_number(m.get("p50_ms")),
+            "of the limit": _f(m.get("peak_fraction"), "{:.0%}"),
+            f"p50 ms, {m.get('all_cores', 'all')} cores": finite_number(m.get("p50_ms_all_cores")),
+        }
+        for n, m in models.items()
+        if finite_number(m.get("macs"))
+    ]
+    text = (
+        f"Peak from a conv micro-benchmark on this CPU ({roofline.get('threads')} thread, best of "
+        f"{len(roofline.get('shapes') or [])} conv chains): "
+        f"**{_f(roofline.get('fp32_gmacs'), '{:.1f}')} GMAC/s FP32, "
+        f"{_f(roofline.get('int8_gmacs'), '{:.1f}')} GMAC/s INT8** "
+        f'({_f(roofline.get("int8_over_fp32"), "{:.2f}")}× for INT8). "Of the limit" is the floor '
+        "latency at that peak over the measured p50. Small models stay far below 100%: "
+        "per-op costs (dispatch, re-quantization, pooling, the classifier) do not shrink with the "
+        "MAC count, so past a point fewer MACs buy less latency. A model above 100% runs kernels "
+        "the micro-benchmark does not (e.g. fused stem convs)."
+    )
     rel = models.get(release or "", {})
-    if number(rel.get("peak_fraction")) is not None:
-        text += (f" The release `{release}` does {_f(rel.get('macs'), '{:,.0f}')} MACs in "
-                 f"{_f(rel.get('p50_ms'), '{:.3f}')} ms: {_f(rel.get('peak_fraction'), '{:.0%}')} of the "
-                 f"{rel.get('peak_kind')} limit.")
+    if finite_number(rel.get("peak_fraction")) is not None:
+        text += (
+            f" The release `{release}` does {_f(rel.get('macs'), '{:,.0f}')} MACs in "
+            f"{_f(rel.get('p50_ms'), '{:.3f}')} ms: "
+            f"{_f(rel.get('peak_fraction'), '{:.0%}')} of the {rel.get('peak_kind')} limit."
+        )
     return blocks + [("p", text), ("table", pd.DataFrame(rows))]
 
 
 def hardware(hw: dict) -> list:
-    """Where the numbers were measured, and a warning when INT8 lacks its dot-product instructions."""
+    """Where the numbers were measured, and a warning when INT8 lacks its dot-product
+    instructions."""
     blocks = [("h2", "Hardware")]
     if not hw:
         return blocks + [("p", "Not recorded in benchmark.json.")]
     blocks.append(("table", pd.DataFrame([{"": k, "value": str(v)} for k, v in hw.items()])))
     if not (hw.get("avx512_vnni") or hw.get("avx_vnni") or hw.get("amx_int8")):
-        blocks.append(("p", "**⚠ This CPU has no VNNI** (AVX-512 VNNI / AVX-VNNI): int8 dot products go "
-                            "through 16-bit intermediates, so INT8 speed-ups here are smaller than on a "
-                            "VNNI CPU (and PTQ uses 7-bit weights, `ptq.reduce_range: auto`). Re-measure "
-                            "on the target device."))
+        blocks.append(
+            (
+                "p",
+                "**⚠ This CPU has no VNNI** (AVX-512 VNNI / AVX-VNNI): int8 dot products go "
+                "through 16-bit intermediates, so INT8 speed-ups here are smaller than on a "
+                "VNNI CPU (and PTQ uses 7-bit weights, `ptq.reduce_range: auto`). Re-measure "
+                "on the target device.",
+            )
+        )
     return blocks
 
 

@@ -1,4 +1,5 @@
-"""How close is a model to this CPU's limit? MACs of an ONNX file vs measured conv throughput.
+"""How close is a model to this CPU's limit? MACs of an ONNX file (export.count_macs) vs
+measured conv throughput.
 
 `conv_peak_gmacs` times chains of 3x3 convolutions (FP32, and INT8 QDQ quantized the same way the
 PTQ baseline is) on onnxruntime: a practical per-core ceiling for conv networks on this machine.
@@ -8,45 +9,23 @@ does not shrink with the MAC count.
 """
 
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper
 
-from resnet_slim.export import INPUT_NAME, make_session
+from resnet_slim.bench import time_ms
+from resnet_slim.export import INPUT_NAME, count_macs, make_session
 
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger"}
-
-
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Tensor name -> shape (symbolic dims such as the batch count as 1)."""
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {init.name: list(init.dims) for init in inferred.graph.initializer}
-    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
-    return shapes
-
-
-def count_macs(path: str | Path) -> int:
-    """Multiply-accumulates of one image: Conv, Gemm and MatMul, float, QDQ or integer
-    (QLinearConv; ConvInteger / MatMulInteger from dynamic quantization)."""
-    model = onnx.load(str(path))
-    shapes = _shapes(model)
-    macs = 0
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "QLinearConv", "ConvInteger"):
-            weight = shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1])
-            out = shapes.get(node.output[0])
-            if weight and out:
-                macs += int(np.prod(out)) * int(np.prod(weight[1:]))  # each output: Cin/g * kH * kW
-        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger"):
-            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
-            if a and out:
-                macs += int(np.prod(out)) * int(a[-1])
-    return macs
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "ConvInteger",
+    "MatMulInteger",
+}
 
 
 def is_quantized(ops) -> bool:
@@ -58,33 +37,33 @@ def _conv_chain(channels: int, size: int, depth: int) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes, weights, previous = [], [], INPUT_NAME
     for i in range(depth):
-        weights.append(numpy_helper.from_array(
-            (rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("Conv", [previous, f"w{i}"], [f"conv{i}"], pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"])]
+        weights.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32), f"w{i}"
+            )
+        )
+        nodes += [
+            helper.make_node("Conv", [previous, f"w{i}"], [f"conv{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]),
+        ]
         previous = f"relu{i}"
     shape = ["batch", channels, size, size]
-    graph = helper.make_graph(nodes, "conv_chain",
-                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, shape)], weights)
+    graph = helper.make_graph(
+        nodes,
+        "conv_chain",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, shape)],
+        weights,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def _median_ms(session, feed: dict, runs: int) -> float:
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
 
 
 SHAPES = ((64, 16, 8), (128, 28, 4))  # (channels, size, depth): small and large feature maps
 
 
-def conv_peak_gmacs(*, threads: int = 1, reduce_range: bool = False, runs: int = 30,
-                    shapes=SHAPES) -> dict:
+def conv_peak_gmacs(
+    *, threads: int = 1, reduce_range: bool = False, runs: int = 30, shapes=SHAPES
+) -> dict:
     """Best GMAC/s over conv chains, FP32 and INT8 (QDQ by the same quantizer as the PTQ stage,
     so onnxruntime runs the same fused int8 kernels it runs for the real models)."""
     from resnet_slim.quant import quantize_static_int8  # onnxruntime.quantization: heavy import
@@ -98,10 +77,17 @@ def conv_peak_gmacs(*, threads: int = 1, reduce_range: bool = False, runs: int =
             data = np.abs(rng.standard_normal((9, channels, size, size))).astype(np.float32)
             quantize_static_int8(fp32, int8, data[1:], reduce_range=reduce_range, image_input=False)
             macs = channels * channels * 9 * size * size * depth
-            row = {"shape": f"{depth} x (3x3 conv {channels}->{channels} ch at {size}x{size})", "macs": macs}
+            row = {
+                "shape": f"{depth} x (3x3 conv {channels}->{channels} ch at {size}x{size})",
+                "macs": macs,
+            }
             for name, path in (("fp32", fp32), ("int8", int8)):
                 session = make_session(path, threads=threads, image_input=False)
-                row[f"{name}_gmacs"] = macs / _median_ms(session, {INPUT_NAME: data[:1]}, runs) / 1e6
+                feed = {INPUT_NAME: data[:1]}
+                median_ms = float(
+                    np.median(time_ms(partial(session.run, None, feed), warmup=1, runs=runs))
+                )
+                row[f"{name}_gmacs"] = macs / median_ms / 1e6
             result["shapes"].append(row)
     for name in ("fp32", "int8"):
         result[f"{name}_gmacs"] = max(row[f"{name}_gmacs"] for row in result["shapes"])
@@ -112,5 +98,23 @@ def conv_peak_gmacs(*, threads: int = 1, reduce_range: bool = False, runs: int =
 def efficiency(macs: int, p50_ms: float, peak_gmacs: float) -> dict:
     """The floor latency at the peak, and the achieved fraction of it."""
     floor_ms = macs / (peak_gmacs * 1e6)
-    return {"macs": int(macs), "gmacs_per_s": macs / p50_ms / 1e6, "floor_ms": floor_ms,
-            "peak_fraction": floor_ms / p50_ms}
+    return {
+        "macs": int(macs),
+        "gmacs_per_s": macs / p50_ms / 1e6,
+        "floor_ms": floor_ms,
+        "peak_fraction": floor_ms / p50_ms,
+    }
+
+
+def add_efficiency(rows: dict[str, dict], *, threads: int, reduce_range: bool) -> dict:
+    """Measure this CPU's conv peak and add each onnxruntime row's `efficiency` against the peak
+    of its kind (int8 for quantized files, else fp32). Returns the peak record."""
+    peak = conv_peak_gmacs(threads=threads, reduce_range=reduce_range)
+    for row in rows.values():
+        if row.get("runtime") == "onnxruntime":
+            kind = "int8" if is_quantized(row.get("onnx_ops")) else "fp32"
+            row.update(
+                efficiency(count_macs(row["file"]), row["p50_ms"], peak[f"{kind}_gmacs"]),
+                peak_kind=kind,
+            )
+    return peak

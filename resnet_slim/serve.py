@@ -42,7 +42,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from resnet_slim import data
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import check_input_size, make_session
-from resnet_slim.io import read_json
+from resnet_slim.io import finite_number, read_json
 
 DEFAULT_MAX_UPLOAD_MB = 5.0  # request body limit; a larger upload gets HTTP 413
 DEFAULT_MAX_MEGAPIXELS = 25.0  # width x height limit, checked from the header before decoding
@@ -53,15 +53,18 @@ MULTIPART_MARGIN = 1024 * 1024  # bytes over the upload limit waitress buffers (
 REQUEST_TIMEOUT_S = 10  # a connection that sends nothing for this long is closed
 DECODE_WAIT_S = 20  # longest wait for a decoding slot before answering 503
 TOP_K = 3
-# The formats prepare reads from an imagefolder (data.IMAGE_SUFFIXES). Pillow's rarer decoders
+# The formats prepare reads from an imagefolder (prepare.IMAGE_SUFFIXES). Pillow's rarer decoders
 # (EPS runs Ghostscript, for one) never see an upload.
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 # Said when a pipeline output is missing.
-RUN_THE_PIPELINE = ("run make repro first; paths are relative to --root, default the current "
-                    "directory")
+RUN_THE_PIPELINE = (
+    "run make repro first; paths are relative to --root, default the current directory"
+)
 # Page resources come from this server only (the page works offline); previews are blob: URLs.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; "
-                           "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Release:
 
 
 # --- loading the release -------------------------------------------------------------------------
+
 
 def require_output(path: Path, what: str) -> Path:
     """`path`, or a UserError saying the pipeline has not written it."""
@@ -99,15 +103,15 @@ def gate_verdict(gate_path: Path) -> tuple[str | None, str | None]:
     return release, None
 
 
-def _number(value) -> float | None:
-    """A finite float, or None for a missing / NaN / non-numeric metric (shown as '—')."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def load_release(*, root: Path, gate: Path, benchmark: Path, prepared: Path,
-                 model: str | None = None, allow_ungated: bool = False) -> Release:
+def load_release(
+    *,
+    root: Path,
+    gate: Path,
+    benchmark: Path,
+    prepared: Path,
+    model: str | None = None,
+    allow_ungated: bool = False,
+) -> Release:
     """Open the gated release model (or `model`, with `allow_ungated`) for serving.
 
     Relative paths, including the model file named in the benchmark, are taken from `root`.
@@ -118,24 +122,31 @@ def load_release(*, root: Path, gate: Path, benchmark: Path, prepared: Path,
     if model and release_name and model != release_name and not_gated is None:
         not_gated = f"--model {model} is not the gated release ('{release_name}')"
     if not_gated and not allow_ungated:
-        raise UserError(f"refusing to serve an ungated model: {not_gated}; pass --allow-ungated "
-                        f"to serve it anyway (the page will show a warning)")
+        raise UserError(
+            f"refusing to serve an ungated model: {not_gated}; pass --allow-ungated "
+            f"to serve it anyway (the page will show a warning)"
+        )
 
-    results = read_json(require_output(benchmark_path, "benchmark results"),
-                        what="benchmark results")
+    results = read_json(
+        require_output(benchmark_path, "benchmark results"), what="benchmark results"
+    )
     models = results.get("models") if isinstance(results, dict) else None
     models = models if isinstance(models, dict) else {}
     name = model or release_name
     if name not in models:
         known = ", ".join(sorted(models)) or "none"
         wanted = f"model '{name}'" if name else "the release model (the gate names none)"
-        raise UserError(f"{benchmark_path}: no benchmark results for {wanted}; pass --model NAME "
-                        f"(benchmarked: {known})")
+        raise UserError(
+            f"{benchmark_path}: no benchmark results for {wanted}; pass --model NAME "
+            f"(benchmarked: {known})"
+        )
     entry = models[name] if isinstance(models[name], dict) else {}
     file = entry.get("file")
     if not isinstance(file, str) or not file.endswith(".onnx"):
-        raise UserError(f"{benchmark_path}: model '{name}' has no ONNX file (runtime "
-                        f"{entry.get('runtime', 'unknown')}); serve an onnxruntime model")
+        raise UserError(
+            f"{benchmark_path}: model '{name}' has no ONNX file (runtime "
+            f"{entry.get('runtime', 'unknown')}); serve an onnxruntime model"
+        )
 
     require_output(root / prepared / "meta.json", "prepared dataset metadata")
     meta = data.load_meta(root / prepared)
@@ -148,15 +159,25 @@ def load_release(*, root: Path, gate: Path, benchmark: Path, prepared: Path,
     logits = session.run(None, {input_name: np.zeros((1, 3, size, size), dtype=np.float32)})[0]
     n_classes = len(meta["class_names"])
     if logits.shape != (1, n_classes):
-        raise UserError(f"{model_path}: model outputs {list(logits.shape)} logits per batch but "
-                        f"{root / prepared} has {n_classes} classes")
-    card = {"name": name, "file": file, "top1": _number(entry.get("top1")),
-            "size_mb": _number(entry.get("size_mb")), "p50_ms": _number(entry.get("p50_ms")),
-            "n_classes": n_classes, "gated": not_gated is None, "warning": not_gated}
+        raise UserError(
+            f"{model_path}: model outputs {list(logits.shape)} logits per batch but "
+            f"{root / prepared} has {n_classes} classes"
+        )
+    card = {
+        "name": name,
+        "file": file,
+        "top1": finite_number(entry.get("top1")),
+        "size_mb": finite_number(entry.get("size_mb")),
+        "p50_ms": finite_number(entry.get("p50_ms")),
+        "n_classes": n_classes,
+        "gated": not_gated is None,
+        "warning": not_gated,
+    }
     return Release(session=session, input_name=input_name, meta=meta, card=card)
 
 
 # --- one request ----------------------------------------------------------------------------------
+
 
 def decode_upload(payload: bytes, *, max_pixels: int) -> Image.Image:
     """The uploaded bytes as a decoded PIL image, or BadRequest with one clear line."""
@@ -171,8 +192,10 @@ def decode_upload(payload: bytes, *, max_pixels: int) -> Image.Image:
         raise BadRequest(f"not a recognised image: upload one of {formats}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise BadRequest(f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over "
-                         f"the {max_pixels / 1e6:g} megapixel limit (decompression bomb guard)")
+        raise BadRequest(
+            f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over "
+            f"the {max_pixels / 1e6:g} megapixel limit (decompression bomb guard)"
+        )
     try:
         image.load()
     except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
@@ -194,12 +217,17 @@ def predict(release: Release, image: Image.Image) -> dict:
     probabilities /= probabilities.sum()
     top = np.argsort(-probabilities, kind="stable")[:TOP_K]
     names = release.meta["class_names"]
-    return {"predictions": [{"class": str(names[i]), "index": int(i),
-                             "probability": float(probabilities[i])} for i in top],
-            "inference_ms": inference_ms}
+    return {
+        "predictions": [
+            {"class": str(names[i]), "index": int(i), "probability": float(probabilities[i])}
+            for i in top
+        ],
+        "inference_ms": inference_ms,
+    }
 
 
 # --- the app --------------------------------------------------------------------------------------
+
 
 class InMemoryRequest(Request):
     """Keeps uploaded files in memory: werkzeug would spool those over 500 KB to a temp file.
@@ -207,14 +235,19 @@ class InMemoryRequest(Request):
     MAX_CONTENT_LENGTH bounds the memory one request can take.
     """
 
-    def _get_file_stream(self, total_content_length, content_type, filename=None,
-                         content_length=None):
+    def _get_file_stream(
+        self, total_content_length, content_type, filename=None, content_length=None
+    ):
         return io.BytesIO()
 
 
-def create_app(release: Release, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-               max_decodes: int = DEFAULT_MAX_DECODES) -> Flask:
+def create_app(
+    release: Release,
+    *,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    max_decodes: int = DEFAULT_MAX_DECODES,
+) -> Flask:
     """The Flask app: `/` (the page), `POST /predict` (JSON), `/healthz`."""
     app = Flask(__name__)
     app.request_class = InMemoryRequest
@@ -225,15 +258,21 @@ def create_app(release: Release, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
 
     @app.get("/")
     def index():
-        return render_template("index.html", card=release.card, max_upload_mb=max_upload_mb,
-                               max_upload_bytes=max_upload_bytes, formats=UPLOAD_FORMATS)
+        return render_template(
+            "index.html",
+            card=release.card,
+            max_upload_mb=max_upload_mb,
+            max_upload_bytes=max_upload_bytes,
+            formats=UPLOAD_FORMATS,
+        )
 
     @app.post("/predict")
     def predict_upload():
         upload = request.files.get("image")  # parsing the body enforces MAX_CONTENT_LENGTH (413)
         if upload is None:
-            raise BadRequest("no file uploaded: send multipart/form-data with the image in the "
-                             "field 'image'")
+            raise BadRequest(
+                "no file uploaded: send multipart/form-data with the image in the field 'image'"
+            )
         payload = upload.read()
         if not decoding.acquire(timeout=DECODE_WAIT_S):
             raise ServiceUnavailable(f"busy: {max_decodes} images are being decoded; retry shortly")
@@ -248,8 +287,9 @@ def create_app(release: Release, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
 
     @app.get("/healthz")
     def healthz():
-        return jsonify({"status": "ok", "model": release.card["name"],
-                        "gated": release.card["gated"]})
+        return jsonify(
+            {"status": "ok", "model": release.card["name"], "gated": release.card["gated"]}
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
@@ -270,47 +310,81 @@ def create_app(release: Release, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
 
 # --- command line ---------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="resnet-slim-serve",
-        description="Serve the gated release model: a web page and a JSON API on localhost.")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s)")
+        description="Serve the gated release model: a web page and a JSON API on localhost.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="repository root the paths below are relative to "
-                             "(default: the current directory)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="repository root the paths below are relative to (default: the current directory)",
+    )
     parser.add_argument("--gate", type=Path, default=Path("reports/gate.json"))
     parser.add_argument("--benchmark", type=Path, default=Path("reports/benchmark.json"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"),
-                        help="prepared dataset directory (its meta.json: classes, normalisation)")
-    parser.add_argument("--model", help="serve this benchmarked model instead of the gate's "
-                                        "release (needs --allow-ungated)")
-    parser.add_argument("--allow-ungated", action="store_true",
-                        help="serve even if the gate did not pass; the page shows a warning")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
-                        help="largest accepted upload (default: %(default)s MB)")
-    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
-                        help="largest accepted image, width x height (default: %(default)s)")
-    parser.add_argument("--max-decodes", type=int, default=DEFAULT_MAX_DECODES,
-                        help="uploads decoded at once, the memory bound (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="worker threads (default: %(default)s)")
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("data/prepared"),
+        help="prepared dataset directory (its meta.json: classes, normalisation)",
+    )
+    parser.add_argument(
+        "--model",
+        help="serve this benchmarked model instead of the gate's release (needs --allow-ungated)",
+    )
+    parser.add_argument(
+        "--allow-ungated",
+        action="store_true",
+        help="serve even if the gate did not pass; the page shows a warning",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help="largest accepted upload (default: %(default)s MB)",
+    )
+    parser.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help="largest accepted image, width x height (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-decodes",
+        type=int,
+        default=DEFAULT_MAX_DECODES,
+        help="uploads decoded at once, the memory bound (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help="worker threads (default: %(default)s)"
+    )
     return parser.parse_args(argv)
 
 
-def make_server(app: Flask, *, host: str, port: int, max_upload_mb: float,
-                threads: int = DEFAULT_THREADS):
+def make_server(
+    app: Flask, *, host: str, port: int, max_upload_mb: float, threads: int = DEFAULT_THREADS
+):
     """A waitress server for `app` (not started: call `.run()`; `.effective_port` is the port)."""
     max_body = int(max_upload_mb * 1024 * 1024) + MULTIPART_MARGIN
     return waitress.create_server(
-        app, host=host, port=port, threads=threads, connection_limit=CONNECTION_LIMIT,
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        connection_limit=CONNECTION_LIMIT,
         channel_timeout=REQUEST_TIMEOUT_S,
         cleanup_interval=1,  # how often idle connections are looked for (waitress: 30 s)
         max_request_body_size=max_body,  # larger bodies get 413 before they are read
         inbuf_overflow=max_body,  # keep bodies in memory: uploads are never written to disk
         asyncore_use_poll=True,  # no select() limit of 1024 file descriptors
-        ident="resnet-slim")
+        ident="resnet-slim",
+    )
 
 
 def keep_big_blocks_mmapped() -> None:
@@ -339,35 +413,59 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def serve() -> None:
-        for flag, value in (("--max-upload-mb", args.max_upload_mb),
-                            ("--max-megapixels", args.max_megapixels)):
+        for flag, value in (
+            ("--max-upload-mb", args.max_upload_mb),
+            ("--max-megapixels", args.max_megapixels),
+        ):
             if not (math.isfinite(value) and value > 0):
                 raise UserError(f"{flag} must be a positive number (got {value})")
-        for flag, value, most in (("--max-decodes", args.max_decodes, 64),
-                                  ("--threads", args.threads, 256)):
+        for flag, value, most in (
+            ("--max-decodes", args.max_decodes, 64),
+            ("--threads", args.threads, 256),
+        ):
             if not 1 <= value <= most:
                 raise UserError(f"{flag} must be between 1 and {most} (got {value})")
         if not 0 <= args.port <= 65535:
             raise UserError(f"--port must be between 0 and 65535 (got {args.port})")
-        release = load_release(root=args.root, gate=args.gate, benchmark=args.benchmark,
-                               prepared=args.prepared, model=args.model,
-                               allow_ungated=args.allow_ungated)
-        app = create_app(release, max_upload_mb=args.max_upload_mb,
-                         max_megapixels=args.max_megapixels, max_decodes=args.max_decodes)
+        release = load_release(
+            root=args.root,
+            gate=args.gate,
+            benchmark=args.benchmark,
+            prepared=args.prepared,
+            model=args.model,
+            allow_ungated=args.allow_ungated,
+        )
+        app = create_app(
+            release,
+            max_upload_mb=args.max_upload_mb,
+            max_megapixels=args.max_megapixels,
+            max_decodes=args.max_decodes,
+        )
         keep_big_blocks_mmapped()
         if release.card["warning"]:
             print(f"warning: serving an ungated model: {release.card['warning']}", file=sys.stderr)
         if not _is_loopback(args.host):
-            print(f"warning: listening on {args.host} exposes the web UI beyond this machine",
-                  file=sys.stderr)
+            print(
+                f"warning: listening on {args.host} exposes the web UI beyond this machine",
+                file=sys.stderr,
+            )
         try:
-            server = make_server(app, host=args.host, port=args.port,
-                                 max_upload_mb=args.max_upload_mb, threads=args.threads)
+            server = make_server(
+                app,
+                host=args.host,
+                port=args.port,
+                max_upload_mb=args.max_upload_mb,
+                threads=args.threads,
+            )
         except OSError as err:  # port in use, address not on this machine, port < 1024
-            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})") \
-                from None
-        print(f"serving '{release.card['name']}' at http://{args.host}:{server.effective_port}/ "
-              f"(Ctrl-C stops)", file=sys.stderr)
+            raise UserError(
+                f"cannot listen on {args.host}:{args.port} ({err.strerror or err})"
+            ) from None
+        print(
+            f"serving '{release.card['name']}' at http://{args.host}:{server.effective_port}/ "
+            f"(Ctrl-C stops)",
+            file=sys.stderr,
+        )
         server.run()  # returns on Ctrl-C / SIGTERM, after closing the connections
 
     return run_stage(serve)

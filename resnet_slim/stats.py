@@ -32,15 +32,22 @@ def _percentile_ci(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_accuracy_ci(correct, *, resamples: int = 2000, seed: int = 0,
-                          level: float = 0.95) -> dict:
+def bootstrap_accuracy_ci(
+    correct, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
     """Top-1 (%) and its percentile-bootstrap CI over test images."""
     correct = _as_correct(correct)
     idx = _resample_indices(len(correct), resamples, seed)
     samples = 100.0 * correct[idx].mean(axis=1)
     low, high = _percentile_ci(samples, level)
-    return {"top1": 100.0 * float(correct.mean()), "ci_low": low, "ci_high": high,
-            "level": level, "resamples": resamples, "n": int(len(correct))}
+    return {
+        "top1": 100.0 * float(correct.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "level": level,
+        "resamples": resamples,
+        "n": int(len(correct)),
+    }
 
 
 def correct_from_counts(n_correct: int, n: int) -> np.ndarray:
@@ -59,12 +66,13 @@ def mcnemar_exact(ref_correct, rel_correct) -> dict:
         raise ValueError(f"paired vectors differ in length: {len(ref)} vs {len(rel)} images")
     b, c = int((ref & ~rel).sum()), int((~ref & rel).sum())
     n = b + c
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0 ** n if n else 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0**n if n else 1.0
     return {"ref_only_correct": b, "release_only_correct": c, "p_value": min(1.0, 2.0 * tail)}
 
 
-def paired_drop(ref_correct, rel_correct, *, resamples: int = 2000, seed: int = 0,
-                level: float = 0.95) -> dict:
+def paired_drop(
+    ref_correct, rel_correct, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
     """Top-1 drop (reference − release, pp) on the same images, its paired-bootstrap CI, McNemar."""
     ref, rel = _as_correct(ref_correct, "reference"), _as_correct(rel_correct, "release")
     if ref.shape != rel.shape:
@@ -72,9 +80,15 @@ def paired_drop(ref_correct, rel_correct, *, resamples: int = 2000, seed: int = 
     per_image = ref.astype(np.float64) - rel.astype(np.float64)  # +1: only the reference was right
     idx = _resample_indices(len(ref), resamples, seed)
     low, high = _percentile_ci(100.0 * per_image[idx].mean(axis=1), level)
-    return {"drop_pp": 100.0 * float(per_image.mean()), "ci_low": low, "ci_high": high,
-            "level": level, "resamples": resamples, "n": int(len(ref)),
-            "mcnemar": mcnemar_exact(ref, rel)}
+    return {
+        "drop_pp": 100.0 * float(per_image.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "level": level,
+        "resamples": resamples,
+        "n": int(len(ref)),
+        "mcnemar": mcnemar_exact(ref, rel),
+    }
 
 
 def images_needed(n: int, ci_width_pp: float, target_width_pp: float) -> int:
@@ -88,11 +102,23 @@ def across_seeds(values, *, level: float = 0.95) -> dict:
     k = len(values)
     mean = float(values.mean()) if k else math.nan
     if k < 2:
-        return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n_seeds": k,
-                "level": level}
+        return {
+            "mean": mean,
+            "std": None,
+            "ci_low": None,
+            "ci_high": None,
+            "n_seeds": k,
+            "level": level,
+        }
     from scipy.stats import t  # scipy comes with scikit-learn
 
     std = float(values.std(ddof=1))
     half = float(t.ppf(0.5 + level / 2.0, df=k - 1)) * std / math.sqrt(k)
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
-            "n_seeds": k, "level": level}
+    return {
+        "mean": mean,
+        "std": std,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "n_seeds": k,
+        "level": level,
+    }

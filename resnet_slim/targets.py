@@ -12,19 +12,24 @@ percentiles and input checks are measured by exactly the code that measures the 
 
 import importlib
 import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import numpy as np
+import pandas as pd
 import torch
 
 from resnet_slim.bench import accuracy_with_ci, latency_ms
 from resnet_slim.errors import UserError
-from resnet_slim.export import check_input_size, check_parity, make_session, run_onnx
+from resnet_slim.export import check_input_size, check_parity, make_session, run_onnx, torch_logits
 from resnet_slim.io import atomic_path
+from resnet_slim.limits import usable_cores
 from resnet_slim.models import load_model
 from resnet_slim.params import BenchmarkParams, ExportParams
 
@@ -32,18 +37,22 @@ REPO = Path(__file__).resolve().parents[1]
 # litert-torch cannot be installed into .venv (see LITERT_CONFLICT): `make install-litert` builds
 # this separate environment, and only the conversion runs there (the LiteRT runtime is in .venv).
 LITERT_VENV = REPO / ".venv-litert"
-LITERT_CONFLICT = ("litert-torch 0.10.0 cannot share .venv with the pinned requirements: it needs "
-                   "litert-converter 0.5.0, which pins xdsl==0.28.0, which requires "
-                   "typing-extensions<4.13, while pydantic 2.14.3 requires typing-extensions>=4.16.0")
+LITERT_CONFLICT = (
+    "litert-torch 0.10.0 cannot share .venv with the pinned requirements: it needs "
+    "litert-converter 0.5.0, which pins xdsl==0.28.0, which requires "
+    "typing-extensions<4.13, while pydantic 2.14.3 requires typing-extensions>=4.16.0"
+)
 MINDSPORE_LITE_REASON = (
-    "no MindSpore Lite converter installs on CPython 3.11 / linux x86_64 from PyPI: mindspore-lite's "
-    "only PyPI release (2.0.0) has wheels for CPython 3.7 only, newer ones are published only on "
-    "mindspore.cn, and the mindspore 2.10.0 wheel (cp311) has no mindspore_lite module and no ONNX "
-    "importer")
+    "no MindSpore Lite converter installs on CPython 3.11 / linux x86_64 from PyPI: "
+    "mindspore-lite's only PyPI release (2.0.0) has wheels for CPython 3.7 only, newer ones are "
+    "published only on mindspore.cn, and the mindspore 2.10.0 wheel (cp311) has no mindspore_lite "
+    "module and no ONNX importer"
+)
 TENSORRT_FP16_REASON = (
     "the TensorRT FP16 build is not implemented: TensorRT 11 removed BuilderFlag.FP16, so an FP16 "
     "engine needs nvidia-modelopt AutoCast plus a strongly typed build, which cannot be tested "
-    "without an NVIDIA GPU")
+    "without an NVIDIA GPU"
+)
 
 
 class Unavailable(Exception):
@@ -58,8 +67,9 @@ def _import(module: str, install_hint: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise Unavailable(f"python package {module!r} cannot be imported ({err}); "
-                          f"{install_hint}") from None
+        raise Unavailable(
+            f"python package {module!r} cannot be imported ({err}); {install_hint}"
+        ) from None
 
 
 def _openvino():
@@ -74,6 +84,7 @@ def _require_file(path: str | Path, what: str) -> Path:
 
 
 # ---- OpenVINO ---------------------------------------------------------------------------------
+
 
 def _save_openvino(model, out_dir: str | Path) -> Path:
     ov = _openvino()
@@ -95,9 +106,11 @@ def export_openvino(onnx_path: str | Path, out_dir: str | Path) -> Path:
     return _save_openvino(ov.convert_model(str(onnx_path)), out_dir)
 
 
-def quantize_openvino_nncf(onnx_path: str | Path, calibration: np.ndarray,
-                           out_dir: str | Path) -> Path:
-    """FP32 ONNX -> OpenVINO INT8 IR with nncf.quantize: the post-training route OpenVINO users take.
+def quantize_openvino_nncf(
+    onnx_path: str | Path, calibration: np.ndarray, out_dir: str | Path
+) -> Path:
+    """FP32 ONNX -> OpenVINO INT8 IR with nncf.quantize: the post-training route
+    OpenVINO users take.
 
     Calibrated on the same training images as onnxruntime's static PTQ (resnet_slim.quant), with
     NNCF's CPU defaults for CNNs: PERFORMANCE preset (symmetric int8 activations and weights).
@@ -107,10 +120,14 @@ def quantize_openvino_nncf(onnx_path: str | Path, calibration: np.ndarray,
     if len(calibration) == 0:
         raise UserError("calibration set is empty")
     make_session(onnx_path)
-    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    quantized = nncf.quantize(ov.convert_model(str(onnx_path)), dataset,
-                              preset=nncf.QuantizationPreset.PERFORMANCE,
-                              target_device=nncf.TargetDevice.CPU, subset_size=len(calibration))
+    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    quantized = nncf.quantize(
+        ov.convert_model(str(onnx_path)),
+        dataset,
+        preset=nncf.QuantizationPreset.PERFORMANCE,
+        target_device=nncf.TargetDevice.CPU,
+        subset_size=len(calibration),
+    )
     return _save_openvino(quantized, out_dir)
 
 
@@ -127,17 +144,25 @@ class OpenVinoSession:
         self.shape = [1] + [d.get_length() for d in list(dims)[1:]]
         model.reshape(self.shape)  # batch 1, as deployed on an edge device
         # f32 precision hint: otherwise OpenVINO may run FP32 layers in bf16 on CPUs that have it
-        self.request = core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+        self.request = core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": threads,
+                "NUM_STREAMS": 1,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32",
+            },
+        ).create_infer_request()
 
     def get_inputs(self):
         return [SimpleNamespace(name="input", shape=self.shape)]
 
     def run(self, output_names, feed: dict) -> list[np.ndarray]:
         (images,) = feed.values()
-        return [np.concatenate([np.array(self.request.infer({0: image[None]})[0])
-                                for image in images])]
+        return [
+            np.concatenate([np.array(self.request.infer({0: image[None]})[0]) for image in images])
+        ]
 
 
 # ---- LiteRT (TFLite) --------------------------------------------------------------------------
@@ -178,8 +203,10 @@ def export_tflite(checkpoint: str | Path, calibration: np.ndarray, out_path: str
     load_model(checkpoint)  # missing / unsafe / mismatched checkpoint: its one-line error, here
     python = LITERT_VENV / "bin" / "python"
     if not python.is_file():
-        raise Unavailable(f"the LiteRT converter environment {python} does not exist: run "
-                          f"`make install-litert` ({LITERT_CONFLICT})")
+        raise Unavailable(
+            f"the LiteRT converter environment {python} does not exist: run "
+            f"`make install-litert` ({LITERT_CONFLICT})"
+        )
     if len(calibration) == 0:
         raise UserError("calibration set is empty")
     with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(out_path) as tmp:
@@ -188,13 +215,26 @@ def export_tflite(checkpoint: str | Path, calibration: np.ndarray, out_path: str
         # PYTHONPATH: the converter imports this checkout's resnet_slim.models; it runs in tmp_dir,
         # so relative paths (as dvc.yaml passes them) must be made absolute first
         result = subprocess.run(
-            [str(python), "-c", _LITERT_CONVERTER, str(Path(checkpoint).resolve()),
-             str(calibration_file), str(Path(tmp).resolve())], capture_output=True, text=True, timeout=3600,
-            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_dir)
+            [
+                str(python),
+                "-c",
+                _LITERT_CONVERTER,
+                str(Path(checkpoint).resolve()),
+                str(calibration_file),
+                str(Path(tmp).resolve()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=tmp_dir,
+        )
         if result.returncode != 0 or not tmp.is_file():
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-            raise UserError(f"{checkpoint}: LiteRT conversion failed: "
-                            f"{lines[-1] if lines else f'exit code {result.returncode}'}")
+            raise UserError(
+                f"{checkpoint}: LiteRT conversion failed: "
+                f"{lines[-1] if lines else f'exit code {result.returncode}'}"
+            )
     return Path(out_path)
 
 
@@ -203,10 +243,13 @@ class LiteRtSession:
     with the scale and zero point stored in the file, as a deployed app does."""
 
     def __init__(self, path: str | Path, *, threads: int):
-        litert = _import("ai_edge_litert.interpreter",
-                         "install the pinned ai-edge-litert from requirements.txt (make install)")
-        self.interpreter = litert.Interpreter(model_path=str(_require_file(path, "LiteRT model")),
-                                              num_threads=threads)
+        litert = _import(
+            "ai_edge_litert.interpreter",
+            "install the pinned ai-edge-litert from requirements.txt (make install)",
+        )
+        self.interpreter = litert.Interpreter(
+            model_path=str(_require_file(path, "LiteRT model")), num_threads=threads
+        )
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
@@ -235,12 +278,15 @@ class LiteRtSession:
 
 # ---- MindSpore Lite, TensorRT -----------------------------------------------------------------
 
+
 def export_mindspore(onnx_path: str | Path, out_path: str | Path) -> NoReturn:
     """ONNX -> MindSpore Lite .ms: always raises Unavailable here (MINDSPORE_LITE_REASON)."""
     make_session(onnx_path)
     _import("mindspore_lite", MINDSPORE_LITE_REASON)
-    raise Unavailable("mindspore_lite imports, but converting with it is not implemented: no "
-                      "environment this project supports can install it to test the path")
+    raise Unavailable(
+        "mindspore_lite imports, but converting with it is not implemented: no "
+        "environment this project supports can install it to test the path"
+    )
 
 
 def export_tensorrt(onnx_path: str | Path, out_path: str | Path) -> NoReturn:
@@ -248,21 +294,26 @@ def export_tensorrt(onnx_path: str | Path, out_path: str | Path) -> NoReturn:
     implemented, TENSORRT_FP16_REASON)."""
     make_session(onnx_path)
     if not torch.cuda.is_available():
-        raise Unavailable("TensorRT needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is "
-                          "False on this machine)")
+        raise Unavailable(
+            "TensorRT needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is "
+            "False on this machine)"
+        )
     _import("tensorrt", "pip install tensorrt==11.4.0.106 on the CUDA machine")
     raise Unavailable(TENSORRT_FP16_REASON)
 
 
 # ---- measuring --------------------------------------------------------------------------------
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-
-def benchmark_session(open_session: Callable[[int], object], files: list[Path],
-                      images: torch.Tensor, labels: torch.Tensor, p: BenchmarkParams, *,
-                      runtime: str) -> tuple[dict, np.ndarray]:
+def benchmark_session(
+    open_session: Callable[[int], object],
+    files: list[Path],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    p: BenchmarkParams,
+    *,
+    runtime: str,
+) -> tuple[dict, np.ndarray]:
     """(benchmark row in benchmark.json's per-model keys, test-split logits) for one runtime.
 
     `open_session(threads)` returns a session-like object; latency is batch 1 at p.threads and
@@ -273,68 +324,106 @@ def benchmark_session(open_session: Callable[[int], object], files: list[Path],
     logits = run_onnx(session, images)
     predictions = logits.argmax(1)
     one = images[:1].numpy()
-    row = {"file": str(files[0]), "runtime": runtime,
-           **accuracy_with_ci(predictions, labels.numpy(), p), "n_test": int(len(labels)),
-           "size_mb": sum(Path(f).stat().st_size for f in files) / 1e6,
-           **latency_ms(session, one, warmup=p.warmup, runs=p.runs), "threads": p.threads}
+    row = {
+        "file": str(files[0]),
+        "runtime": runtime,
+        **accuracy_with_ci(predictions, labels.numpy(), p),
+        "n_test": int(len(labels)),
+        "size_mb": sum(Path(f).stat().st_size for f in files) / 1e6,
+        **latency_ms(session, one, warmup=p.warmup, runs=p.runs),
+        "threads": p.threads,
+    }
     all_cores = usable_cores()
-    row["p50_ms_all_cores"] = latency_ms(open_session(all_cores), one, warmup=p.warmup,
-                                         runs=p.runs)["p50_ms"]
+    row["p50_ms_all_cores"] = latency_ms(
+        open_session(all_cores), one, warmup=p.warmup, runs=p.runs
+    )["p50_ms"]
     row["threads_all_cores"] = all_cores
     row["predictions"] = predictions
     return row, logits
 
 
-def benchmark_openvino(xml_path: str | Path, images: torch.Tensor, labels: torch.Tensor,
-                       p: BenchmarkParams) -> tuple[dict, np.ndarray]:
+def benchmark_openvino(
+    xml_path: str | Path, images: torch.Tensor, labels: torch.Tensor, p: BenchmarkParams
+) -> tuple[dict, np.ndarray]:
     xml_path = _require_file(xml_path, "OpenVINO IR")
-    return benchmark_session(lambda threads: OpenVinoSession(xml_path, threads=threads),
-                             [xml_path, xml_path.with_suffix(".bin")], images, labels, p,
-                             runtime=f"openvino {_openvino().__version__.split('-')[0]}")
+    return benchmark_session(
+        lambda threads: OpenVinoSession(xml_path, threads=threads),
+        [xml_path, xml_path.with_suffix(".bin")],
+        images,
+        labels,
+        p,
+        runtime=f"openvino {_openvino().__version__.split('-')[0]}",
+    )
 
 
-def benchmark_tflite(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
-                     p: BenchmarkParams) -> tuple[dict, np.ndarray]:
+def benchmark_tflite(
+    path: str | Path, images: torch.Tensor, labels: torch.Tensor, p: BenchmarkParams
+) -> tuple[dict, np.ndarray]:
     path = _require_file(path, "LiteRT model")
     litert = _import("ai_edge_litert", "install the pinned ai-edge-litert (make install)")
-    return benchmark_session(lambda threads: LiteRtSession(path, threads=threads), [path],
-                             images, labels, p, runtime=f"litert {litert.__version__}")
+    return benchmark_session(
+        lambda threads: LiteRtSession(path, threads=threads),
+        [path],
+        images,
+        labels,
+        p,
+        runtime=f"litert {litert.__version__}",
+    )
 
 
 def onnx_logits(onnx_path: str | Path, images: torch.Tensor) -> np.ndarray:
     return run_onnx(make_session(onnx_path), images)
 
 
-@torch.no_grad()
-def torch_logits(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    model.eval()
-    return torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)]).numpy()
-
-
-def check_target_parity(logits: np.ndarray, reference_logits: np.ndarray, labels: torch.Tensor,
-                        p: ExportParams, *, int8: bool, reference: str) -> dict:
+def check_target_parity(
+    logits: np.ndarray,
+    reference_logits: np.ndarray,
+    labels: torch.Tensor,
+    p: ExportParams,
+    *,
+    int8: bool,
+    reference: str,
+) -> dict:
     """Target vs reference on the test split. FP32 targets: argmax agreement and max |logit diff|
     (export's thresholds); INT8 targets: |top-1 difference| <= export.max_top1_diff_pp."""
     labels = labels.numpy()
     top1 = 100.0 * float((logits.argmax(1) == labels).mean())
     reference_top1 = 100.0 * float((reference_logits.argmax(1) == labels).mean())
-    result = {"reference": reference, "int8": int8,
-              "top1_agreement": float((logits.argmax(1) == reference_logits.argmax(1)).mean()),
-              "max_abs_diff": float(np.abs(logits - reference_logits).max()),
-              "reference_top1": reference_top1, "top1_diff_pp": top1 - reference_top1}
+    result = {
+        "reference": reference,
+        "int8": int8,
+        "top1_agreement": float((logits.argmax(1) == reference_logits.argmax(1)).mean()),
+        "max_abs_diff": float(np.abs(logits - reference_logits).max()),
+        "reference_top1": reference_top1,
+        "top1_diff_pp": top1 - reference_top1,
+    }
     if int8:
-        problems = [] if abs(result["top1_diff_pp"]) <= p.max_top1_diff_pp else [
-            f"top-1 differs from the reference by {result['top1_diff_pp']:+.2f} pp "
-            f"(allowed ±{p.max_top1_diff_pp})"]
+        problems = (
+            []
+            if abs(result["top1_diff_pp"]) <= p.max_top1_diff_pp
+            else [
+                f"top-1 differs from the reference by {result['top1_diff_pp']:+.2f} pp "
+                f"(allowed ±{p.max_top1_diff_pp})"
+            ]
+        )
     else:
-        problems = check_parity(result, min_top1_agreement=p.min_top1_agreement,
-                                max_abs_diff=p.max_abs_diff)
+        problems = check_parity(
+            result, min_top1_agreement=p.min_top1_agreement, max_abs_diff=p.max_abs_diff
+        )
     return {**result, "passed": not problems, "problems": problems}
 
 
-def measure_target(build: Callable[[], Path], measure: Callable[[Path], tuple[dict, np.ndarray]],
-                   reference_logits: Callable[[], np.ndarray], *, reference: str,
-                   labels: torch.Tensor, p: ExportParams, int8: bool, **describe) -> dict:
+def measure_target(
+    build: Callable[[], Path],
+    measure: Callable[[Path], tuple[dict, np.ndarray]],
+    reference_logits: Callable[[], np.ndarray],
+    *,
+    reference: str,
+    labels: torch.Tensor,
+    p: ExportParams,
+    int8: bool,
+    **describe,
+) -> dict:
     """Build one target, benchmark it and check it against its reference: one row.
 
     `describe` (target, role, source, ...) leads the row. An Unavailable target is a row with the
@@ -344,8 +433,141 @@ def measure_target(build: Callable[[], Path], measure: Callable[[Path], tuple[di
         row, logits = measure(build())
     except Unavailable as err:
         return unavailable_row(str(err), **describe)
-    parity = check_target_parity(logits, reference_logits(), labels, p, int8=int8,
-                                 reference=reference)
-    return {**describe, "status": "ok" if parity["passed"] else "parity_failed", **row,
-            "parity": parity}
+    parity = check_target_parity(
+        logits, reference_logits(), labels, p, int8=int8, reference=reference
+    )
+    return {
+        **describe,
+        "status": "ok" if parity["passed"] else "parity_failed",
+        **row,
+        "parity": parity,
+    }
 
+
+# ---- the export_targets stage -----------------------------------------------------------------
+
+
+def measure_targets(
+    requested: list[str],
+    *,
+    peers: bool,
+    teacher_onnx: str,
+    student: str,
+    student_onnx: str,
+    student_int8_onnx: str,
+    out_dir: str | Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    calibration: np.ndarray,
+    num_classes: int,
+    bench: BenchmarkParams,
+    check: ExportParams,
+) -> tuple[dict[str, dict], dict[str, Path]]:
+    """(a row per target, where each built file is): the release candidate on each requested
+    runtime (export.targets), and with `peers` the teacher's OpenVINO FP32 and NNCF INT8 IRs."""
+    out = Path(out_dir)
+    on_openvino = partial(benchmark_openvino, images=images, labels=labels, p=bench)
+    on_litert = partial(benchmark_tflite, images=images, labels=labels, p=bench)
+    parity = dict(labels=labels, p=check)
+    artifacts = {
+        name: out / name
+        for name in (
+            "student_qat_int8_openvino",
+            "teacher_openvino_fp32",
+            "teacher_openvino_nncf_int8",
+        )
+    }
+    artifacts["student_tflite_int8"] = out / "student_tflite_int8.tflite"
+    rows = {}
+    if "openvino" in requested:  # the INT8 release file itself; OpenVINO runs its QDQ pairs as int8
+        rows["student_qat_int8_openvino"] = measure_target(
+            lambda: export_openvino(student_int8_onnx, artifacts["student_qat_int8_openvino"]),
+            on_openvino,
+            lambda: onnx_logits(student_int8_onnx, images),
+            int8=True,
+            reference=f"{student_int8_onnx} on onnxruntime",
+            target="openvino",
+            role="release target",
+            source=student_int8_onnx,
+            **parity,
+        )
+    if "tflite" in requested:  # LiteRT's own INT8 route (PT2E static) from the FP32 student
+        rows["student_tflite_int8"] = measure_target(
+            lambda: export_tflite(student, calibration, artifacts["student_tflite_int8"]),
+            on_litert,
+            lambda: torch_logits(load_model(student, num_classes=num_classes)[0], images),
+            int8=True,
+            reference=f"{student} in PyTorch (FP32)",
+            target="tflite",
+            role="release target",
+            source=student,
+            **parity,
+        )
+    for target, name, export in (
+        ("mindspore", "student_mindspore_lite", export_mindspore),
+        ("tensorrt", "student_tensorrt_fp16", export_tensorrt),
+    ):
+        if target in requested:
+            try:  # always raises here: no wheel / no GPU (README, "Deployment targets")
+                export(student_onnx, out / name)
+            except Unavailable as err:
+                rows[name] = unavailable_row(
+                    str(err), target=target, role="release target", source=student_onnx
+                )
+    if peers:  # what a user would pick instead of this pipeline
+        teacher_logits = cache(partial(onnx_logits, teacher_onnx, images))  # used twice
+        rows["teacher_openvino_fp32"] = measure_target(
+            lambda: export_openvino(teacher_onnx, artifacts["teacher_openvino_fp32"]),
+            on_openvino,
+            teacher_logits,
+            int8=False,
+            reference=f"{teacher_onnx} on onnxruntime",
+            target="openvino",
+            role="peer",
+            source=teacher_onnx,
+            **parity,
+        )
+        rows["teacher_openvino_nncf_int8"] = measure_target(
+            lambda: quantize_openvino_nncf(
+                teacher_onnx, calibration, artifacts["teacher_openvino_nncf_int8"]
+            ),
+            on_openvino,
+            teacher_logits,
+            int8=True,
+            reference=f"{teacher_onnx} on onnxruntime",
+            target="openvino",
+            role="peer",
+            source=teacher_onnx,
+            **parity,
+        )
+    out.mkdir(parents=True, exist_ok=True)  # a DVC output even when no target was requested
+    return rows, artifacts
+
+
+def target_predictions_table(rows: dict[str, dict], labels: torch.Tensor) -> pd.DataFrame:
+    """The class each measured target predicted per test image (moved out of its row), and one
+    progress line per row on stdout."""
+    predictions = pd.DataFrame({"image": range(len(labels)), "label": labels.numpy()})
+    for name, row in rows.items():
+        if row["status"] == "unavailable":
+            print(f"export_targets: {name:28s} unavailable: {row['reason']}")
+            continue
+        predictions[name] = row.pop("predictions")
+        print(
+            f"export_targets: {name:28s} {row['status']:13s} top-1 {row['top1']:6.2f}%  "
+            f"p50 {row['p50_ms']:7.3f} ms ({row['p50_ms_all_cores']:.3f} ms on "
+            f"{row['threads_all_cores']} cores)  {row['size_mb']:7.2f} MB"
+        )
+    return predictions
+
+
+def remove_failed_release_files(rows: dict[str, dict], artifacts: dict[str, Path]) -> list[str]:
+    """A release file that disagrees with its reference is not kept: delete it. Returns one
+    problem per deleted file (empty: every release target passed or was unavailable)."""
+    problems = []
+    for name, row in rows.items():
+        if row["status"] == "parity_failed" and row["role"] == "release target":
+            path = artifacts[name]
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            problems.append(f"{name}: {row['parity']['problems'][0]}")
+    return problems

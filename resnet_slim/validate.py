@@ -32,9 +32,13 @@ def class_share_table(manifest: pd.DataFrame, class_names: list[str]) -> pd.Data
 
 def hash_table(manifest: pd.DataFrame) -> pd.DataFrame:
     grouped = manifest.groupby("sha256")
-    return pd.DataFrame({"n_splits": grouped["split"].nunique(),
-                         "n_labels": grouped["label"].nunique(),
-                         "ids": grouped["id"].agg(lambda ids: " | ".join(ids[:3]))}).reset_index()
+    return pd.DataFrame(
+        {
+            "n_splits": grouped["split"].nunique(),
+            "n_labels": grouped["label"].nunique(),
+            "ids": grouped["id"].agg(lambda ids: " | ".join(ids[:3])),
+        }
+    ).reset_index()
 
 
 def _suites(class_names: list[str], min_share: float, max_share: float) -> dict[str, list]:
@@ -53,7 +57,9 @@ def _suites(class_names: list[str], min_share: float, max_share: float) -> dict[
         "class_shares": [
             # every class must occur in every split, within the balance bounds
             E.ExpectColumnValuesToBeBetween(column="count", min_value=1),
-            E.ExpectColumnValuesToBeBetween(column="share", min_value=min_share, max_value=max_share),
+            E.ExpectColumnValuesToBeBetween(
+                column="share", min_value=min_share, max_value=max_share
+            ),
         ],
         "image_hashes": [
             E.ExpectColumnValuesToBeBetween(column="n_splits", max_value=1),  # leakage
@@ -69,8 +75,13 @@ def _unexpected_rows(result, table: pd.DataFrame) -> list:
     return rows[columns].astype(str).to_dict(orient="records")
 
 
-def validate_manifest(manifest: pd.DataFrame, class_names: list[str], *, min_class_share: float,
-                      max_class_share: float) -> dict:
+def validate_manifest(
+    manifest: pd.DataFrame,
+    class_names: list[str],
+    *,
+    min_class_share: float,
+    max_class_share: float,
+) -> dict:
     """Run the suite; return {"success", "checks": [...], "failed": ["table: expectation ..."]}."""
     missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
     if missing:  # the per-class / per-hash tables below cannot even be built
@@ -78,26 +89,39 @@ def validate_manifest(manifest: pd.DataFrame, class_names: list[str], *, min_cla
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    tables = {"manifest": manifest,
-              "class_shares": class_share_table(manifest, class_names),
-              "image_hashes": hash_table(manifest)}
+    tables = {
+        "manifest": manifest,
+        "class_shares": class_share_table(manifest, class_names),
+        "image_hashes": hash_table(manifest),
+    }
     source = context.data_sources.add_pandas("prepared")
     checks = []
     for name, expectations in _suites(class_names, min_class_share, max_class_share).items():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         result = batch.get_batch(batch_parameters={"dataframe": tables[name]}).validate(
-            suite, result_format={"result_format": "COMPLETE", "return_unexpected_index_query": False})
+            suite,
+            result_format={"result_format": "COMPLETE", "return_unexpected_index_query": False},
+        )
         for r in result.results:
             config = r.expectation_config
             kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id",)}
-            checks.append({"table": name, "expectation": config.type, "kwargs": kwargs,
-                           "success": bool(r.success),
-                           "unexpected_count": (r.result or {}).get("unexpected_count"),
-                           "unexpected_examples": [] if r.success else _unexpected_rows(r, tables[name])})
-    failed = [f"{c['table']}: {c['expectation']}({_short(c['kwargs'])}) "
-              f"{c['unexpected_count'] or 0} bad rows, e.g. {c['unexpected_examples'][:2]}"
-              for c in checks if not c["success"]]
+            checks.append(
+                {
+                    "table": name,
+                    "expectation": config.type,
+                    "kwargs": kwargs,
+                    "success": bool(r.success),
+                    "unexpected_count": (r.result or {}).get("unexpected_count"),
+                    "unexpected_examples": [] if r.success else _unexpected_rows(r, tables[name]),
+                }
+            )
+    failed = [
+        f"{c['table']}: {c['expectation']}({_short(c['kwargs'])}) "
+        f"{c['unexpected_count'] or 0} bad rows, e.g. {c['unexpected_examples'][:2]}"
+        for c in checks
+        if not c["success"]
+    ]
     return {"success": not failed, "n_images": len(manifest), "checks": checks, "failed": failed}
 
 

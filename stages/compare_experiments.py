@@ -11,21 +11,26 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from resnet_slim.errors import UserError, run_stage
-from resnet_slim.experiments import comparison_table, run_exp_show
-from resnet_slim.render import markdown_table
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--json", type=Path, help="parse saved `dvc exp show --json` output instead")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--json", type=Path, help="parse saved `dvc exp show --json` output instead"
+    )
     parser.add_argument("-A", "--all-commits", action="store_true", help="passed to dvc exp show")
     parser.add_argument("-n", "--num", type=int, help="passed to dvc exp show (last N commits)")
     parser.add_argument("--all-params", action="store_true", help="every param, not only changed")
     parser.add_argument("--md", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
+    import pandas as pd  # after parse_args: `--help` needs no pandas
+
+    from resnet_slim.experiments import comparison_table, run_exp_show
+    from resnet_slim.render import markdown_table
+
     if args.json:
         try:
             entries = json.loads(args.json.read_text())

@@ -1,14 +1,10 @@
-"""export: checkpoint -> ONNX (dynamic batch), then PyTorch-vs-onnxruntime parity on the test split."""
+"""export: checkpoint -> ONNX (dynamic batch), then PyTorch-vs-onnxruntime parity on the test
+split."""
 
 import argparse
 from pathlib import Path
 
-from resnet_slim.data import load_meta, normalized_split
 from resnet_slim.errors import UserError, run_stage
-from resnet_slim.export import check_parity, export_onnx, make_session, parity
-from resnet_slim.io import write_json
-from resnet_slim.models import load_model
-from resnet_slim.params import load_params
 
 
 def main(argv=None) -> None:
@@ -16,24 +12,33 @@ def main(argv=None) -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("onnx")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--data", required=True)
     parser.add_argument("--report", required=True, help="parity report (JSON)")
     args = parser.parse_args(argv)
-    p = load_params(args.params).export
+    from resnet_slim.data import load_meta, normalized_split  # after parse_args: `--help` is fast
+    from resnet_slim.export import check_parity, export_onnx, make_session, parity
+    from resnet_slim.io import write_json
+    from resnet_slim.models import load_model
+    from resnet_slim.params import load_params
 
-    model, checkpoint = load_model(args.checkpoint,
-                                   num_classes=len(load_meta(args.data)["class_names"]))
+    p = load_params(args.params).export
+    model, checkpoint = load_model(
+        args.checkpoint, num_classes=len(load_meta(args.data)["class_names"])
+    )
     images, _ = normalized_split(args.data, "test")
     export_onnx(model, args.onnx, image_size=images.shape[-1], opset=p.opset)
     result = parity(model, make_session(args.onnx), images)
-    problems = check_parity(result, min_top1_agreement=p.min_top1_agreement,
-                            max_abs_diff=p.max_abs_diff)
+    problems = check_parity(
+        result, min_top1_agreement=p.min_top1_agreement, max_abs_diff=p.max_abs_diff
+    )
     write_json(args.report, {**result, "passed": not problems, "problems": problems})
     if problems:
         Path(args.onnx).unlink()
         raise UserError(f"{args.onnx}: parity check failed: {'; '.join(problems)}")
-    print(f"export: {args.onnx} top-1 agreement {result['top1_agreement']:.4f}, "
-          f"max |diff| {result['max_abs_diff']:.2e}")
+    print(
+        f"export: {args.onnx} top-1 agreement {result['top1_agreement']:.4f}, "
+        f"max |diff| {result['max_abs_diff']:.2e}"
+    )
 
 
 if __name__ == "__main__":

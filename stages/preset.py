@@ -14,22 +14,25 @@ import shlex
 import subprocess
 import sys
 
-from resnet_slim.errors import UserError, run_stage
-from resnet_slim.presets import (available_presets, describe_preset, exp_run_command,
-                                 preset_overrides)
+from resnet_slim.errors import run_stage
+from resnet_slim.presets import available_presets, describe_preset, preset_commands
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("presets", nargs="*", help="preset names, applied in order")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--queue", action="store_true",
-                        help="queue instead of running; with several presets and no --combine, "
-                             "one experiment per preset")
-    parser.add_argument("--combine", action="store_true",
-                        help="apply all presets to one experiment (e.g. cifar10-dev medium)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra dvc -S override, after the presets")
+    parser.add_argument("--queue", action="store_true", help="queue: one experiment per preset")
+    parser.add_argument("--combine", action="store_true", help="all presets in one experiment")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra dvc -S override, after the presets",
+    )
     parser.add_argument("--print", action="store_true", help="print the dvc command(s) only")
     parser.add_argument("--list", action="store_true", help="list presets")
     args = parser.parse_args(argv)
@@ -37,20 +40,9 @@ def main(argv=None) -> int:
         for name in available_presets():
             print(f"{name:14s} {describe_preset(name)}")
         return 0
-    if not args.presets:
-        raise UserError(f"name a preset; available: {available_presets()}")
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. gate.enforce=false")
-    if len(args.presets) > 1 and not (args.combine or args.queue):
-        # `dvc exp run` leaves its -S values in the workspace's params.yaml, so back-to-back runs
-        # would inherit each other's keys; queued experiments each start from the last commit
-        raise UserError("several presets: add --queue (one experiment each, from the last commit) "
-                        "or --combine (one experiment with all of them)")
-    # several presets run separately (a sweep) unless combined or only one is named
-    groups = [args.presets] if args.combine or len(args.presets) == 1 else [[n] for n in args.presets]
-    commands = [exp_run_command(names, preset_overrides(names, args.params) + args.set,
-                                queue=args.queue) for names in groups]  # all validated first
+    commands = preset_commands(
+        args.presets, args.params, args.set, combine=args.combine, queue=args.queue
+    )  # all validated before any runs
     for command in commands:
         print("$ " + shlex.join(command), flush=True)
         if args.print:

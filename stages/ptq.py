@@ -3,11 +3,7 @@ user gets without this pipeline."""
 
 import argparse
 
-from resnet_slim.bench import has_int8_dot_product
-from resnet_slim.data import normalized_split
 from resnet_slim.errors import run_stage
-from resnet_slim.params import load_params
-from resnet_slim.quant import calibration_images, quantize_dynamic_int8, quantize_static_int8
 
 
 def main(argv=None) -> None:
@@ -16,20 +12,34 @@ def main(argv=None) -> None:
     parser.add_argument("int8_onnx")
     parser.add_argument("--dynamic-out", help="also write onnxruntime dynamic INT8 here")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--data", required=True)
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    from resnet_slim.data import normalized_split  # after parse_args: `--help` needs no torch
+    from resnet_slim.params import load_params
+    from resnet_slim.quant import (
+        calibration_images,
+        quantize_dynamic_int8,
+        quantize_static_int8,
+        resolve_reduce_range,
+    )
 
+    params = load_params(args.params)
     train_images, _ = normalized_split(args.data, "train")
-    calibration = calibration_images(train_images, params.ptq.calibration_images,
-                                     seed=params.base.seed)
-    reduce_range = params.ptq.reduce_range
-    if reduce_range == "auto":
-        reduce_range = not has_int8_dot_product()
-    quantize_static_int8(args.fp32_onnx, args.int8_onnx, calibration,
-                         per_channel=params.ptq.per_channel, reduce_range=reduce_range)
-    print(f"ptq: {args.fp32_onnx} -> {args.int8_onnx} ({len(calibration)} calibration images, "
-          f"reduce_range={reduce_range})")
+    calibration = calibration_images(
+        train_images, params.ptq.calibration_images, seed=params.base.seed
+    )
+    reduce_range = resolve_reduce_range(params.ptq.reduce_range)
+    quantize_static_int8(
+        args.fp32_onnx,
+        args.int8_onnx,
+        calibration,
+        per_channel=params.ptq.per_channel,
+        reduce_range=reduce_range,
+    )
+    print(
+        f"ptq: {args.fp32_onnx} -> {args.int8_onnx} ({len(calibration)} calibration images, "
+        f"reduce_range={reduce_range})"
+    )
     if args.dynamic_out:
         quantize_dynamic_int8(args.fp32_onnx, args.dynamic_out)
         print(f"ptq: {args.fp32_onnx} -> {args.dynamic_out} (dynamic)")

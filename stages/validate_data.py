@@ -1,4 +1,5 @@
-"""validate_data: run the Great Expectations suite on the prepared manifest; fail on any violation."""
+"""validate_data: run the Great Expectations suite on the prepared manifest; fail on any
+violation."""
 
 import argparse
 
@@ -18,15 +19,23 @@ def main(argv=None) -> None:
     p = load_params(args.params).validate_data
 
     meta = load_meta(args.data)
-    report = validate_manifest(load_manifest(args.data), meta["class_names"],
-                               min_class_share=p.min_class_share, max_class_share=p.max_class_share)
+    report = validate_manifest(
+        load_manifest(args.data),
+        meta["class_names"],
+        min_class_share=p.min_class_share,
+        max_class_share=p.max_class_share,
+    )
     report["skipped_images"] = meta.get("skipped_images", [])
     report["duplicate_label_conflicts"] = meta.get("duplicate_label_conflicts", [])
     write_json(args.report, report)
     if not report["success"]:
-        raise UserError(f"data validation failed ({len(report['failed'])} checks, see "
-                        f"{args.report}): " + " || ".join(report["failed"]))
-    print(f"validate_data: {len(report['checks'])} expectations passed on {report['n_images']} images")
+        raise UserError(
+            f"data validation failed ({len(report['failed'])} checks, see "
+            f"{args.report}): " + " || ".join(report["failed"])
+        )
+    print(
+        f"validate_data: {len(report['checks'])} expectations passed on {report['n_images']} images"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from resnet_slim import data
+from resnet_slim import prepare
 from resnet_slim.models import build_model, make_arch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,10 +21,19 @@ def prepared_digits(folder: Path, *, per_class: int, held_out: float) -> Path:
     """Digits at 8 px, `per_class` per class, `held_out` each for val and test, written by the
     library as a real prepared dataset directory."""
     out = folder / "prepared"
-    raw = data.subsample_per_class(data.load_digits(8), per_class, seed=0)
-    split = data.stratified_split(raw.labels, val_fraction=held_out, test_fraction=held_out, seed=0)
-    data.write_prepared(out, raw, split, extra_meta={"source": "digits"})
+    raw = prepare.subsample_per_class(prepare.load_digits(8), per_class, seed=0)
+    split = prepare.stratified_split(
+        raw.labels, val_fraction=held_out, test_fraction=held_out, seed=0
+    )
+    prepare.write_prepared(out, raw, split, extra_meta={"source": "digits"})
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The e2e tests (minutes) first, the rest in file order: with `make test`'s pytest-xdist
+    (--dist loadfile --no-loadscope-reorder) one worker starts them at once and the others take
+    the rest of the suite meanwhile, instead of the e2e file starting half-way through."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +86,8 @@ def write_image_tree(root: Path, classes: dict[str, int], size: int = 12, seed: 
 def write_params(path: Path, **overrides) -> Path:
     """params.yaml = the repo's defaults with `section={key: value}` overrides (tiny settings)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    # the default dataset folder is relative to the repo; stages in tests run from a temp dir
+    params["prepare"]["root"] = str(REPO / params["prepare"]["root"])
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(params))

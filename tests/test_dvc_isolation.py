@@ -1,4 +1,5 @@
-"""`dvc exp run --temp` runs the code of the workspace it was started from, never another checkout's.
+"""`dvc exp run --temp` runs the code of the workspace it was started from,
+never another checkout's.
 
 A copy of the library sits on PYTHONPATH as "another checkout" (what an editable install of the
 main checkout used to be). The experiment must still import its own copy: the library as changed
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 PROBE = """import json
@@ -34,15 +34,17 @@ PIPELINE = """stages:
 
 
 def sh(*args, cwd: Path, env: dict) -> str:
-    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{args}: {result.stderr[-2000:]}"
     return result.stdout
 
 
 def copy_library(dest: Path, marker: str | None = None) -> None:
-    shutil.copytree(REPO / "resnet_slim", dest / "resnet_slim",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "resnet_slim", dest / "resnet_slim", ignore=shutil.ignore_patterns("__pycache__")
+    )
     if marker is not None:
         with open(dest / "resnet_slim" / "metrics.py", "a") as f:
             f.write(f"\nMARKER = {marker!r}\n")
@@ -59,9 +61,15 @@ def project(tmp_path) -> tuple[Path, dict]:
     (repo / "params.yaml").write_text("{}\n")
     other = tmp_path / "other_checkout"
     copy_library(other, marker="other checkout")
-    env = {**os.environ, "PYTHONPATH": str(other), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(other),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     sh("git", "init", "-q", cwd=repo, env=env)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo, env=env)
     sh("git", "add", "-A", cwd=repo, env=env)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
-
-from conftest import REPO
 
 STAGE_MODULE = re.compile(r"^python -m (stages\.\w+)\b")
 OWN_PACKAGES = ("resnet_slim", "stages")
@@ -55,13 +54,17 @@ def import_closure(root: Path, module: str) -> set[str]:
         seen.add(path)
         for name in imported_names(path):
             pieces = name.split(".")
-            todo += [f for i in range(1, len(pieces) + 1)
-                     if (f := module_file(root, ".".join(pieces[:i])))]
+            todo += [
+                f
+                for i in range(1, len(pieces) + 1)
+                if (f := module_file(root, ".".join(pieces[:i])))
+            ]
     return {p.relative_to(root).as_posix() for p in seen}
 
 
 def dependency_problems(stages: dict[str, dict], root: Path = REPO) -> list[str]:
-    """For {stage: {"cmd", "deps"}}: code a stage runs but does not depend on, or deps it never runs."""
+    """For {stage: {"cmd", "deps"}}: code a stage runs but does not depend on, or deps it never
+    runs."""
     problems = []
     for name, stage in stages.items():
         found = STAGE_MODULE.match(stage["cmd"])
@@ -73,8 +76,9 @@ def dependency_problems(stages: dict[str, dict], root: Path = REPO) -> list[str]
         covered = {f for f in runs if f in deps or f.split("/")[0] in deps}  # or the whole package
         problems += [f"{name}: runs {f} but does not depend on it" for f in sorted(runs - covered)]
         own_code = {d for d in deps if d.endswith(".py") and d.split("/")[0] in OWN_PACKAGES}
-        problems += [f"{name}: depends on {f} but never imports it"
-                     for f in sorted(own_code - runs)]
+        problems += [
+            f"{name}: depends on {f} but never imports it" for f in sorted(own_code - runs)
+        ]
     return problems
 
 
@@ -82,11 +86,15 @@ def dependency_problems(stages: dict[str, dict], root: Path = REPO) -> list[str]
 def pipeline() -> dict[str, dict]:
     """{stage address: {"cmd", "deps", "outs", "metrics"}} as DVC resolves dvc.yaml."""
     with Repo(str(REPO)) as repo:
-        return {s.addressing: {"cmd": s.cmd, "deps": [str(d.def_path) for d in s.deps
-                                                      if not isinstance(d, ParamsDependency)],
-                               "outs": [str(o.def_path) for o in s.outs if not o.metric],
-                               "metrics": [str(o.def_path) for o in s.outs if o.metric]}
-                for s in repo.index.stages}
+        return {
+            s.addressing: {
+                "cmd": s.cmd,
+                "deps": [str(d.def_path) for d in s.deps if not isinstance(d, ParamsDependency)],
+                "outs": [str(o.def_path) for o in s.outs if not o.metric],
+                "metrics": [str(o.def_path) for o in s.outs if o.metric],
+            }
+            for s in repo.index.stages
+        }
 
 
 def test_every_stage_depends_on_every_module_it_runs(pipeline):
@@ -97,13 +105,16 @@ def test_the_check_fails_when_a_dep_is_deleted_or_stale(pipeline):
     qat = pipeline["qat@student"]
     without_engine = {**qat, "deps": [d for d in qat["deps"] if d != "resnet_slim/engine.py"]}
     assert dependency_problems({"qat@student": without_engine}) == [
-        "qat@student: runs resnet_slim/engine.py but does not depend on it"]
+        "qat@student: runs resnet_slim/engine.py but does not depend on it"
+    ]
     extra = {**qat, "deps": qat["deps"] + ["resnet_slim/serve.py"]}
     assert dependency_problems({"qat@student": extra}) == [
-        "qat@student: depends on resnet_slim/serve.py but never imports it"]
+        "qat@student: depends on resnet_slim/serve.py but never imports it"
+    ]
     by_path = {**qat, "cmd": qat["cmd"].replace("python -m stages.qat", "python stages/qat.py")}
     assert dependency_problems({"qat@student": by_path}) == [
-        "qat@student: cmd does not start with `python -m stages.<name>`"]
+        "qat@student: cmd does not start with `python -m stages.<name>`"
+    ]
 
 
 def test_import_closure_follows_lazy_imports(tmp_path):
@@ -114,14 +125,23 @@ def test_import_closure_follows_lazy_imports(tmp_path):
     (tmp_path / "resnet_slim" / "b.py").write_text("import os\n")
     (tmp_path / "resnet_slim" / "unused.py").write_text("")
     assert import_closure(tmp_path, "stages.go") == {
-        "stages/go.py", "resnet_slim/a.py", "resnet_slim/b.py"}
+        "stages/go.py",
+        "resnet_slim/a.py",
+        "resnet_slim/b.py",
+    }
 
 
 def test_repeated_stages_are_foreach_groups(pipeline):
     groups = {name.split("@")[0] for name in pipeline if "@" in name}
     assert groups == {"export", "ptq", "torch_ptq", "qat"}
-    assert {"export@teacher", "export@pruned", "export@lowrank", "export@student",
-            "qat@pruned", "qat@student"} <= set(pipeline)
+    assert {
+        "export@teacher",
+        "export@pruned",
+        "export@lowrank",
+        "export@student",
+        "qat@pruned",
+        "qat@student",
+    } <= set(pipeline)
 
 
 def test_benchmark_measures_the_models_params_name(pipeline):
@@ -153,6 +173,7 @@ def test_seed_repeats_expand_foreach_groups_like_dvc(pipeline):
     keyed = {"stages": {"s": {"foreach": {"a": {"n": 1}}, "do": {"cmd": "x ${key} ${item.n}"}}}}
     assert read_stages_from(keyed)["s@a"]["cmd"] == "x a 1"
     from resnet_slim.errors import UserError
+
     with pytest.raises(UserError, match="matrix"):
         read_stages_from({"stages": {"s": {"matrix": {"a": [1]}, "cmd": "x"}}})
 
@@ -161,8 +182,14 @@ def test_readme_shows_the_current_stage_graph():
     import subprocess
     import sys
 
-    dag = subprocess.run([sys.executable, "-m", "dvc", "dag", "--mermaid"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    dag = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--mermaid"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
     readme = (REPO / "README.md").read_text()
     assert f"```mermaid\n{dag}\n```" in readme, "re-paste `dvc dag --mermaid` into README.md"
 
@@ -178,8 +205,10 @@ def test_imported_models_are_tracked_by_content(pipeline):
 def test_seed_repeats_find_imported_models_from_their_scratch_workspace(tmp_path):
     from resnet_slim.seeds import _absolute_model_paths
 
-    params = {"teacher": {"init": "../shared/models/r56.th", "epochs": 0},
-              "distill": {"student": {"init": None, "width": 16}, "epochs": 3}}
+    params = {
+        "teacher": {"init": "../shared/models/r56.th", "epochs": 0},
+        "distill": {"student": {"init": None, "width": 16}, "epochs": 3},
+    }
     fixed = _absolute_model_paths(params, tmp_path / "repo")
     assert fixed["teacher"]["init"] == str((tmp_path / "shared" / "models" / "r56.th").resolve())
     assert fixed["distill"] == params["distill"] and params["teacher"]["init"].startswith("..")

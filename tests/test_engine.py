@@ -13,11 +13,20 @@ def test_fit_learns_and_logs_with_dvclive(tiny_prepared, tmp_path):
     engine.seed_everything(0, 2)
     # no translation: a 2 px shift is a quarter of these 8 px images and slows learning a lot
     p = TrainParams(epochs=6, lr=0.05, batch_size=16, warmup_epochs=0.5)
-    train, val, meta = train_val_loaders(tiny_prepared, batch_size=16, augment=Augment(crop_padding=0), seed=0)
+    train, val, meta = train_val_loaders(
+        tiny_prepared, batch_size=16, augment=Augment(crop_padding=0), seed=0
+    )
     model = build_model(make_arch(name="resnet18", num_classes=10, width=16))
     before = engine.evaluate(model, val)["top1"]
-    history = engine.fit(model, train, val, p, loss_fn=engine.cross_entropy(), live_dir=tmp_path / "live",
-                         desc="test")
+    history = engine.fit(
+        model,
+        train,
+        val,
+        p,
+        loss_fn=engine.cross_entropy(),
+        live_dir=tmp_path / "live",
+        desc="test",
+    )
     assert len(history) == 6
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_top1"] > max(before, 80.0)  # 10 classes: chance is 10%
@@ -34,8 +43,15 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_prepared, tmp_path):
         return logits.sum() * float("nan"), logits
 
     with pytest.raises(UserError, match="epoch 1, step 1"):
-        engine.fit(model, train, val, TrainParams(epochs=1), loss_fn=exploding,
-                   live_dir=tmp_path / "live", desc="test")
+        engine.fit(
+            model,
+            train,
+            val,
+            TrainParams(epochs=1),
+            loss_fn=exploding,
+            live_dir=tmp_path / "live",
+            desc="test",
+        )
 
 
 def test_after_backward_hook_runs_between_backward_and_step(tiny_prepared):
@@ -47,16 +63,22 @@ def test_after_backward_hook_runs_between_backward_and_step(tiny_prepared):
     steps_taken = []
     optimizer.register_step_post_hook(lambda *_: steps_taken.append(1))
     seen = []  # (optimizer steps so far, gradient present) at each hook call
-    engine.train_one_epoch(model, train, optimizer, engine.cross_entropy(),
-                           after_backward=lambda m: seen.append((len(steps_taken),
-                                                                 m.fc.weight.grad is not None)))
+    engine.train_one_epoch(
+        model,
+        train,
+        optimizer,
+        engine.cross_entropy(),
+        after_backward=lambda m: seen.append((len(steps_taken), m.fc.weight.grad is not None)),
+    )
     assert seen == [(k, True) for k in range(len(train))]
     assert len(steps_taken) == len(train)
 
 
 def test_warmup_then_cosine_schedule():
     model = torch.nn.Linear(2, 2)
-    optimizer, scheduler = engine.make_optimizer(model, TrainParams(epochs=2, lr=1.0, warmup_epochs=1), 10)
+    optimizer, scheduler = engine.make_optimizer(
+        model, TrainParams(epochs=2, lr=1.0, warmup_epochs=1), 10
+    )
     lrs = []
     for _ in range(20):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -68,7 +90,9 @@ def test_warmup_then_cosine_schedule():
 
 def test_checkpoint_round_trip_rebuilds_from_arch(tmp_path, tiny_model):
     arch = make_arch(name="resnet18", num_classes=10, width=8)
-    save_checkpoint(tmp_path / "m.pt", model=tiny_model, arch=arch, params={"lr": 0.1}, metrics={"top1": 1.0})
+    save_checkpoint(
+        tmp_path / "m.pt", model=tiny_model, arch=arch, params={"lr": 0.1}, metrics={"top1": 1.0}
+    )
     checkpoint = load_checkpoint(tmp_path / "m.pt")
     model = build_model(checkpoint["arch"])
     model.load_state_dict(checkpoint["state_dict"])
@@ -80,7 +104,9 @@ def test_checkpoint_round_trip_rebuilds_from_arch(tmp_path, tiny_model):
 def test_checkpoint_whose_weights_do_not_match_its_arch_is_a_clear_error(tmp_path, tiny_model):
     wrong_arch = make_arch(name="resnet18", num_classes=10, width=16)
     save_checkpoint(tmp_path / "m.pt", model=tiny_model, arch=wrong_arch, params={}, metrics={})
-    with pytest.raises(UserError, match="weights do not match the checkpoint's architecture record"):
+    with pytest.raises(
+        UserError, match="weights do not match the checkpoint's architecture record"
+    ):
         load_model(tmp_path / "m.pt")
 
 
@@ -98,5 +124,6 @@ def test_torchvision_layout_is_kept_for_the_standard_width():
 
     ours = build_model(make_arch(name="resnet50", num_classes=1000, width=64, small_input=False))
     theirs = torchvision.models.resnet50()
-    assert {k: v.shape for k, v in ours.state_dict().items()} == \
-        {k: v.shape for k, v in theirs.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }

@@ -26,25 +26,56 @@ from resnet_slim.models import build_model, make_arch
 from tests.conftest import REPO, write_params
 
 # Loose thresholds: these tests are about the evidence, not about how good the models are.
-GATE = {"release": "release", "reference": "teacher", "candidates": [], "max_acc_drop_pp": 100.0,
-        "acc_drop_statistic": "point", "min_speedup": 0.0, "max_size_ratio": 10.0, "enforce": True}
-BENCH = {"warmup": 1, "runs": 5, "throughput_batch": 8,
-         "all_cores": False, "roofline": False, "bootstrap_resamples": 200}
-BENCH_ARGS = ["--params", "params.yaml", "--models-dir", "models", "--data", "data/prepared",
-              "--out", "reports/benchmark.json", "--table", "reports/benchmark.csv",
-              "--predictions", "reports/predictions.csv"]
+GATE = {
+    "release": "release",
+    "reference": "teacher",
+    "candidates": [],
+    "max_acc_drop_pp": 100.0,
+    "acc_drop_statistic": "point",
+    "min_speedup": 0.0,
+    "max_size_ratio": 10.0,
+    "enforce": True,
+}
+BENCH = {
+    "warmup": 1,
+    "runs": 5,
+    "throughput_batch": 8,
+    "all_cores": False,
+    "roofline": False,
+    "bootstrap_resamples": 200,
+}
+BENCH_ARGS = [
+    "--params",
+    "params.yaml",
+    "--models-dir",
+    "models",
+    "--data",
+    "data/prepared",
+    "--out",
+    "reports/benchmark.json",
+    "--table",
+    "reports/benchmark.csv",
+    "--predictions",
+    "reports/predictions.csv",
+]
 
 
 def tiny_onnx(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
-    model = build_model(make_arch(name="resnet18", num_classes=10, width=8, small_input=True)).eval()
+    model = build_model(
+        make_arch(name="resnet18", num_classes=10, width=8, small_input=True)
+    ).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(model, path, image_size=8, opset=17)
 
 
 def params(root: Path, *, base=None, models=("teacher", "release"), **gate) -> Path:
-    return write_params(root / "params.yaml", base={"seed": 0, "seeds": [], **(base or {})},
-                        benchmark={**BENCH, "models": list(models)}, gate={**GATE, **gate})
+    return write_params(
+        root / "params.yaml",
+        base={"seed": 0, "seeds": [], **(base or {})},
+        benchmark={**BENCH, "models": list(models)},
+        gate={**GATE, **gate},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +102,27 @@ def run(measured, tmp_path, monkeypatch) -> Path:
     return root
 
 
+# the paths dvc.yaml passes the gate stage (it has no path defaults)
+GATE_ARGS = [
+    "--params",
+    "params.yaml",
+    "--benchmark",
+    "reports/benchmark.json",
+    "--predictions",
+    "reports/predictions.csv",
+    "--seeds",
+    "reports/seeds.json",
+    "--data",
+    "data/prepared",
+    "--out",
+    "reports/gate.json",
+]
+
+
 def gate(root: Path, *extra: str) -> dict:
     from stages.gate import main
 
-    main(["--params", "params.yaml", "--benchmark", "reports/benchmark.json", "--predictions",
-          "reports/predictions.csv", "--seeds", "reports/seeds.json", "--data", "data/prepared",
-          "--out", "reports/gate.json", *extra])
+    main([*GATE_ARGS, *extra])
     return json.loads((root / "reports" / "gate.json").read_text())
 
 
@@ -94,7 +140,8 @@ def bench_json(root: Path) -> dict:
 
 
 def edit_predictions(root: Path, change, *, reseal: bool = True) -> None:
-    """Change predictions.csv; with `reseal`, also its sha256 in benchmark.json (a careful forger)."""
+    """Change predictions.csv; with `reseal`, also its sha256 in benchmark.json (a careful
+    forger)."""
     path = root / "reports" / "predictions.csv"
     table = change(pd.read_csv(path, dtype={"image": str}))
     table.to_csv(path, index=False)
@@ -115,7 +162,11 @@ def test_benchmark_records_the_evidence(run):
         assert bench["models"][name]["sha256"] == sha256_file(run / "models" / f"{name}.onnx")
     assert bench["test_split"]["sha256"] == {
         "manifest.csv": sha256_file(run / "data/prepared/manifest.csv"),
-        "test.npz": sha256_file(run / "data/prepared/test.npz")}
+        **{
+            name: sha256_file(run / "data/prepared" / name)
+            for name in ("test_images.npy", "test_labels.npy")
+        },
+    }
     predictions = pd.read_csv(run / "reports/predictions.csv", dtype={"image": str})
     test = manifest[manifest.split == "test"]
     assert predictions["image"].tolist() == test["id"].tolist()  # the manifest's ids, in order
@@ -145,12 +196,22 @@ def test_gate_writes_its_verdict_and_headline_metrics_together(run):
 # the attacks of issue 20, each failing closed
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda t: pd.concat([t] * 10), ["800 rows for the 80 test images (720 repeated"]),
-    (lambda t: t.iloc[:8], ["8 rows for the 80 test images (0 repeated, 72 missing"]),
-    (lambda t: t.assign(label=t["label"] + 100), ["80 of 80 labels differ from the manifest's"]),
-    (lambda t: t.assign(image=[f"digits/{i}" for i in range(len(t))]), ["not in the test split"]),
-], ids=["repeated-10x", "cut-to-a-tenth", "labels-plus-100", "ids-of-other-images"])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda t: pd.concat([t] * 10), ["800 rows for the 80 test images (720 repeated"]),
+        (lambda t: t.iloc[:8], ["8 rows for the 80 test images (0 repeated, 72 missing"]),
+        (
+            lambda t: t.assign(label=t["label"] + 100),
+            ["80 of 80 labels differ from the manifest's"],
+        ),
+        (
+            lambda t: t.assign(image=[f"digits/{i}" for i in range(len(t))]),
+            ["not in the test split"],
+        ),
+    ],
+    ids=["repeated-10x", "cut-to-a-tenth", "labels-plus-100", "ids-of-other-images"],
+)
 def test_predictions_that_do_not_cover_the_test_split_are_refused(run, change, words):
     edit_predictions(run, change)
     failed = refused(gate(run), "evidence:", *words)
@@ -159,8 +220,10 @@ def test_predictions_that_do_not_cover_the_test_split_are_refused(run, change, w
 
 def test_predictions_replaced_behind_the_benchmark_are_refused(run):
     edit_predictions(run, lambda t: t.iloc[::-1], reseal=False)  # same rows, other bytes
-    refused(gate(run), "predictions.csv is not the predictions file reports/benchmark.json was "
-                       "written with")
+    refused(
+        gate(run),
+        "predictions.csv is not the predictions file reports/benchmark.json was written with",
+    )
 
 
 def test_edited_top1_that_the_predictions_do_not_give_is_refused(run):
@@ -170,17 +233,34 @@ def test_edited_top1_that_the_predictions_do_not_give_is_refused(run):
     refused(gate(run), "release: benchmark.json says top-1")
 
 
-@pytest.mark.parametrize("edits, words", [
-    ({("release", "top1"): 150.0}, ["metric release.top1 is 150, outside [0, 100]"]),
-    ({("teacher", "top1"): -50.0}, ["metric teacher.top1 is -50, outside [0, 100]"]),
-    ({("release", "top1"): 1e308}, ["metric release.top1 is 1e+308, outside [0, 100]"]),
-    ({("teacher", "top1"): -1e308}, ["metric teacher.top1 is -1e+308, outside [0, 100]"]),
-    ({("release", "p50_ms"): 1e-308, ("teacher", "p50_ms"): 1e308},
-     ["metric teacher.p50_ms is 1e+308, outside [1e-06, 1e+07]"]),
-    ({("release", "peak_rss_mb"): -1.0, ("teacher", "top1_ci_high"): 1e308},
-     ["release: peak_rss_mb -1.0 is not a measurement", "teacher: top1_ci_high 1e+308 is not a"]),
-], ids=["top1-150", "top1-minus-50", "top1-1e308", "top1-minus-1e308", "p50-1e-308-vs-1e308",
-        "other-metrics"])
+@pytest.mark.parametrize(
+    "edits, words",
+    [
+        ({("release", "top1"): 150.0}, ["metric release.top1 is 150, outside [0, 100]"]),
+        ({("teacher", "top1"): -50.0}, ["metric teacher.top1 is -50, outside [0, 100]"]),
+        ({("release", "top1"): 1e308}, ["metric release.top1 is 1e+308, outside [0, 100]"]),
+        ({("teacher", "top1"): -1e308}, ["metric teacher.top1 is -1e+308, outside [0, 100]"]),
+        (
+            {("release", "p50_ms"): 1e-308, ("teacher", "p50_ms"): 1e308},
+            ["metric teacher.p50_ms is 1e+308, outside [1e-06, 1e+07]"],
+        ),
+        (
+            {("release", "peak_rss_mb"): -1.0, ("teacher", "top1_ci_high"): 1e308},
+            [
+                "release: peak_rss_mb -1.0 is not a measurement",
+                "teacher: top1_ci_high 1e+308 is not a",
+            ],
+        ),
+    ],
+    ids=[
+        "top1-150",
+        "top1-minus-50",
+        "top1-1e308",
+        "top1-minus-1e308",
+        "p50-1e-308-vs-1e308",
+        "other-metrics",
+    ],
+)
 def test_out_of_range_metrics_are_refused(run, edits, words):
     bench = bench_json(run)
     for (model, key), value in edits.items():
@@ -201,8 +281,11 @@ def test_model_file_changed_or_missing_is_refused(run):
 def test_another_test_split_is_refused(run):
     manifest = run / "data/prepared/manifest.csv"
     manifest.write_text(manifest.read_text().replace(",test,", ",val,", 1))
-    refused(gate(run), "is not the one reports/benchmark.json was measured on",
-            "80 rows for the 79 test images (0 repeated, 0 missing, 1 not in the test split")
+    refused(
+        gate(run),
+        "is not the one reports/benchmark.json was measured on",
+        "80 rows for the 79 test images (0 repeated, 0 missing, 1 not in the test split",
+    )
 
 
 def test_benchmark_json_without_evidence_is_refused(run):
@@ -212,8 +295,12 @@ def test_benchmark_json_without_evidence_is_refused(run):
     for row in bench["models"].values():
         row.pop("sha256")
     write_json(run / "reports" / "benchmark.json", bench)
-    refused(gate(run), "lists no outputs with their sha256", "records no file and sha256",
-            "sha256 of manifest.csv/test.npz differs or is not recorded")
+    refused(
+        gate(run),
+        "lists no outputs with their sha256",
+        "records no file and sha256",
+        "sha256 of manifest.csv/test_images.npy/test_labels.npy differs or is not recorded",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,13 +310,27 @@ def test_benchmark_json_without_evidence_is_refused(run):
 def seeds_file(root: Path, *, seeds=(0, 1, 2), drops=(-10.0, -10.5, -9.5), fresh=True) -> None:
     """A seeds.json in stages/seed_repeats.py's shape whose per-seed drops say what we like."""
     bench = bench_json(root)
-    models = {n: {"file": bench["models"][n]["file"],
-                  "sha256": bench["models"][n]["sha256"] if fresh else "0" * 64}
-              for n in ("teacher", "release")}
-    runs = [{"seed": s, "top1": {"teacher": 50.0, "release": 50.0 - d}} for s, d in zip(seeds, drops)]
-    write_json(root / "reports" / "seeds.json", {"seeds": list(seeds), "models": list(models),
-                                                 "runs": runs, "benchmark_models": models,
-                                                 "test_split": bench["test_split"]})
+    models = {
+        n: {
+            "file": bench["models"][n]["file"],
+            "sha256": bench["models"][n]["sha256"] if fresh else "0" * 64,
+        }
+        for n in ("teacher", "release")
+    }
+    runs = [
+        {"seed": s, "top1": {"teacher": 50.0, "release": 50.0 - d}}
+        for s, d in zip(seeds, drops, strict=True)
+    ]
+    write_json(
+        root / "reports" / "seeds.json",
+        {
+            "seeds": list(seeds),
+            "models": list(models),
+            "runs": runs,
+            "benchmark_models": models,
+            "test_split": bench["test_split"],
+        },
+    )
 
 
 # upper_ci with a threshold only a release 5+ pp better than the teacher passes: the paired
@@ -255,13 +356,22 @@ def test_matching_seeds_are_used_when_asked_for(run):
     assert next(c for c in verdict["checks"] if c["name"] == "accuracy_drop_pp")["basis"] == "seeds"
 
 
-@pytest.mark.parametrize("seeds, fresh, split, note", [
-    ((0, 1, 2), False, None, "they were not run for benchmark.json's model files of ['teacher', 'release']"),
-    ((0, 1), True, None, "they cover seeds [0, 1], base.seeds asks for [0, 1, 2]"),
-    ((0, 1, 2), True, {"sha256": {}}, "they were run on another test split"),
-], ids=["other-model-files", "other-seeds", "other-test-split"])
+@pytest.mark.parametrize(
+    "seeds, fresh, split, note",
+    [
+        (
+            (0, 1, 2),
+            False,
+            None,
+            "they were not run for benchmark.json's model files of ['teacher', 'release']",
+        ),
+        ((0, 1), True, None, "they cover seeds [0, 1], base.seeds asks for [0, 1, 2]"),
+        ((0, 1, 2), True, {"sha256": {}}, "they were run on another test split"),
+    ],
+    ids=["other-model-files", "other-seeds", "other-test-split"],
+)
 def test_seeds_for_other_models_or_seeds_are_ignored_with_a_note(run, seeds, fresh, split, note):
-    seeds_file(run, seeds=seeds, drops=(-10.0, -10.5, -9.5)[:len(seeds)], fresh=fresh)
+    seeds_file(run, seeds=seeds, drops=(-10.0, -10.5, -9.5)[: len(seeds)], fresh=fresh)
     if split is not None:
         record = json.loads((run / "reports/seeds.json").read_text())
         write_json(run / "reports/seeds.json", {**record, "test_split": split})
@@ -280,18 +390,25 @@ def _writer(text: str):
 
 
 def _write_set(d: Path, version: str) -> list[Path]:
-    return write_together({"a": (d / "a.csv", _writer(f"a {version}")),
-                           "b": (d / "b.csv", _writer(f"b {version}"))},
-                          record=d / "record.json", content={"version": version})
+    return write_together(
+        {"a": (d / "a.csv", _writer(f"a {version}")), "b": (d / "b.csv", _writer(f"b {version}"))},
+        record=d / "record.json",
+        content={"version": version},
+    )
 
 
 def test_write_together_records_every_member(tmp_path):
-    assert _write_set(tmp_path, "old") == [tmp_path / "a.csv", tmp_path / "b.csv",
-                                           tmp_path / "record.json"]
+    assert _write_set(tmp_path, "old") == [
+        tmp_path / "a.csv",
+        tmp_path / "b.csv",
+        tmp_path / "record.json",
+    ]
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["version"] == "old" and check_together(record, record="record.json") == []
-    assert record["outputs"]["b"] == {"path": str(tmp_path / "b.csv"),
-                                      "sha256": sha256_file(tmp_path / "b.csv")}
+    assert record["outputs"]["b"] == {
+        "path": str(tmp_path / "b.csv"),
+        "sha256": sha256_file(tmp_path / "b.csv"),
+    }
 
 
 def _interrupt_on_replace(monkeypatch, call: int) -> None:
@@ -325,21 +442,26 @@ def test_sigterm_before_any_rename_leaves_the_old_set(tmp_path, monkeypatch, sig
     with pytest.raises(KeyboardInterrupt) as raised:
         _write_set(tmp_path, "new")
     assert not isinstance(raised.value, io.InterruptedWrite)  # nothing written: the plain message
-    assert (tmp_path / "a.csv").read_text() == "a old" and (tmp_path / "b.csv").read_text() == "b old"
+    assert (tmp_path / "a.csv").read_text() == "a old" and (
+        tmp_path / "b.csv"
+    ).read_text() == "b old"
     record = json.loads((tmp_path / "record.json").read_text())
     assert check_together(record, record="record.json") == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "record.json"]
 
 
 @pytest.mark.parametrize("call, replaced", [(1, ["a.csv"]), (2, ["a.csv", "b.csv"])])
-def test_sigterm_between_renames_is_refused_and_said(tmp_path, monkeypatch, sigterm_interrupts,
-                                                     call, replaced):
+def test_sigterm_between_renames_is_refused_and_said(
+    tmp_path, monkeypatch, sigterm_interrupts, call, replaced
+):
     _write_set(tmp_path, "old")
     _interrupt_on_replace(monkeypatch, call)
     with pytest.raises(io.InterruptedWrite) as raised:
         _write_set(tmp_path, "new")
     names = ", ".join(str(tmp_path / n) for n in replaced)
-    assert str(raised.value).startswith(f"interrupted: replaced {names} but not {tmp_path / 'record.json'}")
+    assert str(raised.value).startswith(
+        f"interrupted: replaced {names} but not {tmp_path / 'record.json'}"
+    )
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["version"] == "old"
     problems = check_together(record, record="record.json")
@@ -354,8 +476,11 @@ def test_a_failing_member_replaces_nothing(tmp_path):
         raise UserError("cannot render the table")
 
     with pytest.raises(UserError, match="cannot render"):
-        write_together({"a": (tmp_path / "a.csv", _writer("a new")), "b": (tmp_path / "b.csv", broken)},
-                       record=tmp_path / "record.json", content={"version": "new"})
+        write_together(
+            {"a": (tmp_path / "a.csv", _writer("a new")), "b": (tmp_path / "b.csv", broken)},
+            record=tmp_path / "record.json",
+            content={"version": "new"},
+        )
     assert (tmp_path / "a.csv").read_text() == "a old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "record.json"]
 
@@ -377,35 +502,61 @@ sys.exit(run_stage(lambda: main(sys.argv[3:])))
 """
 
 
-@pytest.mark.parametrize("rename, message, gate_passes", [
-    (0, "error: interrupted; no outputs were written", True),
-    (2, "error: interrupted: replaced reports/predictions.csv, reports/benchmark.csv but not "
-        "reports/benchmark.json, which still records the previous set, so readers refuse these "
-        "outputs until the stage re-runs", False),
-], ids=["before-any-rename", "before-the-record"])
+@pytest.mark.parametrize(
+    "rename, message, gate_passes",
+    [
+        (0, "error: interrupted; no outputs were written", True),
+        (
+            2,
+            "error: interrupted: replaced reports/predictions.csv, reports/benchmark.csv but not "
+            "reports/benchmark.json, which still records the previous set, so readers refuse these "
+            "outputs until the stage re-runs",
+            False,
+        ),
+    ],
+    ids=["before-any-rename", "before-the-record"],
+)
 def test_sigterm_during_the_benchmark_writes(run, rename, message, gate_passes):
     params(run, models=("release", "teacher"))  # other column order: new predictions.csv bytes
-    result = subprocess.run([sys.executable, "-c", KILLED_AT_RENAME, str(REPO), str(rename), *BENCH_ARGS],
-                            cwd=run, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_AT_RENAME, str(REPO), str(rename), *BENCH_ARGS],
+        cwd=run,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert result.returncode == 130 and errors == [message], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (run / "reports").iterdir()) == [
-        "benchmark.csv", "benchmark.json", "predictions.csv"]  # no temp files left
+        "benchmark.csv",
+        "benchmark.json",
+        "predictions.csv",
+    ]  # no temp files left
     params(run)
     verdict = gate(run)
     if gate_passes:  # the old set, whole
         assert verdict["passed"], verdict["failed"]
     else:
-        refused(verdict, "reports/predictions.csv is not the predictions file "
-                         "reports/benchmark.json was written with",
-                "reports/benchmark.csv is not the table file")
+        refused(
+            verdict,
+            "reports/predictions.csv is not the predictions file "
+            "reports/benchmark.json was written with",
+            "reports/benchmark.csv is not the table file",
+        )
 
 
 def test_gate_stage_refusal_is_one_error_line(run):
     edit_predictions(run, lambda t: pd.concat([t] * 10))
-    result = subprocess.run([sys.executable, str(REPO / "stages" / "gate.py"), "--data", "data/prepared"],
-                            cwd=run, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "gate.py"), *GATE_ARGS],
+        cwd=run,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
-    assert lines[0].startswith("error: gate: release 'release' FAILED") and "720 repeated" in lines[0]
+    assert (
+        lines[0].startswith("error: gate: release 'release' FAILED") and "720 repeated" in lines[0]
+    )

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -9,6 +12,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, check_parity, export_onnx, make_session, parity
 from resnet_slim.params import BenchmarkParams
 from resnet_slim.quant import calibration_images, quantize_static_int8
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -20,13 +24,17 @@ def tiny_onnx(tmp_path, tiny_model):
 
 def test_export_has_named_io_and_dynamic_batch(tiny_onnx, tiny_model):
     graph = onnx.load(str(tiny_onnx)).graph
-    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["logits"]
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == [
+        "logits"
+    ]
     session = make_session(tiny_onnx)
     out = session.run(None, {"input": np.zeros((5, 3, 8, 8), np.float32)})[0]
     assert out.shape == (5, 10)
 
 
-def test_parity_agrees_for_a_faithful_export_and_catches_a_wrong_one(tiny_onnx, tiny_model, tiny_prepared):
+def test_parity_agrees_for_a_faithful_export_and_catches_a_wrong_one(
+    tiny_onnx, tiny_model, tiny_prepared
+):
     images, _ = normalized_split(tiny_prepared, "test")
     result = parity(tiny_model, make_session(tiny_onnx), images)
     assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
@@ -54,9 +62,20 @@ def test_broken_or_wrong_shape_onnx_is_a_clear_error(tmp_path, tiny_onnx):
 
 def test_benchmark_reports_every_number(tiny_onnx, tiny_prepared):
     images, labels = normalized_split(tiny_prepared, "test")
-    result = benchmark_model(tiny_onnx, images, labels, BenchmarkParams(warmup=2, runs=20, throughput_batch=8))
-    for key in ("top1", "p50_ms", "p90_ms", "p99_ms", "size_mb", "params", "throughput_ips",
-                "peak_rss_mb", "runtime_rss_mb"):
+    result = benchmark_model(
+        tiny_onnx, images, labels, BenchmarkParams(warmup=2, runs=20, throughput_batch=8)
+    )
+    for key in (
+        "top1",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "size_mb",
+        "params",
+        "throughput_ips",
+        "peak_rss_mb",
+        "runtime_rss_mb",
+    ):
         assert np.isfinite(result[key]) and result[key] > 0, key
     assert result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"]
     assert result["peak_rss_mb"] > result["runtime_rss_mb"]
@@ -69,7 +88,9 @@ def test_benchmark_reports_every_number(tiny_onnx, tiny_prepared):
 
 
 def test_latency_percentiles_are_ordered(tiny_onnx):
-    stats = latency_ms(make_session(tiny_onnx), np.zeros((1, 3, 8, 8), np.float32), warmup=1, runs=30)
+    stats = latency_ms(
+        make_session(tiny_onnx), np.zeros((1, 3, 8, 8), np.float32), warmup=1, runs=30
+    )
     assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
 
 
@@ -86,3 +107,27 @@ def test_static_ptq_quantizes_convs_and_shrinks_the_file(tmp_path, tiny_onnx, ti
 def test_hardware_fingerprint_names_cpu_and_int8_flags():
     hw = hardware_fingerprint()
     assert hw["logical_cores"] >= 1 and "avx512_vnni" in hw and hw["onnxruntime"]
+
+
+HELP_PROBE = """
+import runpy, sys
+sys.argv = ["stage", "--help"]
+try:
+    runpy.run_module(sys.argv_stage, run_name="__main__")
+except SystemExit:
+    pass
+print("heavy:", sorted(m for m in ("torch", "onnxruntime", "pandas", "numpy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "stage", ["benchmark", "export", "export_targets", "ptq", "qat", "torch_ptq"]
+)
+def test_stage_help_imports_no_heavy_library(stage):
+    """Stages import torch / onnxruntime after parsing their arguments: `--help` stays instant."""
+    probe = HELP_PROBE.replace("sys.argv_stage", repr(f"stages.{stage}"))
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "heavy: []"

@@ -97,22 +97,26 @@ class Point:
 POINTS = {
     "start-up (imports)": Point(None),
     "DVCLive start-up": Point("dvclive.live:Live._init_studio:1:before", "dvclive.live"),
-    "mid-epoch (3rd batch)": Point("torch.nn.functional:cross_entropy:3:before:resnet_slim.engine",
-                                   "resnet_slim.engine"),
+    "mid-epoch (3rd batch)": Point(
+        "torch.nn.functional:cross_entropy:3:before:resnet_slim.engine", "resnet_slim.engine"
+    ),
     # the issue-20 hang: DVCLive has made its studio queue but not yet started the worker thread
     # that empties it; `with Live(...)` then ran `Live.end()`, which waited on that queue forever
     # (with the engine of before, this case ends only by the watchdog: FORCED_EXIT)
-    "DVCLive queue, no worker yet": Point("threading:Thread.__init__:1:before:dvclive.live",
-                                          "dvclive.live"),
+    "DVCLive queue, no worker yet": Point(
+        "threading:Thread.__init__:1:before:dvclive.live", "dvclive.live"
+    ),
     "DVCLive end": Point("dvclive.live:Live.end:1:before", "resnet_slim.engine"),
     "checkpoint temp written": Point("torch:save:1:after:resnet_slim.io", "resnet_slim.io"),
     # write_together: the checkpoint is renamed into place first, then summary.json, which
     # records the checkpoint's sha256 (so a new checkpoint with the old summary is detectable)
     "checkpoint rename": Point("os:replace:1:before:resnet_slim.io", "resnet_slim.io"),
-    "summary.json rename": Point("os:replace:2:before:resnet_slim.io", "resnet_slim.io",
-                                 new_checkpoint=True),
-    "clean-up hangs (watchdog)": Point("torch:save:1:hang:resnet_slim.io", "resnet_slim.io",
-                                       hangs=True),
+    "summary.json rename": Point(
+        "os:replace:2:before:resnet_slim.io", "resnet_slim.io", new_checkpoint=True
+    ),
+    "clean-up hangs (watchdog)": Point(
+        "torch:save:1:hang:resnet_slim.io", "resnet_slim.io", hangs=True
+    ),
 }
 
 
@@ -123,8 +127,9 @@ def small_prepared(tmp_path_factory) -> Path:
 
 
 def tiny_teacher_params(path: Path) -> Path:
-    return write_params(path, teacher={"width": 8, "epochs": 1, "batch_size": 16,
-                                       "warmup_epochs": 0})
+    return write_params(
+        path, teacher={"width": 8, "epochs": 1, "batch_size": 16, "warmup_epochs": 0}
+    )
 
 
 def seed_old_outputs(workdir: Path) -> dict[Path, str]:
@@ -132,8 +137,9 @@ def seed_old_outputs(workdir: Path) -> dict[Path, str]:
     checkpoint, summary = workdir / "models" / "teacher.pt", workdir / "live" / "summary.json"
     torch.manual_seed(1)
     arch = make_arch(name="resnet18", num_classes=10, width=8, small_input=True)
-    save_checkpoint(checkpoint, model=build_model(arch), arch=arch, params={},
-                    metrics={"old": True})
+    save_checkpoint(
+        checkpoint, model=build_model(arch), arch=arch, params={}, metrics={"old": True}
+    )
     write_json(summary, {"old": True})
     return {path: sha256(path) for path in (checkpoint, summary)}
 
@@ -143,17 +149,30 @@ def sha256(path: Path) -> str:
 
 
 def stage_command(workdir: Path, prepared: Path) -> list[str]:
-    return [sys.executable, "-m", "stages.train_teacher", "--params",
-            str(tiny_teacher_params(workdir / "params.yaml")), "--data", str(prepared),
-            "--out", str(workdir / "models" / "teacher.pt"), "--live", str(workdir / "live")]
+    return [
+        sys.executable,
+        "-m",
+        "stages.train_teacher",
+        "--params",
+        str(tiny_teacher_params(workdir / "params.yaml")),
+        "--data",
+        str(prepared),
+        "--out",
+        str(workdir / "models" / "teacher.pt"),
+        "--live",
+        str(workdir / "live"),
+    ]
 
 
 def child_env(workdir: Path, hook: str | None) -> dict:
     hooks = workdir / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(HOOK)
-    env = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{REPO}",
-           "FAULT_MARKER": str(workdir / "marker")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{hooks}{os.pathsep}{REPO}",
+        "FAULT_MARKER": str(workdir / "marker"),
+    }
     env.pop("FAULT_AT", None)
     if hook:
         env["FAULT_AT"] = hook
@@ -171,9 +190,14 @@ class Stopped:
 def run_and_stop(workdir: Path, prepared: Path, point: Point, sig=signal.SIGTERM) -> Stopped:
     """Start the stage, wait until it reaches `point`, send `sig`, wait for it to exit."""
     marker = workdir / "marker"
-    proc = subprocess.Popen(stage_command(workdir, prepared), cwd=workdir,
-                            env=child_env(workdir, point.hook), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        stage_command(workdir, prepared),
+        cwd=workdir,
+        env=child_env(workdir, point.hook),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         if point.hook is None:
             time.sleep(0.3)
@@ -235,6 +259,7 @@ def check_stopped(name: str, point: Point, stopped: Stopped) -> None:
 @pytest.fixture(scope="module")
 def sigterm_runs(tmp_path_factory, small_prepared):
     """Every point at once, two stages at a time (each is seconds of imports)."""
+
     def one(name: str):
         workdir = tmp_path_factory.mktemp("sigterm")
         old = seed_old_outputs(workdir)
@@ -257,13 +282,20 @@ def test_sigterm_during_a_long_call_into_c_ends_by_the_watchdog(tmp_path):
     # Python runs signal handlers between bytecodes only; here the main thread sits in one C
     # call (system() waits for its child, retrying on EINTR) with the GIL released. The watchdog,
     # woken through the signal wakeup fd, still ends the stage after the grace period.
-    script = ("import ctypes\nfrom resnet_slim.errors import run_stage\n"
-              "def main():\n    print('ready', flush=True)\n"
-              "    ctypes.CDLL(None).system(b'exec sleep 9 >/dev/null 2>&1')\n"
-              "raise SystemExit(run_stage(main))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    script = (
+        "import ctypes\nfrom resnet_slim.errors import run_stage\n"
+        "def main():\n    print('ready', flush=True)\n"
+        "    ctypes.CDLL(None).system(b'exec sleep 9 >/dev/null 2>&1')\n"
+        "raise SystemExit(run_stage(main))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stdout.readline() == "ready\n"
         time.sleep(0.2)  # into system()
@@ -286,8 +318,11 @@ def test_sigkill_leftovers_are_ignored_and_removed_by_the_next_run(tmp_path, sma
     assert leftovers == ["models/.teacher.pt.tmp-" + leftovers[0].rsplit("-", 1)[1]], leftovers
     assert sha256(tmp_path / "models" / "teacher.pt") == old[tmp_path / "models" / "teacher.pt"]
     # git and DVC ignore it (.gitignore / .dvcignore)
-    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index",
-                              f"models/{Path(leftovers[0]).name}"], cwd=REPO, capture_output=True)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "--no-index", f"models/{Path(leftovers[0]).name}"],
+        cwd=REPO,
+        capture_output=True,
+    )
     assert ignored.returncode == 0
     assert ".*.tmp-*" in (REPO / ".dvcignore").read_text().splitlines()
     # the next run (the same command, in-process: imports are paid already) removes it
@@ -348,24 +383,33 @@ def test_directory_outputs_are_swapped_old_intact_if_the_second_rename_fails(tmp
 def _can_mount() -> bool:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True
+    )
     return probe.returncode == 0
 
 
 needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces")
 
 
-def run_on_small_disk(command: list[str], disk: Path, *, read_only: bool,
-                      cwd: Path) -> subprocess.CompletedProcess:
+def run_on_small_disk(
+    command: list[str], disk: Path, *, read_only: bool, cwd: Path
+) -> subprocess.CompletedProcess:
     """`command` with a 64 KiB tmpfs at `disk` (read-only if asked), private to the command."""
     disk.mkdir(parents=True, exist_ok=True)
     remount = f"mount -o remount,ro {disk} && " if read_only else ""
-    script = (f"mount -t tmpfs -o size=64k tmpfs {disk} && {remount}"
-              f"exec {' '.join(map(_quote, command))}")
+    script = (
+        f"mount -t tmpfs -o size=64k tmpfs {disk} && {remount}exec {' '.join(map(_quote, command))}"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def _quote(text: str) -> str:
@@ -373,12 +417,16 @@ def _quote(text: str) -> str:
 
 
 @needs_mount
-@pytest.mark.parametrize("on_disk, read_only, reason", [
-    ("--out", False, "No space left on device"),  # the 750 KB checkpoint, after training
-    ("--live", True, "Read-only file system"),  # DVCLive's directory, at start-up
-])
-def test_train_teacher_on_a_full_or_read_only_disk(tmp_path, small_prepared, on_disk, read_only,
-                                                   reason):
+@pytest.mark.parametrize(
+    "on_disk, read_only, reason",
+    [
+        ("--out", False, "No space left on device"),  # the 750 KB checkpoint, after training
+        ("--live", True, "Read-only file system"),  # DVCLive's directory, at start-up
+    ],
+)
+def test_train_teacher_on_a_full_or_read_only_disk(
+    tmp_path, small_prepared, on_disk, read_only, reason
+):
     disk = tmp_path / "disk"
     command = stage_command(tmp_path, small_prepared)
     target = disk / ("teacher.pt" if on_disk == "--out" else "live")
@@ -390,14 +438,26 @@ def test_train_teacher_on_a_full_or_read_only_disk(tmp_path, small_prepared, on_
 
 
 @needs_mount
-@pytest.mark.parametrize("read_only, reason", [(False, "No space left on device"),
-                                               (True, "Read-only file system")])
+@pytest.mark.parametrize(
+    "read_only, reason", [(False, "No space left on device"), (True, "Read-only file system")]
+)
 def test_prepare_on_a_full_or_read_only_disk(tmp_path, read_only, reason):
     params = write_params(tmp_path / "params.yaml", prepare={"image_size": 16})
     disk = tmp_path / "disk"
-    result = run_on_small_disk([sys.executable, "-m", "stages.prepare", "--params", str(params),
-                                "--out", str(disk / "prepared")], disk, read_only=read_only,
-                               cwd=tmp_path)
+    result = run_on_small_disk(
+        [
+            sys.executable,
+            "-m",
+            "stages.prepare",
+            "--params",
+            str(params),
+            "--out",
+            str(disk / "prepared"),
+        ],
+        disk,
+        read_only=read_only,
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, 2, str(disk / "prepared"), reason)
 
 
@@ -406,10 +466,28 @@ def test_gate_on_a_read_only_disk(tmp_path):
     params = write_params(tmp_path / "params.yaml")
     (tmp_path / "bench.json").write_text("{}")
     disk = tmp_path / "disk"
-    result = run_on_small_disk([sys.executable, "-m", "stages.gate", "--params", str(params),
-                                "--benchmark", str(tmp_path / "bench.json"), "--out",
-                                str(disk / "reports" / "gate.json")], disk, read_only=True,
-                               cwd=tmp_path)
+    result = run_on_small_disk(
+        [
+            sys.executable,
+            "-m",
+            "stages.gate",
+            "--params",
+            str(params),
+            "--benchmark",
+            str(tmp_path / "bench.json"),
+            "--predictions",
+            str(tmp_path / "p.csv"),
+            "--seeds",
+            str(tmp_path / "s.json"),
+            "--data",
+            str(tmp_path / "prepared"),
+            "--out",
+            str(disk / "reports" / "gate.json"),
+        ],
+        disk,
+        read_only=True,
+        cwd=tmp_path,
+    )
     # the gate records even a failed verdict (here: an empty benchmark), so it must say it cannot
     assert_one_line_error(result, 2, str(disk / "reports" / "gate.json"), "Read-only file system")
 
@@ -431,8 +509,10 @@ def test_write_refused_is_a_user_error_naming_the_output(tmp_path, monkeypatch, 
 @pytest.fixture
 def restore_signals():
     """run_stage installs stage signal handlers; give pytest its own back afterwards."""
-    saved = {number: signal.getsignal(number)
-             for number in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    saved = {
+        number: signal.getsignal(number)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
+    }
     yield
     for number, handler in saved.items():
         signal.signal(number, handler)
@@ -444,8 +524,9 @@ def test_run_stage_turns_a_refused_write_anywhere_into_one_line(capsys, restore_
         raise PermissionError(errno.EACCES, "Permission denied", "reports/teacher/metrics.json")
 
     assert errors.run_stage(main) == 2
-    assert capsys.readouterr().err == ("error: reports/teacher/metrics.json: cannot access "
-                                       "(Permission denied)\n")
+    assert capsys.readouterr().err == (
+        "error: reports/teacher/metrics.json: cannot access (Permission denied)\n"
+    )
 
 
 def test_run_stage_keeps_a_message_with_newlines_on_one_line(capsys, restore_signals):

@@ -5,11 +5,20 @@ import pytest
 from resnet_slim.gate import evaluate_gate
 from resnet_slim.params import GateParams
 
-GOOD = {"teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": 44.0},
-        "release": {"top1": 97.5, "p50_ms": 0.4, "size_mb": 1.0}}
-# point: these tests are about thresholds on the measured numbers; the CI statistic is in test_stats.py
-GATE = GateParams(release="release", reference="teacher", max_acc_drop_pp=1.0, min_speedup=10.0,
-                  max_size_ratio=0.05, acc_drop_statistic="point")
+GOOD = {
+    "teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": 44.0},
+    "release": {"top1": 97.5, "p50_ms": 0.4, "size_mb": 1.0},
+}
+# point: these tests are about thresholds on the measured numbers;
+# the CI statistic is in test_stats.py
+GATE = GateParams(
+    release="release",
+    reference="teacher",
+    max_acc_drop_pp=1.0,
+    min_speedup=10.0,
+    max_size_ratio=0.05,
+    acc_drop_statistic="point",
+)
 
 
 def _failed_names(verdict):
@@ -24,7 +33,10 @@ def test_passes_when_every_threshold_is_met():
 
 
 def test_names_every_failed_check():
-    results = {"teacher": GOOD["teacher"], "release": {"top1": 95.0, "p50_ms": 4.0, "size_mb": 11.0}}
+    results = {
+        "teacher": GOOD["teacher"],
+        "release": {"top1": 95.0, "p50_ms": 4.0, "size_mb": 11.0},
+    }
     verdict = evaluate_gate(results, GATE)
     assert not verdict["passed"]
     assert _failed_names(verdict) == {"accuracy_drop_pp", "latency_speedup", "size_ratio"}
@@ -41,16 +53,25 @@ def test_absolute_size_cap_is_optional():
     assert _failed_names(verdict) == {"size_mb"}
 
 
-@pytest.mark.parametrize("broken, reason", [
-    ({"release": None}, "no benchmark results for model 'release'"),
-    ({"release": {"top1": 97.5, "size_mb": 1.0}}, "release.p50_ms is missing"),
-    ({"release": {"top1": math.nan, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is nan"),
-    ({"release": {"top1": "97", "p50_ms": 0.4, "size_mb": 1.0}}, "not a number"),
-    ({"release": {"top1": True, "p50_ms": 0.4, "size_mb": 1.0}}, "not a number"),
-    ({"release": {"top1": 97.5, "p50_ms": 0.0, "size_mb": 1.0}}, "release.p50_ms is 0.0, must be > 0"),
-    ({"teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": -1.0}}, "teacher.size_mb is -1.0, must be > 0"),
-    ({"teacher": {}}, "teacher.top1 is missing"),
-])
+@pytest.mark.parametrize(
+    "broken, reason",
+    [
+        ({"release": None}, "no benchmark results for model 'release'"),
+        ({"release": {"top1": 97.5, "size_mb": 1.0}}, "release.p50_ms is missing"),
+        ({"release": {"top1": math.nan, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is nan"),
+        ({"release": {"top1": "97", "p50_ms": 0.4, "size_mb": 1.0}}, "not a number"),
+        ({"release": {"top1": True, "p50_ms": 0.4, "size_mb": 1.0}}, "not a number"),
+        (
+            {"release": {"top1": 97.5, "p50_ms": 0.0, "size_mb": 1.0}},
+            "release.p50_ms is 0.0, must be > 0",
+        ),
+        (
+            {"teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": -1.0}},
+            "teacher.size_mb is -1.0, must be > 0",
+        ),
+        ({"teacher": {}}, "teacher.top1 is missing"),
+    ],
+)
 def test_fails_closed_on_missing_or_malformed_metrics(broken, reason):
     results = {**GOOD, **broken}
     results = {k: v for k, v in results.items() if v is not None}
@@ -60,10 +81,12 @@ def test_fails_closed_on_missing_or_malformed_metrics(broken, reason):
 
 
 AUTO = GATE.model_copy(update={"release": "auto", "candidates": ["slow", "fast", "inaccurate"]})
-CANDIDATES = {"teacher": GOOD["teacher"],
-              "slow": {"top1": 98.0, "p50_ms": 0.7, "size_mb": 1.0},
-              "fast": {"top1": 97.9, "p50_ms": 0.3, "size_mb": 1.0},
-              "inaccurate": {"top1": 90.0, "p50_ms": 0.1, "size_mb": 0.5}}
+CANDIDATES = {
+    "teacher": GOOD["teacher"],
+    "slow": {"top1": 98.0, "p50_ms": 0.7, "size_mb": 1.0},
+    "fast": {"top1": 97.9, "p50_ms": 0.3, "size_mb": 1.0},
+    "inaccurate": {"top1": 90.0, "p50_ms": 0.1, "size_mb": 0.5},
+}
 
 
 def test_auto_release_picks_the_fastest_candidate_that_passes():
@@ -74,12 +97,20 @@ def test_auto_release_picks_the_fastest_candidate_that_passes():
 
 
 def test_auto_release_fails_when_no_candidate_passes_and_names_every_failure():
-    results = {**CANDIDATES, "slow": {**CANDIDATES["slow"], "top1": 50.0},
-               "fast": {"top1": 97.9, "p50_ms": 0.3}}
+    results = {
+        **CANDIDATES,
+        "slow": {**CANDIDATES["slow"], "top1": 50.0},
+        "fast": {"top1": 97.9, "p50_ms": 0.3},
+    }
     verdict = evaluate_gate(results, AUTO)
-    assert not verdict["passed"] and verdict["selection"]["why"] == "no candidate passed every check"
+    assert (
+        not verdict["passed"] and verdict["selection"]["why"] == "no candidate passed every check"
+    )
     failed = " ".join(verdict["failed"])
-    assert "slow: accuracy_drop_pp" in failed and "fast: size_ratio: metric fast.size_mb is missing" in failed
+    assert (
+        "slow: accuracy_drop_pp" in failed
+        and "fast: size_ratio: metric fast.size_mb is missing" in failed
+    )
     assert "inaccurate: accuracy_drop_pp" in failed
 
 
@@ -88,14 +119,35 @@ def test_auto_release_without_candidates_fails_closed():
     assert not verdict["passed"] and "candidates is empty" in verdict["failed"][0]
 
 
-@pytest.mark.parametrize("broken, reason", [
-    ({"release": {"top1": 150.0, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is 150, outside [0, 100]"),
-    ({"teacher": {"top1": -50.0, "p50_ms": 8.0, "size_mb": 44.0}}, "teacher.top1 is -50, outside [0, 100]"),
-    ({"release": {"top1": 1e308, "p50_ms": 0.4, "size_mb": 1.0}}, "release.top1 is 1e+308, outside"),
-    ({"release": {"top1": 97.5, "p50_ms": 1e-308, "size_mb": 1.0},
-      "teacher": {"top1": 98.0, "p50_ms": 1e308, "size_mb": 44.0}}, "teacher.p50_ms is 1e+308, outside"),
-    ({"release": {"top1": 97.5, "p50_ms": 0.4, "size_mb": 1e-300}}, "release.size_mb is 1e-300, outside"),
-], ids=["top1-150", "top1-minus-50", "top1-1e308", "p50-1e-308-vs-1e308", "size-1e-300"])
+@pytest.mark.parametrize(
+    "broken, reason",
+    [
+        (
+            {"release": {"top1": 150.0, "p50_ms": 0.4, "size_mb": 1.0}},
+            "release.top1 is 150, outside [0, 100]",
+        ),
+        (
+            {"teacher": {"top1": -50.0, "p50_ms": 8.0, "size_mb": 44.0}},
+            "teacher.top1 is -50, outside [0, 100]",
+        ),
+        (
+            {"release": {"top1": 1e308, "p50_ms": 0.4, "size_mb": 1.0}},
+            "release.top1 is 1e+308, outside",
+        ),
+        (
+            {
+                "release": {"top1": 97.5, "p50_ms": 1e-308, "size_mb": 1.0},
+                "teacher": {"top1": 98.0, "p50_ms": 1e308, "size_mb": 44.0},
+            },
+            "teacher.p50_ms is 1e+308, outside",
+        ),
+        (
+            {"release": {"top1": 97.5, "p50_ms": 0.4, "size_mb": 1e-300}},
+            "release.size_mb is 1e-300, outside",
+        ),
+    ],
+    ids=["top1-150", "top1-minus-50", "top1-1e308", "p50-1e-308-vs-1e308", "size-1e-300"],
+)
 def test_fails_closed_on_metrics_no_measurement_can_have(broken, reason):
     # each of these passed before: the drop of a 150 % release is "negative", 1e308 / 1e-308 = inf
     verdict = evaluate_gate({**GOOD, **broken}, GATE)
@@ -116,11 +168,15 @@ def test_evidence_problems_fail_the_release_and_the_reference_fails_every_candid
     evidence = next(c for c in verdict["checks"] if c["name"] == "evidence")
     assert evidence["passed"] and evidence["measured"] == 0
     # the reference's problems (or the record's) fail everyone
-    stale_teacher = Evidence(problems=[], model_problems={"teacher": ["teacher: models/teacher.onnx is missing"]})
+    stale_teacher = Evidence(
+        problems=[], model_problems={"teacher": ["teacher: models/teacher.onnx is missing"]}
+    )
     verdict = evaluate_gate(CANDIDATES, AUTO, stale_teacher)
     assert not verdict["passed"]
-    assert all("evidence: teacher: models/teacher.onnx is missing" in " ".join(c["failed"])
-               for c in verdict["selection"]["candidates"])
+    assert all(
+        "evidence: teacher: models/teacher.onnx is missing" in " ".join(c["failed"])
+        for c in verdict["selection"]["candidates"]
+    )
     torn = evaluate_gate(GOOD, GATE, Evidence(problems=["predictions.csv is not the one recorded"]))
     assert torn["failed"] == ["evidence: predictions.csv is not the one recorded"]
 
@@ -128,9 +184,16 @@ def test_evidence_problems_fail_the_release_and_the_reference_fails_every_candid
 def test_gate_names_where_the_reference_came_from():
     from resnet_slim.gate import reference_origin
 
-    origin = {"file": "models/imported/r56.th", "format": "cifar_resnet", "family": "cifar_resnet56",
-              "sha256": "ab" * 32, "tracked_by_dvc": True, "top1_as_imported": {"test": 83.2},
-              "top1_after_adaptation": None, "head_replaced": False}
+    origin = {
+        "file": "models/imported/r56.th",
+        "format": "cifar_resnet",
+        "family": "cifar_resnet56",
+        "sha256": "ab" * 32,
+        "tracked_by_dvc": True,
+        "top1_as_imported": {"test": 83.2},
+        "top1_after_adaptation": None,
+        "head_replaced": False,
+    }
     named = reference_origin({"val_top1": 90.0, "origin": origin})
     assert named["file"] == "models/imported/r56.th" and named["sha256"] == "ab" * 32
     assert named["top1_as_imported"] == {"test": 83.2} and "head_replaced" not in named

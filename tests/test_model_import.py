@@ -12,12 +12,18 @@ import torch
 import torchvision
 from torch import nn
 
-from resnet_slim import data, prune
+from resnet_slim import data, prepare, prune
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint
 from resnet_slim.model_import import import_model
-from resnet_slim.models import (CifarResNet, build_model, channel_record, load_model, make_arch,
-                                option_a_weight)
+from resnet_slim.models import (
+    CifarResNet,
+    build_model,
+    channel_record,
+    load_model,
+    make_arch,
+    option_a_weight,
+)
 from resnet_slim.params import parse_params
 from tests.conftest import REPO, write_params
 
@@ -29,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN scales and statistics, so a wrong mapping of any tensor shows in the logits."""
+    """Non-trivial BN scales and statistics, so a wrong mapping of any tensor shows in the
+    logits."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -46,14 +53,17 @@ def cifar_file(path: Path, *, depth: int = 20, num_classes: int = 10, seed: int 
     """A CIFAR ResNet saved as the public CIFAR checkpoints are: {"state_dict"}, `module.` keys,
     no shortcut keys (option A has no parameters)."""
     torch.manual_seed(seed)
-    model = randomize_bn(build_model(make_arch(name="cifar_resnet", depth=depth,
-                                               num_classes=num_classes, width=16)), seed)
+    model = randomize_bn(
+        build_model(make_arch(name="cifar_resnet", depth=depth, num_classes=num_classes, width=16)),
+        seed,
+    )
     state = {f"module.{k}": v for k, v in model.state_dict().items() if ".downsample." not in k}
     torch.save({"state_dict": state, "best_prec1": 91.7}, path)
     return path
 
 
 # ---------------------------------------------------------------- formats and families
+
 
 @pytest.mark.parametrize("stem", ["imagenet", "small_input"])
 def test_torchvision_resnet18_imports_with_torchvisions_own_logits(tmp_path, stem):
@@ -76,10 +86,14 @@ def test_torchvision_resnet18_imports_with_torchvisions_own_logits(tmp_path, ste
         torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", [
-    make_arch(name="resnet34", num_classes=5, width=8, small_input=True),
-    make_arch(name="resnet50", num_classes=5, width=8, small_input=False),
-    make_arch(name="cifar_resnet", depth=32, num_classes=5, width=16)])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        make_arch(name="resnet34", num_classes=5, width=8, small_input=True),
+        make_arch(name="resnet50", num_classes=5, width=8, small_input=False),
+        make_arch(name="cifar_resnet", depth=32, num_classes=5, width=16),
+    ],
+)
 def test_auto_format_finds_family_depth_width_and_stem(tmp_path, arch):
     torch.manual_seed(0)
     source = randomize_bn(build_model(arch))
@@ -104,11 +118,14 @@ def test_project_checkpoint_imports_as_resnet_slim(tmp_path):
         torch.testing.assert_close(imported.eval()(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not (SHARED / "models" / "resnet20-12fca82f.th").is_file(),
-                    reason="../shared/models/resnet20-12fca82f.th is absent (shared data not mounted)")
+@pytest.mark.skipif(
+    not (SHARED / "models" / "resnet20-12fca82f.th").is_file(),
+    reason="../shared/models/resnet20-12fca82f.th is absent (shared data not mounted)",
+)
 def test_shared_cifar_resnet20_scores_on_500_cifar10_test_images():
-    model, arch, origin = import_model(SHARED / "models" / "resnet20-12fca82f.th", "cifar_resnet",
-                                       num_classes=10)
+    model, arch, origin = import_model(
+        SHARED / "models" / "resnet20-12fca82f.th", "cifar_resnet", num_classes=10
+    )
     assert arch["depth"] == 20 and origin["sha256"].startswith("12fca82f")
     root = SHARED / "datasets" / "cifar10" / "test"
     if not root.is_dir():
@@ -120,7 +137,7 @@ def test_shared_cifar_resnet20_scores_on_500_cifar10_test_images():
             with data.Image.open(file) as image:
                 images.append(data.to_rgb_array(image, 32))
             labels.append(label)
-    meta = data.normalization_stats("imagenet", np.stack(images))  # ImageNet mean/std on [0, 1]
+    meta = prepare.normalization_stats("imagenet", np.stack(images))  # ImageNet mean/std on [0, 1]
     x = data.normalize(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), meta)
     with torch.no_grad():
         top1 = 100.0 * (model.eval()(x).argmax(1) == torch.tensor(labels)).float().mean().item()
@@ -129,6 +146,7 @@ def test_shared_cifar_resnet20_scores_on_500_cifar10_test_images():
 
 # ---------------------------------------------------------------- option-A shortcut
 
+
 def test_option_a_conv_equals_subsample_and_zero_pad():
     x = torch.relu(torch.randn(3, 16, 9, 9))  # odd size too: both give ceil(9 / 2) = 5 pixels
     model = CifarResNet(depth=20, num_classes=10, width=16)
@@ -136,29 +154,42 @@ def test_option_a_conv_equals_subsample_and_zero_pad():
     expected = nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))  # C/2 zeros each side
     torch.testing.assert_close(shortcut(x), expected, rtol=0, atol=0)
     assert not shortcut[0].weight.requires_grad
-    assert torch.equal(option_a_weight(2)[:, :, 0, 0], torch.tensor([[0., 0.], [1., 0.], [0., 1.], [0., 0.]]))
+    assert torch.equal(
+        option_a_weight(2)[:, :, 0, 0],
+        torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+    )
 
 
 def test_pruning_through_the_option_a_shortcut_is_exact():
     torch.manual_seed(0)
-    model = randomize_bn(build_model(make_arch(name="cifar_resnet", depth=20, num_classes=10,
-                                               width=16)))
+    model = randomize_bn(
+        build_model(make_arch(name="cifar_resnet", depth=20, num_classes=10, width=16))
+    )
     # Residual-stream channels (every BN feeding that stream: the stem's bn1 for layer1, each
     # block's bn2) with γ = β = 0 carry exactly 0. Stream channels chosen so that the shortcut
     # loses inputs (layer1: 2, 11) and outputs (layer2: 10 <- 2, 19 <- 11; 0 and 30 are padding;
     # layer3: 26 <- 10, 63 padding), plus channels inside blocks.
     streams = {"layer1": [2, 11], "layer2": [0, 10, 19, 30], "layer3": [1, 26, 63]}
     internal = {"layer1.0.bn1": [0, 5], "layer2.1.bn1": [3], "layer3.2.bn1": [7, 9]}
-    bns = {name: channels for layer, channels in streams.items()
-           for name in [f"{layer}.{i}.bn2" for i in range(3)] + (["bn1"] if layer == "layer1" else [])}
+    bns = {
+        name: channels
+        for layer, channels in streams.items()
+        for name in [f"{layer}.{i}.bn2" for i in range(3)] + (["bn1"] if layer == "layer1" else [])
+    }
     with torch.no_grad():
         for name, channels in {**bns, **internal}.items():
             model.get_submodule(name).weight[channels] = 0.0
             model.get_submodule(name).bias[channels] = 0.0
     removed = sum(map(len, streams.values())) + sum(map(len, internal.values()))
     prunable = 3 * (16 + 32 + 64) + (16 + 32 + 64)  # block conv1 outputs + the three streams
-    pruned = prune.prune_channels(model, method="bn_slimming", ratio=(removed - 0.5) / prunable,
-                                  round_to=None, global_pruning=True, image_size=SIZE)
+    pruned = prune.prune_channels(
+        model,
+        method="bn_slimming",
+        ratio=(removed - 0.5) / prunable,
+        round_to=None,
+        global_pruning=True,
+        image_size=SIZE,
+    )
     shortcut = pruned.layer2[0].downsample[0]
     assert list(shortcut.weight.shape[:2]) == [28, 14] and not shortcut.weight.requires_grad
     assert pruned.layer3[0].downsample[0].out_channels == 61 and pruned.linear.out_features == 10
@@ -166,8 +197,10 @@ def test_pruning_through_the_option_a_shortcut_is_exact():
     with torch.no_grad():  # measured max |diff|: 7e-7
         torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=1e-5)
         # and the checkpoint route (channel record -> build_model -> load) rebuilds it exactly
-        arch = {**make_arch(name="cifar_resnet", depth=20, num_classes=10, width=16),
-                "channels": channel_record(pruned)}
+        arch = {
+            **make_arch(name="cifar_resnet", depth=20, num_classes=10, width=16),
+            "channels": channel_record(pruned),
+        }
         rebuilt = build_model(arch)
         rebuilt.load_state_dict(pruned.state_dict())
         torch.testing.assert_close(rebuilt.eval()(x), pruned(x), rtol=0, atol=0)
@@ -175,6 +208,7 @@ def test_pruning_through_the_option_a_shortcut_is_exact():
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_missing_file_unknown_format_and_refused_pickle(tmp_path):
     with pytest.raises(UserError, match="model file not found"):
@@ -202,7 +236,9 @@ def test_keys_matching_no_family_name_the_closest_and_the_keys(tmp_path):
     message = str(err.value)
     assert "closest is resnet18" in message and "['extra.weight']" in message
     assert "['layer4.1.conv2.weight']" in message and "\n" not in message
-    with pytest.raises(UserError, match="no model of the cifar_resnet format; closest is cifar_resnet"):
+    with pytest.raises(
+        UserError, match="no model of the cifar_resnet format; closest is cifar_resnet"
+    ):
         import_model(tmp_path / "odd.pt", "cifar_resnet", num_classes=10)
 
 
@@ -210,8 +246,11 @@ def test_shape_mismatch_and_bad_stem_are_named(tmp_path):
     state = torch.load(cifar_file(tmp_path / "c.th"), weights_only=True)["state_dict"]
     state["module.layer1.0.conv1.weight"] = torch.zeros(16, 16, 5, 5)
     torch.save(state, tmp_path / "shape.th")
-    with pytest.raises(UserError, match=r"layer1.0.conv1.weight has shape \[16, 16, 5, 5\] in the "
-                                        r"file but \[16, 16, 3, 3\] in cifar_resnet20"):
+    with pytest.raises(
+        UserError,
+        match=r"layer1.0.conv1.weight has shape \[16, 16, 5, 5\] in the "
+        r"file but \[16, 16, 3, 3\] in cifar_resnet20",
+    ):
         import_model(tmp_path / "shape.th", num_classes=10)
     tv = build_model(make_arch(name="resnet18", num_classes=10, width=8)).state_dict()
     tv["conv1.weight"] = torch.zeros(8, 3, 5, 5)
@@ -222,8 +261,9 @@ def test_shape_mismatch_and_bad_stem_are_named(tmp_path):
 
 def test_class_count_mismatch_needs_replace_head(tmp_path):
     cifar_file(tmp_path / "c.th", num_classes=10)
-    with pytest.raises(UserError, match="predicts 10 classes but the data has 3; set "
-                                        "teacher.replace_head: true"):
+    with pytest.raises(
+        UserError, match="predicts 10 classes but the data has 3; set teacher.replace_head: true"
+    ):
         import_model(tmp_path / "c.th", num_classes=3)
     original, _, _ = import_model(tmp_path / "c.th", num_classes=10)
     model, arch, origin = import_model(tmp_path / "c.th", num_classes=3, replace_head=True)
@@ -240,6 +280,7 @@ def test_params_for_imports_and_normalisation():
 
     def parse(section, **values):
         return parse_params({**raw, section: {**raw[section], **values}})
+
     with pytest.raises(UserError, match="teacher.epochs: .*needs teacher.init"):
         parse("teacher", epochs=0)
     assert parse("teacher", epochs=0, init="m.th").teacher.init == "m.th"
@@ -253,28 +294,35 @@ def test_params_for_imports_and_normalisation():
 
 
 def test_prepared_meta_carries_the_chosen_normalisation(tmp_path):
-    raw = data.subsample_per_class(data.load_digits(8), 10, seed=0)
-    split = data.stratified_split(raw.labels, val_fraction=0.2, test_fraction=0.2, seed=0)
-    data.write_prepared(tmp_path / "imagenet", raw, split, extra_meta={}, normalize="imagenet")
+    raw = prepare.subsample_per_class(prepare.load_digits(8), 10, seed=0)
+    split = prepare.stratified_split(raw.labels, val_fraction=0.2, test_fraction=0.2, seed=0)
+    prepare.write_prepared(tmp_path / "imagenet", raw, split, extra_meta={}, normalize="imagenet")
     meta = data.load_meta(tmp_path / "imagenet")
-    assert meta["mean"] == data.IMAGENET_MEAN and meta["std"] == data.IMAGENET_STD
+    assert meta["mean"] == prepare.IMAGENET_MEAN and meta["std"] == prepare.IMAGENET_STD
     assert meta["normalization"] == "imagenet"
     custom = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.25]}
-    data.write_prepared(tmp_path / "custom", raw, split, extra_meta={}, normalize=custom)
+    prepare.write_prepared(tmp_path / "custom", raw, split, extra_meta={}, normalize=custom)
     meta = data.load_meta(tmp_path / "custom")
     pixel = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)  # 1.0 on [0, 1]
     expected = torch.tensor([1.8, 1.6, 2.8]).view(1, 3, 1, 1)
     torch.testing.assert_close(data.normalize(pixel, meta), expected)
     with pytest.raises(UserError, match="prepare.normalize must be"):
-        data.normalization_stats({"mean": [0, 0, 0], "std": [1, -1, 1]}, raw.images)
+        prepare.normalization_stats({"mean": [0, 0, 0], "std": [1, -1, 1]}, raw.images)
 
 
 def test_prepare_stage_writes_the_configured_statistics(tmp_path):
     from stages.prepare import main
 
-    params = write_params(tmp_path / "params.yaml", prepare={
-        "image_size": 8, "max_images_per_class": 10, "val_fraction": 0.2, "test_fraction": 0.2,
-        "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}})
+    params = write_params(
+        tmp_path / "params.yaml",
+        prepare={
+            "image_size": 8,
+            "max_images_per_class": 10,
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+            "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        },
+    )
     main(["--params", str(params), "--out", str(tmp_path / "prepared")])
     meta = data.load_meta(tmp_path / "prepared")
     assert meta["mean"] == [0.5] * 3 and meta["std"] == [0.25] * 3
@@ -287,13 +335,14 @@ TINY = {"epochs": 1, "batch_size": 64, "lr": 0.02, "warmup_epochs": 0}
 
 
 def stage_params(tmp_path: Path, teacher_file: Path, **overrides) -> Path:
-    sections = {"base": {"threads": 1},
-                "teacher": {"init": str(teacher_file), "format": "auto", "epochs": 0},
-                "prune": {"ratio": 0.3, "round_to": 4, "sparsity": TINY, "finetune": TINY},
-                "lowrank": {"finetune": TINY},
-                "qat": {**TINY, "freeze_bn_epoch": 0, "freeze_observer_epoch": 1,
-                        "calibration_images": 64},
-                "distill": {"epochs": 1, "feature_stages": [3], "feature_weight": 0.5}}
+    sections = {
+        "base": {"threads": 1},
+        "teacher": {"init": str(teacher_file), "format": "auto", "epochs": 0},
+        "prune": {"ratio": 0.3, "round_to": 4, "sparsity": TINY, "finetune": TINY},
+        "lowrank": {"finetune": TINY},
+        "qat": {**TINY, "freeze_bn_epoch": 0, "freeze_observer_epoch": 1, "calibration_images": 64},
+        "distill": {"epochs": 1, "feature_stages": [3], "feature_weight": 0.5},
+    }
     for section, values in overrides.items():
         sections[section] = {**sections.get(section, {}), **values}
     return write_params(tmp_path / "params.yaml", **sections)
@@ -304,22 +353,37 @@ def test_train_teacher_imports_evaluates_and_adapts(tmp_path, tiny_prepared, epo
     from stages.train_teacher import main
 
     cifar_file(tmp_path / "c.th", num_classes=2)
-    params = stage_params(tmp_path, tmp_path / "c.th",
-                          teacher={"epochs": epochs, "replace_head": True, "lr": 0.01})
-    main(["--params", str(params), "--data", str(tiny_prepared), "--out", str(tmp_path / "t.pt"),
-          "--live", str(tmp_path / "live")])
+    params = stage_params(
+        tmp_path, tmp_path / "c.th", teacher={"epochs": epochs, "replace_head": True, "lr": 0.01}
+    )
+    main(
+        [
+            "--params",
+            str(params),
+            "--data",
+            str(tiny_prepared),
+            "--out",
+            str(tmp_path / "t.pt"),
+            "--live",
+            str(tmp_path / "live"),
+        ]
+    )
     summary = json.loads((tmp_path / "live" / "summary.json").read_text())
     origin = summary["origin"]
     assert origin["file"] == str(tmp_path / "c.th") and origin["format"] == "cifar_resnet"
     assert origin["family"] == "cifar_resnet20" and origin["head_replaced"]
     assert set(origin["top1_as_imported"]) == {"val", "test"}
     checkpoint = load_checkpoint(tmp_path / "t.pt")
-    assert checkpoint["metrics"] == {k: v for k, v in summary.items() if k != "outputs"} and checkpoint["arch"]["name"] == "cifar_resnet"
+    assert (
+        checkpoint["metrics"] == {k: v for k, v in summary.items() if k != "outputs"}
+        and checkpoint["arch"]["name"] == "cifar_resnet"
+    )
     assert summary["epochs"] == epochs and len(summary["val_top1_curve"]) == epochs
     teacher, _ = load_model(tmp_path / "t.pt", num_classes=10)
     file_weights = torch.load(tmp_path / "c.th", weights_only=True)["state_dict"]
-    body_unchanged = torch.equal(teacher.layer1[0].conv1.weight,
-                                 file_weights["module.layer1.0.conv1.weight"])
+    body_unchanged = torch.equal(
+        teacher.layer1[0].conv1.weight, file_weights["module.layer1.0.conv1.weight"]
+    )
     if epochs == 0:  # used as is (the new head is the only change)
         assert origin["top1_after_adaptation"] is None and body_unchanged
         assert summary["val_top1"] == origin["top1_as_imported"]["val"]
@@ -329,34 +393,84 @@ def test_train_teacher_imports_evaluates_and_adapts(tmp_path, tiny_prepared, epo
 
 
 def test_every_stage_runs_on_an_imported_cifar_teacher(tmp_path, tiny_prepared, capsys):
-    from stages import cache_teacher, distill_student, export, lowrank, qat, slim_prune, train_teacher
+    from stages import (
+        cache_teacher,
+        distill_student,
+        export,
+        lowrank,
+        qat,
+        slim_prune,
+        train_teacher,
+    )
 
     cifar_file(tmp_path / "c.th", num_classes=10)
     cifar_file(tmp_path / "student.th", num_classes=2, seed=1)
-    params = stage_params(tmp_path, tmp_path / "c.th", distill={
-        "student": {"init": str(tmp_path / "student.th"), "format": "cifar_resnet",
-                    "replace_head": True}})
+    params = stage_params(
+        tmp_path,
+        tmp_path / "c.th",
+        distill={
+            "student": {
+                "init": str(tmp_path / "student.th"),
+                "format": "cifar_resnet",
+                "replace_head": True,
+            }
+        },
+    )
     common = ["--params", str(params), "--data", str(tiny_prepared)]
     t = str(tmp_path / "teacher.pt")
     train_teacher.main(common + ["--out", t, "--live", str(tmp_path / "rt")])
-    slim_prune.main(common + ["--teacher", t, "--out", str(tmp_path / "pruned.pt"),
-                              "--reports", str(tmp_path / "rp")])
+    slim_prune.main(
+        common
+        + ["--teacher", t, "--out", str(tmp_path / "pruned.pt"), "--reports", str(tmp_path / "rp")]
+    )
     pruned, checkpoint = load_model(tmp_path / "pruned.pt")
     assert checkpoint["metrics"]["params"]["ratio"] < 1.0
     shortcut = pruned.layer3[0].downsample[0].weight
     assert set(shortcut.unique().tolist()) <= {0.0, 1.0} and not shortcut.requires_grad  # fixed
-    lowrank.main(common + ["--teacher", t, "--pruned", str(tmp_path / "pruned.pt"),
-                           "--out", str(tmp_path / "lowrank.pt"), "--reports", str(tmp_path / "rl")])
+    lowrank.main(
+        common
+        + [
+            "--teacher",
+            t,
+            "--pruned",
+            str(tmp_path / "pruned.pt"),
+            "--out",
+            str(tmp_path / "lowrank.pt"),
+            "--reports",
+            str(tmp_path / "rl"),
+        ]
+    )
     ranks = load_checkpoint(tmp_path / "lowrank.pt")["arch"]["lowrank"]
     assert ranks and not any("downsample" in name for name in ranks)  # the shortcut stays exact
-    qat.main(common + ["--checkpoint", str(tmp_path / "pruned.pt"), "--onnx",
-                       str(tmp_path / "q.onnx"), "--out", str(tmp_path / "q.pt"),
-                       "--reports", str(tmp_path / "rq")])
+    qat.main(
+        common
+        + [
+            "--checkpoint",
+            str(tmp_path / "pruned.pt"),
+            "--onnx",
+            str(tmp_path / "q.onnx"),
+            "--out",
+            str(tmp_path / "q.pt"),
+            "--reports",
+            str(tmp_path / "rq"),
+        ]
+    )
     kernels = json.loads((tmp_path / "rq" / "metrics.json").read_text())["kernels"]
     assert kernels["all_convs_int8"] and kernels["int8_convs"] == 21  # 19 convs + 2 shortcuts
     cache_teacher.main(common + ["--teacher", t, "--out", str(tmp_path / "cache.pt")])
-    distill_student.main(common + ["--teacher", t, "--cache", str(tmp_path / "cache.pt"),
-                                   "--out", str(tmp_path / "s.pt"), "--reports", str(tmp_path / "rd")])
+    distill_student.main(
+        common
+        + [
+            "--teacher",
+            t,
+            "--cache",
+            str(tmp_path / "cache.pt"),
+            "--out",
+            str(tmp_path / "s.pt"),
+            "--reports",
+            str(tmp_path / "rd"),
+        ]
+    )
     metrics = json.loads((tmp_path / "rd" / "metrics.json").read_text())
     assert metrics["student_origin"]["family"] == "cifar_resnet20"
     assert {"student_top1_kd", "student_top1_no_kd"} <= set(metrics)
@@ -367,32 +481,79 @@ def test_every_stage_runs_on_an_imported_cifar_teacher(tmp_path, tiny_prepared, 
     # a 3-stage teacher has no layer4 to match; a bigger student is allowed with a warning
     params = stage_params(tmp_path, tmp_path / "c.th", distill={"feature_stages": [4]})
     with pytest.raises(UserError, match=r"distill.feature_stages \[4\]: the teacher has 3 stages"):
-        cache_teacher.main(["--params", str(params), "--data", str(tiny_prepared), "--teacher", t,
-                            "--out", str(tmp_path / "cache4.pt")])
+        cache_teacher.main(
+            [
+                "--params",
+                str(params),
+                "--data",
+                str(tiny_prepared),
+                "--teacher",
+                t,
+                "--out",
+                str(tmp_path / "cache4.pt"),
+            ]
+        )
     assert not (tmp_path / "cache4.pt").exists()
-    params = stage_params(tmp_path, tmp_path / "c.th", distill={
-        "feature_weight": 0.0, "train_baseline": False,
-        "student": {"arch": "resnet18", "width": 16}})
-    distill_student.main(["--params", str(params), "--data", str(tiny_prepared), "--teacher", t,
-                          "--cache", str(tmp_path / "cache.pt"), "--out", str(tmp_path / "s2.pt"),
-                          "--reports", str(tmp_path / "rd2")])
+    params = stage_params(
+        tmp_path,
+        tmp_path / "c.th",
+        distill={
+            "feature_weight": 0.0,
+            "train_baseline": False,
+            "student": {"arch": "resnet18", "width": 16},
+        },
+    )
+    distill_student.main(
+        [
+            "--params",
+            str(params),
+            "--data",
+            str(tiny_prepared),
+            "--teacher",
+            t,
+            "--cache",
+            str(tmp_path / "cache.pt"),
+            "--out",
+            str(tmp_path / "s2.pt"),
+            "--reports",
+            str(tmp_path / "rd2"),
+        ]
+    )
     assert "warning: the student" in capsys.readouterr().err
 
 
 def test_stage_bad_init_is_one_error_line_and_writes_nothing(tmp_path, tiny_prepared):
     params = stage_params(tmp_path, tmp_path / "missing.th")
     result = subprocess.run(
-        [sys.executable, "-m", "stages.train_teacher", "--params", str(params), "--data",
-         str(tiny_prepared), "--out", str(tmp_path / "t.pt"), "--live", str(tmp_path / "live")],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "stages.train_teacher",
+            "--params",
+            str(params),
+            "--data",
+            str(tiny_prepared),
+            "--out",
+            str(tmp_path / "t.pt"),
+            "--live",
+            str(tmp_path / "live"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.th'}: model file "
-                                                  f"not found"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.th'}: model file not found"
+    ]
     assert not (tmp_path / "t.pt").exists() and not (tmp_path / "live").exists()
 
 
-@pytest.mark.parametrize("claim", [{"width": 200_000}, {"num_classes": 10**9},
-                                   {"channels": {"conv1": [10**7, 3]}}, {"width": 0}])
+@pytest.mark.parametrize(
+    "claim",
+    [{"width": 200_000}, {"num_classes": 10**9}, {"channels": {"conv1": [10**7, 3]}}, {"width": 0}],
+)
 def test_a_checkpoint_claiming_huge_sizes_is_refused_before_allocation(claim):
     arch = {**make_arch(name="resnet18", num_classes=10, width=8), **claim}
     with pytest.raises(UserError, match="outside 1.."):

@@ -18,14 +18,28 @@ def load_text(tmp_path: Path, text: str):
     return load_params(path)
 
 
-@pytest.mark.parametrize("text, message", [
-    (MINIMAL + "gate:\n  min_speedup: 2\ngate:\n  min_speedup: 0\n",
-     "duplicate key 'gate' at lines 3 and 5"),
-    ("teacher:\n  epochs: 1\n  lr: 0.1\n  epochs: 3\n", "duplicate key 'teacher.epochs' at lines 2 and 4"),
-    (MINIMAL + "distill:\n  student:\n    width: 8\n    width: 16\n",
-     "duplicate key 'distill.student.width' at lines 5 and 6"),
-    (MINIMAL + "gate: {enforce: true, enforce: false}\n", "duplicate key 'gate.enforce' at lines 3 and 3"),
-], ids=["section", "key", "nested", "flow"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            MINIMAL + "gate:\n  min_speedup: 2\ngate:\n  min_speedup: 0\n",
+            "duplicate key 'gate' at lines 3 and 5",
+        ),
+        (
+            "teacher:\n  epochs: 1\n  lr: 0.1\n  epochs: 3\n",
+            "duplicate key 'teacher.epochs' at lines 2 and 4",
+        ),
+        (
+            MINIMAL + "distill:\n  student:\n    width: 8\n    width: 16\n",
+            "duplicate key 'distill.student.width' at lines 5 and 6",
+        ),
+        (
+            MINIMAL + "gate: {enforce: true, enforce: false}\n",
+            "duplicate key 'gate.enforce' at lines 3 and 3",
+        ),
+    ],
+    ids=["section", "key", "nested", "flow"],
+)
 def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as caught:
         load_text(tmp_path, text)
@@ -33,7 +47,9 @@ def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, text, message):
 
 
 def test_merge_keys_may_be_overridden_and_sections_may_share_key_names(tmp_path):
-    params = load_text(tmp_path, "teacher: &t\n  epochs: 1\n  lr: 0.05\nqat:\n  <<: *t\n  lr: 0.2\n")
+    params = load_text(
+        tmp_path, "teacher: &t\n  epochs: 1\n  lr: 0.05\nqat:\n  <<: *t\n  lr: 0.2\n"
+    )
     assert params.teacher.lr == 0.05 and params.qat.lr == 0.2 and params.qat.epochs == 1
 
 
@@ -56,45 +72,118 @@ BAD = [
     ("teacher", {"lr": True}, "teacher.lr: Input should be a valid number"),
     ("base", {"seed": -1}, "base.seed: Input should be greater than or equal to 0 (got -1)"),
     ("base", {"seed": 2**32}, f"base.seed: Input should be less than or equal to {MAX_SEED}"),
-    ("base", {"seeds": [1, 2**40]}, f"base.seeds.1: Input should be less than or equal to {MAX_SEED}"),
+    (
+        "base",
+        {"seeds": [1, 2**40]},
+        f"base.seeds.1: Input should be less than or equal to {MAX_SEED}",
+    ),
     ("benchmark", {"bootstrap_seed": -5}, "benchmark.bootstrap_seed: Input should be greater than"),
     ("teacher", {"width": 1_000_000}, "teacher.width: Input should be less than or equal to 256"),
-    ("distill", {"student": {"width": 200_000}}, "distill.student.width: Input should be less than or equal to 256"),
+    (
+        "distill",
+        {"student": {"width": 200_000}},
+        "distill.student.width: Input should be less than or equal to 256",
+    ),
     ("base", {"threads": 1_000_000}, "base.threads: Input should be less than or equal to 1024"),
     ("base", {"nproc": 10_000}, "base.nproc: Input should be less than or equal to 64"),
-    ("teacher", {"batch_size": 1_000_000}, "teacher.batch_size: Input should be less than or equal to 4096"),
-    ("prune", {"finetune": {"epochs": 1, "batch_size": 10**9}}, "prune.finetune.batch_size: Input should be less"),
-    ("prepare", {"image_size": 100_000}, "prepare.image_size: Input should be less than or equal to 512"),
-    ("qat", {"calibration_images": 10**9}, "qat.calibration_images: Input should be less than or equal to 65536"),
-    ("ptq", {"calibration_images": 10**9}, "ptq.calibration_images: Input should be less than or equal to 65536"),
+    (
+        "teacher",
+        {"batch_size": 1_000_000},
+        "teacher.batch_size: Input should be less than or equal to 4096",
+    ),
+    (
+        "prune",
+        {"finetune": {"epochs": 1, "batch_size": 10**9}},
+        "prune.finetune.batch_size: Input should be less",
+    ),
+    (
+        "prepare",
+        {"image_size": 100_000},
+        "prepare.image_size: Input should be less than or equal to 512",
+    ),
+    (
+        "qat",
+        {"calibration_images": 10**9},
+        "qat.calibration_images: Input should be less than or equal to 65536",
+    ),
+    (
+        "ptq",
+        {"calibration_images": 10**9},
+        "ptq.calibration_images: Input should be less than or equal to 65536",
+    ),
     ("benchmark", {"runs": 10**9}, "benchmark.runs: Input should be less than or equal to 100000"),
-    ("benchmark", {"warmup": 10**9}, "benchmark.warmup: Input should be less than or equal to 100000"),
+    (
+        "benchmark",
+        {"warmup": 10**9},
+        "benchmark.warmup: Input should be less than or equal to 100000",
+    ),
     ("benchmark", {"throughput_batch": 10**6}, "benchmark.throughput_batch: Input should be less"),
-    ("benchmark", {"threads": 10**6}, "benchmark.threads: Input should be less than or equal to 1024"),
-    ("benchmark", {"bootstrap_resamples": 10**8}, "benchmark.bootstrap_resamples: Input should be less"),
-    ("base", {"augment": {"crop_padding": 10**6}}, "base.augment.crop_padding: Input should be less"),
-    ("prepare", {"source": "imagefolder", "root": ""}, "prepare.root: Value error, must not be empty (got '')"),
-    ("prepare", {"source": "imagefolder", "root": "   "}, "prepare.root: Value error, must not be empty"),
+    (
+        "benchmark",
+        {"threads": 10**6},
+        "benchmark.threads: Input should be less than or equal to 1024",
+    ),
+    (
+        "benchmark",
+        {"bootstrap_resamples": 10**8},
+        "benchmark.bootstrap_resamples: Input should be less",
+    ),
+    (
+        "base",
+        {"augment": {"crop_padding": 10**6}},
+        "base.augment.crop_padding: Input should be less",
+    ),
+    (
+        "prepare",
+        {"source": "imagefolder", "root": ""},
+        "prepare.root: Value error, must not be empty (got '')",
+    ),
+    (
+        "prepare",
+        {"source": "imagefolder", "root": "   "},
+        "prepare.root: Value error, must not be empty",
+    ),
     ("prepare", {"root": 5}, "prepare.root: Input should be a valid string"),
+    (
+        "prepare",
+        {"split": "official"},
+        "prepare.split: Input should be 'auto', 'given' or 'random' (got 'official')",
+    ),
+    (
+        "prepare",
+        {"split": None},
+        "prepare.split: Input should be 'auto', 'given' or 'random' (got None)",
+    ),
     ("gate", {"release": ""}, "gate.release: Value error, must not be empty"),
     ("gate", {"candidates": ["a", " "]}, "gate.candidates.1: Value error, must not be empty"),
 ]
 
 
-@pytest.mark.parametrize("section, values, message", BAD,
-                         ids=[f"{s}.{next(iter(v))}={str(next(iter(v.values())))[:12]}"
-                              for s, v, _ in BAD])
+@pytest.mark.parametrize(
+    "section, values, message",
+    BAD,
+    ids=[f"{s}.{next(iter(v))}={str(next(iter(v.values())))[:12]}" for s, v, _ in BAD],
+)
 def test_strict_values_name_key_and_value(tmp_path, section, values, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
         load_params(write_params(tmp_path / "params.yaml", **{section: values}))
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("section, values", [
-    ("base", {"seed": MAX_SEED}), ("base", {"seeds": [0, MAX_SEED]}), ("teacher", {"width": 256}),
-    ("teacher", {"lr": 1}),  # an int where a float is meant is still fine
-    ("prepare", {"source": "imagefolder", "root": "data/raw"}), ("prepare", {"root": None}),
-])
+@pytest.mark.parametrize(
+    "section, values",
+    [
+        ("base", {"seed": MAX_SEED}),
+        ("base", {"seeds": [0, MAX_SEED]}),
+        ("teacher", {"width": 256}),
+        ("teacher", {"lr": 1}),  # an int where a float is meant is still fine
+        ("prepare", {"source": "imagefolder", "root": "data/raw"}),
+        ("prepare", {"root": None}),
+        ("prepare", {"split": "given"}),
+        ("prepare", {"split": "random"}),
+        ("prepare", {"split": "auto"}),
+    ],
+)
 def test_values_at_the_limits_are_accepted(tmp_path, section, values):
     params = load_params(write_params(tmp_path / "params.yaml", **{section: values}))
     key, value = next(iter(values.items()))

@@ -1,4 +1,6 @@
-"""The real pipeline: `dvc repro` on the embedded data in a throw-away copy of this repo."""
+"""The real pipeline: `dvc repro` on the embedded data in a throw-away copy of this repo, at smoke
+size (tests/smoke_params.yaml over params.yaml: every stage runs, on tiny models and data). The
+default-size run is the CI workflow's repro job (`make repro`), which also checks its teacher."""
 
 import json
 import os
@@ -10,27 +12,48 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from resnet_slim.params import merged
 from tests.conftest import REPO
 
+SMOKE_PARAMS = REPO / "tests" / "smoke_params.yaml"
+
+# `make test` (pytest-xdist, --dist loadfile): this file runs on one worker, sharing the module's
+# repro, and first (tests/conftest.py), while the other workers take the rest of the suite
 pytestmark = pytest.mark.e2e
 
 
 def sh(*args, cwd, check=True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    result = subprocess.run(
+        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{output}")
     return result
+
+
+def dvc(*args, repo: Path, check=True) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, check=check)
 
 
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory) -> Path:
-    """A fresh clone-like copy (tracked + untracked-not-ignored files, no caches), then `dvc repro`."""
+    """A fresh clone-like copy (tracked + untracked-not-ignored files, no caches) with the smoke
+    params committed as its params.yaml, then `dvc repro`."""
     dest = tmp_path_factory.mktemp("repo") / "resnet-slim"
-    files = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=REPO).stdout.split()
+    files = sh(
+        "git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=REPO
+    ).stdout.split()
     for rel in files:
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -38,18 +61,39 @@ def pipeline_repo(tmp_path_factory) -> Path:
     # committed results of the default run are what this run must reproduce, not inputs to it
     shutil.rmtree(dest / "reports", ignore_errors=True)
     (dest / "dvc.lock").unlink(missing_ok=True)
+    params = merged(
+        yaml.safe_load((dest / "params.yaml").read_text()), yaml.safe_load(SMOKE_PARAMS.read_text())
+    )
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "copy", cwd=dest)
-    sh(sys.executable, "-m", "dvc", "repro", cwd=dest)
+    dvc("repro", repo=dest)
     return dest
 
 
-def test_repro_produces_a_passing_gate_and_all_reports(pipeline_repo):
+def dvc_stages(repo: Path) -> set[str]:
+    """Every stage name in dvc.yaml, `foreach` ones expanded (`export@teacher`), as in dvc.lock."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return {
+        f"{name}@{item}" if "foreach" in stage else name
+        for name, stage in stages.items()
+        for item in stage.get("foreach", [None])
+    }
+
+
+def test_repro_runs_every_stage_to_a_passing_gate_and_all_reports(pipeline_repo):
+    locked = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())["stages"]
+    assert set(locked) == dvc_stages(pipeline_repo)  # every stage ran, none was skipped
+    smoke = yaml.safe_load((pipeline_repo / "params.yaml").read_text())
+    assert smoke["teacher"]["width"] == 16  # the smoke params were in force
     gate = json.loads((pipeline_repo / "reports" / "gate.json").read_text())
-    assert gate["passed"], gate["failed"]
+    assert gate["passed"], gate["failed"]  # the smoke thresholds pass any working pipeline
     bench = json.loads((pipeline_repo / "reports" / "benchmark.json").read_text())
-    assert bench["models"]["teacher"]["top1"] >= 95.0  # digits: the teacher must be good
+    # 1-epoch smoke models: the default run's teacher >= 95% is checked in CI's repro job
+    assert 0.0 <= bench["models"]["teacher"]["top1"] <= 100.0
+    for page in ("report.md", "report.html"):
+        assert (pipeline_repo / "reports" / page).is_file()
     lowrank = json.loads((pipeline_repo / "reports" / "lowrank" / "metrics.json").read_text())
     pruned = json.loads((pipeline_repo / "reports" / "prune" / "metrics.json").read_text())
     # the SVD model is sized to the pruned one, and both are benchmarked side by side
@@ -57,48 +101,51 @@ def test_repro_produces_a_passing_gate_and_all_reports(pipeline_repo):
     assert {"lowrank", "lowrank_ptq_int8", "pruned"} <= set(bench["models"])
     validation = json.loads((pipeline_repo / "reports" / "data_validation.json").read_text())
     assert validation["success"]
-    assert (pipeline_repo / "dvc.lock").is_file()
 
 
 def test_second_repro_has_nothing_to_do(pipeline_repo):
-    out = sh(sys.executable, "-m", "dvc", "repro", cwd=pipeline_repo).stdout
+    out = dvc("repro", repo=pipeline_repo).stdout
     assert "Data and pipelines are up to date" in out
-    shown = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "show", "--json",
-                          cwd=pipeline_repo).stdout)
+    shown = json.loads(dvc("metrics", "show", "--json", repo=pipeline_repo).stdout)
     files = {path for rev in shown.values() for path in (rev.get("data") or {})}
     assert files == {"reports/metrics.json"}  # one small file, not hundreds of benchmark keys
 
 
 def test_tightened_gate_fails_the_experiment_with_a_clear_message(pipeline_repo):
-    # (a max_acc_drop_pp of -1 can still pass here: on digits the release beats the teacher)
-    result = sh(sys.executable, "-m", "dvc", "exp", "run", "-S", "gate.min_speedup=1000",
-                cwd=pipeline_repo, check=False)
+    # speed, not accuracy: 1-epoch smoke models sit near chance, so any accuracy bound may pass
+    result = dvc("exp", "run", "-S", "gate.min_speedup=1000", repo=pipeline_repo, check=False)
     assert result.returncode != 0
     assert "latency_speedup" in result.stdout + result.stderr
     gate = json.loads((pipeline_repo / "reports" / "gate.json").read_text())
     assert not gate["passed"] and any("latency_speedup" in f for f in gate["failed"])
     assert gate["selection"]["why"] == "no candidate passed every check"
     # what a reviewer sees: a short diff naming every gate check
-    diff = sh(sys.executable, "-m", "dvc", "metrics", "diff", "--md", "--all", cwd=pipeline_repo).stdout
+    diff = dvc("metrics", "diff", "--md", "--all", repo=pipeline_repo).stdout
     rows = [line for line in diff.splitlines() if line.startswith("| reports/metrics.json")]
     assert 0 < len(rows) <= 25, diff
     for check in gate["checks"]:
         assert f"checks.{check['name']}.passed" in diff, diff
     sh("git", "checkout", "--", "params.yaml", cwd=pipeline_repo)
-    relaxed = sh(sys.executable, "-m", "dvc", "exp", "run", "-S", "gate.min_speedup=1000",
-                 "-S", "gate.enforce=false", cwd=pipeline_repo, check=False)
+    relaxed = dvc(
+        "exp",
+        "run",
+        "-S",
+        "gate.min_speedup=1000",
+        "-S",
+        "gate.enforce=false",
+        repo=pipeline_repo,
+        check=False,
+    )
     assert relaxed.returncode == 0, relaxed.stderr[-2000:]  # sweeps record failures, exit 0
     assert not json.loads((pipeline_repo / "reports" / "gate.json").read_text())["passed"]
     sh("git", "checkout", "--", "params.yaml", cwd=pipeline_repo)
 
 
-def dvc(*args, repo: Path, check=True) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, check=check)
-
-
 def test_remote_round_trip_needs_nothing_rerun(pipeline_repo, tmp_path):
-    """push data, models and run-cache to a remote; lose the cache and outputs; pull; repro is a no-op."""
-    dvc("repro", repo=pipeline_repo)  # back to the default params' outputs (an experiment above changed them)
+    """push data, models and run-cache to a remote; lose the cache and outputs; pull; repro is a
+    no-op."""
+    # back to the committed params' outputs (an experiment above changed them)
+    dvc("repro", repo=pipeline_repo)
     remote = tmp_path / "remote"
     dvc("remote", "add", "-d", "localremote", str(remote), repo=pipeline_repo)
     dvc("push", "--run-cache", repo=pipeline_repo)
@@ -106,8 +153,11 @@ def test_remote_round_trip_needs_nothing_rerun(pipeline_repo, tmp_path):
     shutil.rmtree(pipeline_repo / ".dvc" / "cache")
     shutil.rmtree(pipeline_repo / "data" / "prepared")
     # models/imported is git-tracked source (where users `dvc add` their checkpoints), not an output
-    models = [path for path in (pipeline_repo / "models").iterdir()
-              if path.name not in (".gitignore", "imported")]
+    models = [
+        path
+        for path in (pipeline_repo / "models").iterdir()
+        if path.name not in (".gitignore", "imported")
+    ]
     assert any(path.name == "teacher.pt" for path in models)
     for path in models:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -126,11 +176,13 @@ def test_queued_sweep_runs_two_at_a_time_and_is_compared(pipeline_repo):
     sh("git", "commit", "-qm", "default run", cwd=pipeline_repo)
     names = {"max-drop-0.5": "0.5", "max-drop-2.0": "2.0"}
     for name, drop in names.items():
-        dvc("exp", "run", "--queue", "-n", name, "-S", f"gate.max_acc_drop_pp={drop}",
-            "-S", "gate.enforce=false", repo=pipeline_repo)
+        overrides = ["-S", f"gate.max_acc_drop_pp={drop}", "-S", "gate.enforce=false"]
+        dvc("exp", "run", "--queue", "-n", name, *overrides, repo=pipeline_repo)
     dvc("queue", "start", "-j", "2", repo=pipeline_repo)
     deadline = time.monotonic() + 900
-    while re.search(r"\b(Queued|Running)\b", status := dvc("queue", "status", repo=pipeline_repo).stdout):
+    while re.search(
+        r"\b(Queued|Running)\b", status := dvc("queue", "status", repo=pipeline_repo).stdout
+    ):
         if time.monotonic() > deadline:
             dvc("queue", "stop", "--kill", repo=pipeline_repo, check=False)
             raise AssertionError(f"queued experiments still not done after 15 minutes:\n{status}")
@@ -141,10 +193,12 @@ def test_queued_sweep_runs_two_at_a_time_and_is_compared(pipeline_repo):
         assert "Running stage 'gate'" in log or "Stage 'gate' is cached" in log, log[-2000:]
         assert "Running stage 'train_teacher'" not in log  # a gate sweep reuses the trained models
     table = sh(sys.executable, "-m", "stages.compare_experiments", "--md", cwd=pipeline_repo).stdout
-    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
-                        for line in table.strip().splitlines()]
+    header, _, *rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in table.strip().splitlines()
+    ]
     column = header.index("gate.max_acc_drop_pp")
     found = {row[0]: row for row in rows}
     for name, drop in names.items():
         assert name in found, table
-        assert float(found[name][column]) == float(drop) and found[name][header.index("state")] == "success"
+        assert float(found[name][column]) == float(drop), table
+        assert found[name][header.index("state")] == "success", table

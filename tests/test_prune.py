@@ -1,4 +1,5 @@
-"""Pruning: physical channel removal (network slimming, L1 filters), magnitude sparsity, the stage."""
+"""Pruning: physical channel removal (network slimming, L1 filters), magnitude sparsity, the
+stage."""
 
 import json
 
@@ -37,8 +38,10 @@ def tiny(name: str = "resnet18", seed: int = 0) -> nn.Module:
 
 
 def conv_out_channels(model: nn.Module) -> dict[str, int]:
-    return {row["layer"]: row["after"]
-            for row in prune.kept_channels(channel_record(model), channel_record(model))}
+    return {
+        row["layer"]: row["after"]
+        for row in prune.kept_channels(channel_record(model), channel_record(model))
+    }
 
 
 def rebuild(model: nn.Module, name: str) -> nn.Module:
@@ -48,14 +51,26 @@ def rebuild(model: nn.Module, name: str) -> nn.Module:
     return rebuilt.eval()
 
 
-@pytest.mark.parametrize("name, method, global_pruning", [
-    ("resnet18", "bn_slimming", True), ("resnet34", "l1_filter", False),
-    ("resnet50", "bn_slimming", True), ("resnet50", "l1_filter", True)])
+@pytest.mark.parametrize(
+    "name, method, global_pruning",
+    [
+        ("resnet18", "bn_slimming", True),
+        ("resnet34", "l1_filter", False),
+        ("resnet50", "bn_slimming", True),
+        ("resnet50", "l1_filter", True),
+    ],
+)
 def test_channel_removal_shrinks_the_model_and_keeps_it_valid(name, method, global_pruning):
     model = tiny(name)
     before = channel_record(model)
-    pruned = prune.prune_channels(model, method=method, ratio=0.4, round_to=None,
-                                  global_pruning=global_pruning, image_size=SIZE)
+    pruned = prune.prune_channels(
+        model,
+        method=method,
+        ratio=0.4,
+        round_to=None,
+        global_pruning=global_pruning,
+        image_size=SIZE,
+    )
     assert channel_record(model) == before  # the input model is left alone
     macs, params = prune.count_macs_params(model, SIZE)
     pruned_macs, pruned_params = prune.count_macs_params(pruned, SIZE)
@@ -86,8 +101,14 @@ def test_zero_gamma_channels_are_removed_without_changing_the_output():
     # is ≥ 0.5, so a ratio removing k channels puts the threshold at 0: exactly the zeroed ones.
     # (Per-layer pruning could not do this: it removes a share of every layer, residual ones too.)
     ratio = (k - 0.5) / 360
-    pruned = prune.prune_channels(model, method="bn_slimming", ratio=ratio, round_to=None,
-                                  global_pruning=True, image_size=SIZE)
+    pruned = prune.prune_channels(
+        model,
+        method="bn_slimming",
+        ratio=ratio,
+        round_to=None,
+        global_pruning=True,
+        image_size=SIZE,
+    )
     expected = conv_out_channels(model)
     for block, channels in zeroed.items():
         expected[f"{block}.conv1"] -= len(channels)
@@ -100,8 +121,14 @@ def test_zero_gamma_channels_are_removed_without_changing_the_output():
 @pytest.mark.parametrize("global_pruning", [True, False])
 def test_round_to_is_honoured(global_pruning):
     model = tiny("resnet18")
-    pruned = prune.prune_channels(model, method="bn_slimming", ratio=0.5, round_to=16,
-                                  global_pruning=global_pruning, image_size=SIZE)
+    pruned = prune.prune_channels(
+        model,
+        method="bn_slimming",
+        ratio=0.5,
+        round_to=16,
+        global_pruning=global_pruning,
+        image_size=SIZE,
+    )
     before, after = conv_out_channels(model), conv_out_channels(pruned)
     assert after != before
     for layer, n in after.items():
@@ -115,25 +142,34 @@ def test_global_pruning_never_empties_a_layer():
     model = tiny("resnet18")
     with torch.no_grad():
         model.layer3[0].bn1.weight.fill_(1e-3)  # the whole layer is below any global threshold
-    pruned = prune.prune_channels(model, method="bn_slimming", ratio=0.2, round_to=None,
-                                  global_pruning=True, image_size=SIZE)
+    pruned = prune.prune_channels(
+        model, method="bn_slimming", ratio=0.2, round_to=None, global_pruning=True, image_size=SIZE
+    )
     assert pruned.layer3[0].conv1.out_channels == 1  # removed down to one, not skipped or emptied
 
 
 def test_global_pruning_breaks_ties_instead_of_removing_every_tied_channel():
     torch.manual_seed(0)
     model = build_model(make_arch(name="resnet18", num_classes=10, width=8)).eval()  # every γ = 1
-    pruned = prune.prune_channels(model, method="bn_slimming", ratio=0.3, round_to=None,
-                                  global_pruning=True, image_size=SIZE)
-    params, pruned_params = prune.count_macs_params(model, SIZE)[1], prune.count_macs_params(pruned, SIZE)[1]
+    pruned = prune.prune_channels(
+        model, method="bn_slimming", ratio=0.3, round_to=None, global_pruning=True, image_size=SIZE
+    )
+    params, pruned_params = (
+        prune.count_macs_params(model, SIZE)[1],
+        prune.count_macs_params(pruned, SIZE)[1],
+    )
     assert 0.3 < pruned_params / params < 0.9
 
 
 def test_pruned_checkpoint_reloads_and_exports_to_onnx_with_parity(tmp_path):
     model = tiny("resnet50")
-    pruned = prune.prune_channels(model, method="bn_slimming", ratio=0.3, round_to=4,
-                                  global_pruning=True, image_size=SIZE)
-    arch = {**make_arch(name="resnet50", num_classes=10, width=8), "channels": channel_record(pruned)}
+    pruned = prune.prune_channels(
+        model, method="bn_slimming", ratio=0.3, round_to=4, global_pruning=True, image_size=SIZE
+    )
+    arch = {
+        **make_arch(name="resnet50", num_classes=10, width=8),
+        "channels": channel_record(pruned),
+    }
     save_checkpoint(tmp_path / "p.pt", model=pruned, arch=arch, params={}, metrics={})
     checkpoint = load_checkpoint(tmp_path / "p.pt")
     reloaded = build_model(checkpoint["arch"])
@@ -163,27 +199,46 @@ def test_keep_zeros_hook_preserves_sparsity_through_training():
     zero_before = {n: (p == 0) for n, p in model.named_parameters() if p.ndim > 1}
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(0)
-    loader = BatchLoader(torch.randint(0, 256, (32, 3, SIZE, SIZE), dtype=torch.uint8),
-                         torch.randint(0, 10, (32,)), meta={"mean": [0.5] * 3, "std": [0.25] * 3},
-                         batch_size=16)
-    optimizer, _ = engine.make_optimizer(model, TrainParams(epochs=1, lr=0.1, warmup_epochs=0),
-                                         len(loader))
-    engine.train_one_epoch(model, loader, optimizer, engine.cross_entropy(),
-                           after_backward=prune.keep_zeros_hook(model))
+    loader = BatchLoader(
+        torch.randint(0, 256, (32, SIZE, SIZE, 3), dtype=torch.uint8).numpy(),
+        torch.randint(0, 10, (32,)),
+        meta={"mean": [0.5] * 3, "std": [0.25] * 3},
+        batch_size=16,
+    )
+    optimizer, _ = engine.make_optimizer(
+        model, TrainParams(epochs=1, lr=0.1, warmup_epochs=0), len(loader)
+    )
+    engine.train_one_epoch(
+        model,
+        loader,
+        optimizer,
+        engine.cross_entropy(),
+        after_backward=prune.keep_zeros_hook(model),
+    )
     for name, param in model.named_parameters():
         if name in zero_before:
             assert (param[zero_before[name]] == 0).all(), name
     assert not torch.equal(model.fc.weight, snapshot["fc.weight"])  # it did train
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ratio": 1.0}, r"prune.ratio must be in \[0, 1\).*got 1.0"),
-    ({"ratio": -0.1}, r"prune.ratio must be in \[0, 1\).*got -0.1"),
-    ({"round_to": 0}, "round_to must be a positive integer"),
-    ({"method": "magnitude"}, "does not remove channels")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratio": 1.0}, r"prune.ratio must be in \[0, 1\).*got 1.0"),
+        ({"ratio": -0.1}, r"prune.ratio must be in \[0, 1\).*got -0.1"),
+        ({"round_to": 0}, "round_to must be a positive integer"),
+        ({"method": "magnitude"}, "does not remove channels"),
+    ],
+)
 def test_bad_values_are_clear_user_errors(kwargs, message):
-    args = {"method": "bn_slimming", "ratio": 0.3, "round_to": None, "global_pruning": True,
-            "image_size": SIZE, **kwargs}
+    args = {
+        "method": "bn_slimming",
+        "ratio": 0.3,
+        "round_to": None,
+        "global_pruning": True,
+        "image_size": SIZE,
+        **kwargs,
+    }
     with pytest.raises(UserError, match=message):
         prune.prune_channels(tiny(), **args)
     if "ratio" in kwargs:
@@ -203,10 +258,13 @@ def test_bn_l1_hook_adds_lambda_times_sign_gamma_to_bn_grads():
     grads = [bn.weight.grad.clone() for bn in bns]
     conv_grad = model.conv1.weight.grad.clone()
     prune.bn_l1_hook(1e-2)(model)
-    for bn, grad in zip(bns, grads):
-        torch.testing.assert_close(bn.weight.grad, grad + 1e-2 * torch.sign(bn.weight.detach()),
-                                   rtol=0, atol=0)
-    assert model.bn1.weight.grad[0] == grads[0][0] and model.bn1.weight.grad[1] == grads[0][1] - 1e-2
+    for bn, grad in zip(bns, grads, strict=True):
+        torch.testing.assert_close(
+            bn.weight.grad, grad + 1e-2 * torch.sign(bn.weight.detach()), rtol=0, atol=0
+        )
+    assert (
+        model.bn1.weight.grad[0] == grads[0][0] and model.bn1.weight.grad[1] == grads[0][1] - 1e-2
+    )
     assert torch.equal(model.conv1.weight.grad, conv_grad)  # only BN scales are penalised
 
 
@@ -226,10 +284,13 @@ def test_kd_finetune_loss_uses_a_frozen_teacher():
 
 def test_kept_channels_rows_and_plot(tmp_path):
     model = tiny("resnet18")
-    pruned = prune.prune_channels(model, method="l1_filter", ratio=0.5, round_to=None,
-                                  global_pruning=False, image_size=SIZE)
+    pruned = prune.prune_channels(
+        model, method="l1_filter", ratio=0.5, round_to=None, global_pruning=False, image_size=SIZE
+    )
     rows = prune.kept_channels(channel_record(model), channel_record(pruned))
-    assert {r["layer"] for r in rows} == {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {r["layer"] for r in rows} == {
+        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+    }
     assert all(0 < r["after"] <= r["before"] for r in rows)
     assert any(r["after"] < r["before"] for r in rows)
     prune.plot_kept_channels(rows, tmp_path / "c.png")
@@ -238,20 +299,49 @@ def test_kept_channels_rows_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["bn_slimming", "magnitude"])
-def test_stage_prunes_fine_tunes_and_writes_a_reloadable_checkpoint(tmp_path, tiny_prepared, method):
+def test_stage_prunes_fine_tunes_and_writes_a_reloadable_checkpoint(
+    tmp_path, tiny_prepared, method
+):
     from stages.slim_prune import main
 
     teacher_arch = make_arch(name="resnet18", num_classes=10, width=8)
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "teacher.pt", model=build_model(teacher_arch), arch=teacher_arch,
-                    params={}, metrics={})
+    save_checkpoint(
+        tmp_path / "teacher.pt",
+        model=build_model(teacher_arch),
+        arch=teacher_arch,
+        params={},
+        metrics={},
+    )
     tiny_train = {"epochs": 1, "batch_size": 64, "lr": 0.02, "warmup_epochs": 0}
-    params = write_params(tmp_path / "params.yaml", base={"threads": 1}, teacher={"width": 8}, prune={
-        "method": method, "ratio": 0.4, "round_to": 4, "kd_alpha": 0.5,
-        "sparsity": tiny_train, "finetune": tiny_train})
+    params = write_params(
+        tmp_path / "params.yaml",
+        base={"threads": 1},
+        teacher={"width": 8},
+        prune={
+            "method": method,
+            "ratio": 0.4,
+            "round_to": 4,
+            "kd_alpha": 0.5,
+            "sparsity": tiny_train,
+            "finetune": tiny_train,
+        },
+    )
     reports = tmp_path / "reports"
-    main(["--params", str(params), "--teacher", str(tmp_path / "teacher.pt"), "--data",
-          str(tiny_prepared), "--out", str(tmp_path / "pruned.pt"), "--reports", str(reports)])
+    main(
+        [
+            "--params",
+            str(params),
+            "--teacher",
+            str(tmp_path / "teacher.pt"),
+            "--data",
+            str(tiny_prepared),
+            "--out",
+            str(tmp_path / "pruned.pt"),
+            "--reports",
+            str(reports),
+        ]
+    )
 
     metrics = json.loads((reports / "metrics.json").read_text())
     assert set(metrics["top1_test"]) >= {"before", "after_removal", "after_finetune"}

@@ -1,4 +1,5 @@
-"""QAT: fake-quant training, the INT8 QDQ export ORT really runs in int8, and the eager PTQ baseline."""
+"""QAT: fake-quant training, the INT8 QDQ export ORT really runs in int8, and the eager PTQ
+baseline."""
 
 import json
 import subprocess
@@ -12,7 +13,8 @@ from onnx import numpy_helper
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.nn.intrinsic import quantized as nniq
 
-from resnet_slim import engine, qat
+from resnet_slim import engine, onnx_int8, qat
+from resnet_slim.bench import torch_latency_ms
 from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session, run_onnx
 from resnet_slim.io import load_checkpoint, save_checkpoint
@@ -65,9 +67,12 @@ def test_prepare_copies_and_a_few_qat_steps_train():
     x, y = images(96, seed=2), torch.randint(0, 10, (96,))
     with torch.no_grad():  # fake quant: the same function as FP32, on an int8 grid
         reference, fake = fp32(x), q.eval()(x)
-    assert not torch.equal(reference, fake) and (reference.argmax(1) == fake.argmax(1)).float().mean() >= 0.8
+    assert (
+        not torch.equal(reference, fake)
+        and (reference.argmax(1) == fake.argmax(1)).float().mean() >= 0.8
+    )
     weight = q.net.layer1[0].conv1.weight.detach().clone()
-    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 96, 32)]
     optimizer = torch.optim.SGD(q.parameters(), lr=0.05)
     stats = engine.train_one_epoch(q, batches, optimizer, engine.cross_entropy(), desc="qat-test")
     assert np.isfinite(stats["loss"]) and not torch.equal(weight, q.net.layer1[0].conv1.weight)
@@ -110,7 +115,7 @@ def test_export_feeds_every_conv_from_dequantize_with_int8_weights(exported):
         assert inits[b.input[0]].data_type == onnx.TensorProto.INT32
         weights = numpy_helper.to_array(inits[w.input[0]])
         assert weights.min() >= -64 and weights.max() <= 63  # 7-bit for x86 (no int16 saturation)
-    report = qat.int8_kernel_report(path)
+    report = onnx_int8.int8_kernel_report(path)
     assert report["all_convs_int8"] and report["float_convs"] == 0
     assert report["int8_convs"] == N_CONVS, report["op_types"]
 
@@ -128,6 +133,39 @@ def test_onnx_runs_what_pytorch_qat_computes(exported):
     assert np.abs(torch_logits - onnx_logits).mean() <= 2 * output_step
 
 
+def test_export_check_records_the_numbers_and_names_a_failed_test(tmp_path, exported):
+    q, _ = exported
+    x, y = (
+        images(64, seed=7),
+        torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(7)),
+    )
+    metrics = qat.export_qat_checked(
+        q,
+        tmp_path / "q.onnx",
+        x,
+        y,
+        opset=17,
+        threads=1,
+        max_top1_diff_pp=-1.0,
+        val_top1=50.0,
+        fp32_metrics={"a": 1},
+    )
+    assert list(metrics) == [
+        "torch_top1",
+        "onnx_top1",
+        "top1_diff_pp",
+        "val_top1",
+        "size_mb",
+        "kernels",
+        "fp32_metrics",
+        "passed",
+        "problems",
+    ]  # metrics.json's order
+    assert metrics["kernels"]["all_convs_int8"] and not metrics["passed"]
+    assert len(metrics["problems"]) == 1 and "qat.max_top1_diff_pp=-1.0" in metrics["problems"][0]
+    assert (tmp_path / "q.onnx").is_file()  # the stage, not the check, deletes a rejected file
+
+
 def test_float_convs_are_reported(tmp_path):
     """The check can fail: an FP32 export, and a QAT model exported without folding BN (Conv+BN
     stay float; qnnpack's 8-bit weights, as the exporter rejects x86's 7-bit fake quants)."""
@@ -136,10 +174,10 @@ def test_float_convs_are_reported(tmp_path):
     qat.calibrate(q, images(32))
     export_onnx(q, tmp_path / "unfolded.onnx", image_size=SIZE, opset=17)
     model = onnx.load(str(tmp_path / "unfolded.onnx"))
-    qat._store_int8(model.graph)  # same int8 storage as export_qat_onnx, only BN is not folded
+    onnx_int8.store_int8(model.graph)  # same int8 storage as export_qat_onnx, only BN is not folded
     onnx.save(model, str(tmp_path / "unfolded.onnx"))
     for name in ("fp32", "unfolded"):
-        report = qat.int8_kernel_report(tmp_path / f"{name}.onnx")
+        report = onnx_int8.int8_kernel_report(tmp_path / f"{name}.onnx")
         assert not report["all_convs_int8"] and report["float_convs"] == N_CONVS, name
 
 
@@ -153,11 +191,13 @@ def test_pruned_architecture_quantizes_and_exports(tmp_path):
     assert fp32.layer3[0].conv1.out_channels == 24
     q = calibrated(fp32)
     qat.export_qat_onnx(q, tmp_path / "pruned.onnx", image_size=SIZE)
-    report = qat.int8_kernel_report(tmp_path / "pruned.onnx")
+    report = onnx_int8.int8_kernel_report(tmp_path / "pruned.onnx")
     assert report["all_convs_int8"] and report["int8_convs"] == N_CONVS
     x = images(128, seed=4)
     with torch.no_grad():
-        agree = (q.eval()(x).argmax(1).numpy() == run_onnx(make_session(tmp_path / "pruned.onnx"), x).argmax(1))
+        agree = q.eval()(x).argmax(1).numpy() == run_onnx(
+            make_session(tmp_path / "pruned.onnx"), x
+        ).argmax(1)
     assert agree.mean() >= 0.9
 
 
@@ -192,26 +232,45 @@ def test_eager_ptq_baseline_is_int8_and_mostly_agrees_with_fp32():
     with torch.no_grad():
         agree = (fp32(x).argmax(1) == quantized(x).argmax(1)).float().mean().item()
     assert agree >= 0.8  # random logits are close together; a broken model agrees ~0.1
-    timing = qat.torch_latency_ms(quantized, x[:1], threads=1, warmup=2, runs=10)
+    timing = torch_latency_ms(quantized, x[:1], threads=1, warmup=2, runs=10)
     assert 0 < timing["p50_ms"] <= timing["p99_ms"]
 
 
 def run_stage(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_qat_and_torch_ptq_stages_end_to_end(tmp_path, tiny_prepared):
     torch.manual_seed(0)
     arch = make_arch(name="resnet18", num_classes=10, width=8, small_input=True)
     save_checkpoint(tmp_path / "fp32.pt", model=build_model(arch), arch=arch, params={}, metrics={})
-    params = write_params(tmp_path / "params.yaml", base={"threads": 1},
-                          qat={"epochs": 1, "batch_size": 32, "calibration_images": 32,
-                               "max_top1_diff_pp": 5.0},
-                          ptq={"calibration_images": 32}, benchmark={"warmup": 2, "runs": 5})
+    params = write_params(
+        tmp_path / "params.yaml",
+        base={"threads": 1},
+        qat={"epochs": 1, "batch_size": 32, "calibration_images": 32, "max_top1_diff_pp": 5.0},
+        ptq={"calibration_images": 32},
+        benchmark={"warmup": 2, "runs": 5},
+    )
     common = ["--params", str(params), "--data", str(tiny_prepared)]
-    result = run_stage("qat.py", "--checkpoint", "fp32.pt", "--onnx", "qat.onnx", "--out", "qat.pt",
-                       "--reports", "rq", *common, cwd=tmp_path)
+    result = run_stage(
+        "qat.py",
+        "--checkpoint",
+        "fp32.pt",
+        "--onnx",
+        "qat.onnx",
+        "--out",
+        "qat.pt",
+        "--reports",
+        "rq",
+        *common,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "rq" / "metrics.json").read_text())
     assert metrics["passed"] and metrics["kernels"]["all_convs_int8"] and metrics["size_mb"] > 0
@@ -225,6 +284,7 @@ def test_qat_and_torch_ptq_stages_end_to_end(tmp_path, tiny_prepared):
 
 def test_qat_refuses_a_non_resnet_with_a_clear_message():
     from resnet_slim.models import build_model, make_arch
+
     mobilenet = build_model(make_arch(name="mobilenet_v3_small", num_classes=10, width=16))
     with pytest.raises(UserError, match="QAT supports the ResNet family; got MobileNetV3Small"):
         qat.prepare_qat_model(mobilenet, backend="x86")

@@ -1,4 +1,5 @@
-"""Seed repeats re-run the right dvc.yaml stages per seed, keep the data split, and feed the gate."""
+"""Seed repeats re-run the right dvc.yaml stages per seed, keep the data split, and feed the
+gate."""
 
 import json
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, write_params
+
 from resnet_slim import seeds as repeats
 from resnet_slim.bench import top1
 from resnet_slim.data import normalized_split
@@ -29,24 +30,62 @@ MAKE_MODEL = textwrap.dedent("""
     args = parser.parse_args()
     seed = yaml.safe_load(open("params.yaml"))["base"]["seed"]
     torch.manual_seed(seed)
-    model = build_model(make_arch(name="resnet18", num_classes=10, width=args.width, small_input=True))
+    arch = make_arch(name="resnet18", num_classes=10, width=args.width, small_input=True)
+    model = build_model(arch)
     export_onnx(model.eval(), args.out, image_size=8, opset=17)
 """)
 
-PIPELINE = {"stages": {
-    "prepare": {"cmd": "false", "outs": ["data/prepared"]},  # must never be re-run
-    "teacher": {"cmd": "python stages/make_model.py --out models/teacher.onnx",
-                "deps": ["stages/make_model.py", "data/prepared"], "outs": ["models/teacher.onnx"]},
-    "student": {"cmd": "python stages/make_model.py --out models/student.onnx --width 4",
-                "deps": ["models/teacher.onnx"], "outs": ["models/student.onnx"],
-                "metrics": [{"reports/student.json": {"cache": False}}]},
-    "unrelated": {"cmd": "false", "deps": ["models/teacher.onnx"], "outs": ["models/other.onnx"]},
-}}
+PIPELINE = {
+    "stages": {
+        "prepare": {"cmd": "false", "outs": ["data/prepared"]},  # must never be re-run
+        "teacher": {
+            "cmd": "python stages/make_model.py --out models/teacher.onnx",
+            "deps": ["stages/make_model.py", "data/prepared"],
+            "outs": ["models/teacher.onnx"],
+        },
+        "student": {
+            "cmd": "python stages/make_model.py --out models/student.onnx --width 4",
+            "deps": ["models/teacher.onnx"],
+            "outs": ["models/student.onnx"],
+            "metrics": [{"reports/student.json": {"cache": False}}],
+        },
+        "unrelated": {
+            "cmd": "false",
+            "deps": ["models/teacher.onnx"],
+            "outs": ["models/other.onnx"],
+        },
+    }
+}
+
+# the paths dvc.yaml passes (the stages have no path defaults), relative to the project
+SEED_ARGS = [
+    "--benchmark",
+    "reports/benchmark.json",
+    "--data",
+    "data/prepared",
+    "--out",
+    "reports/seeds.json",
+]
+GATE_ARGS = [
+    "--benchmark",
+    "reports/benchmark.json",
+    "--predictions",
+    "reports/predictions.csv",
+    "--seeds",
+    "reports/seeds.json",
+    "--data",
+    "data/prepared",
+    "--out",
+    "reports/gate.json",
+]
 
 
 def test_stages_to_rerun_walks_upstream_and_stops_at_the_data():
     stages = repeats.read_stages_from(PIPELINE)
-    assert repeats.stages_to_rerun(stages, ["models/student.onnx"], keep={"prepare"}) == ["teacher", "student"]
+    assert repeats.stages_to_rerun(stages, ["models/student.onnx"], keep={"prepare"}) == [
+        "teacher",
+        "student",
+    ]
     with pytest.raises(UserError, match="no stage produces 'models/nothing.onnx'"):
         repeats.stages_to_rerun(stages, ["models/nothing.onnx"], keep=set())
 
@@ -58,8 +97,11 @@ def _project(tmp_path: Path, prepared: Path, seeds: list[int]) -> Path:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "prepared").symlink_to(prepared, target_is_directory=True)
     (tmp_path / "models").mkdir()
-    write_params(tmp_path / "params.yaml", base={"seed": 0, "seeds": seeds},
-                 gate={"reference": "teacher", "release": "auto", "candidates": ["student"]})
+    write_params(
+        tmp_path / "params.yaml",
+        base={"seed": 0, "seeds": seeds},
+        gate={"reference": "teacher", "release": "auto", "candidates": ["student"]},
+    )
     return tmp_path
 
 
@@ -84,12 +126,27 @@ def test_seed_repeats_rerun_the_training_chain_per_seed(tmp_path, tiny_prepared)
         expected[seed] = {n: _score(project, tiny_prepared, n) for n in ("teacher", "student")}
     assert expected[0] != expected[1], "the stand-in models must differ between seeds"
     (project / "reports").mkdir()
-    (project / "reports" / "benchmark.json").write_text(json.dumps({"models": {
-        n: {"file": f"models/{n}.onnx", "top1": expected[0][n],
-            "sha256": sha256_file(project / "models" / f"{n}.onnx")} for n in ("teacher", "student")}}))
+    (project / "reports" / "benchmark.json").write_text(
+        json.dumps(
+            {
+                "models": {
+                    n: {
+                        "file": f"models/{n}.onnx",
+                        "top1": expected[0][n],
+                        "sha256": sha256_file(project / "models" / f"{n}.onnx"),
+                    }
+                    for n in ("teacher", "student")
+                }
+            }
+        )
+    )
 
-    result = subprocess.run([sys.executable, str(REPO / "stages" / "seed_repeats.py")], cwd=project,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "seed_repeats.py"), *SEED_ARGS],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((project / "reports" / "seeds.json").read_text())
     assert report["seeds"] == [0, 1] and report["rerun_stages"] == ["teacher", "student"]
@@ -100,8 +157,12 @@ def test_seed_repeats_rerun_the_training_chain_per_seed(tmp_path, tiny_prepared)
     assert report["top1"]["teacher"]["std"] is not None
     assert not list((project / "models").glob(".seed-*")), "scratch workspaces must be removed"
 
-    gate = subprocess.run([sys.executable, str(REPO / "stages" / "gate.py")], cwd=project,
-                          capture_output=True, text=True)
+    gate = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "gate.py"), *GATE_ARGS],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     verdict = json.loads((project / "reports" / "gate.json").read_text())
     accuracy = verdict["checks"][0]
     assert accuracy["basis"] == "seeds" and accuracy["seeds"] == [0, 1], gate.stderr
@@ -111,10 +172,22 @@ def test_seed_repeats_rerun_the_training_chain_per_seed(tmp_path, tiny_prepared)
 def _run_with_main_run_scores(project: Path, **top1) -> subprocess.CompletedProcess:
     """seed_repeats in `project` after a (pretend) main run that scored `top1` per model."""
     (project / "reports").mkdir()
-    (project / "reports" / "benchmark.json").write_text(json.dumps({"models": {
-        name: {"file": f"models/{name}.onnx", "top1": value} for name, value in top1.items()}}))
-    return subprocess.run([sys.executable, str(REPO / "stages" / "seed_repeats.py")], cwd=project,
-                          capture_output=True, text=True)
+    (project / "reports" / "benchmark.json").write_text(
+        json.dumps(
+            {
+                "models": {
+                    name: {"file": f"models/{name}.onnx", "top1": value}
+                    for name, value in top1.items()
+                }
+            }
+        )
+    )
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / "seed_repeats.py"), *SEED_ARGS],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_seed_repeats_off_only_records_the_main_run(tmp_path, tiny_prepared):

@@ -43,6 +43,7 @@ LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never
 
 # --- fixture pipeline outputs --------------------------------------------------------------------
 
+
 def centroid_classifier(prepared: Path) -> nn.Module:
     """Nearest class mean as one linear layer: a fixture model that classifies digits untrained."""
     images, labels = data.normalized_split(prepared, "train")
@@ -52,7 +53,7 @@ def centroid_classifier(prepared: Path) -> nn.Module:
     scale = 0.2  # argmax(x.m - |m|^2 / 2) is the nearest mean; scaled so softmax is not one-hot
     with torch.no_grad():
         linear.weight.copy_(means * scale)
-        linear.bias.copy_(-0.5 * (means ** 2).sum(1) * scale)
+        linear.bias.copy_(-0.5 * (means**2).sum(1) * scale)
     return nn.Sequential(nn.Flatten(), linear).eval()
 
 
@@ -67,8 +68,13 @@ def benchmark_entry(path: Path, prepared: Path, root: Path) -> dict:
         start = time.perf_counter()
         session.run(None, {"input": one})
         times.append((time.perf_counter() - start) * 1000)
-    return {"file": path.relative_to(root).as_posix(), "runtime": "onnxruntime", "top1": top1,
-            "size_mb": path.stat().st_size / 1e6, "p50_ms": float(np.median(times))}
+    return {
+        "file": path.relative_to(root).as_posix(),
+        "runtime": "onnxruntime",
+        "top1": top1,
+        "size_mb": path.stat().st_size / 1e6,
+        "p50_ms": float(np.median(times)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +98,11 @@ def pipeline_root(tmp_path_factory, tiny_prepared) -> Path:
 
 
 def load(root: Path, **overrides) -> serve.Release:
-    paths = {"gate": Path("reports/gate.json"), "benchmark": Path("reports/benchmark.json"),
-             "prepared": Path("data/prepared")}
+    paths = {
+        "gate": Path("reports/gate.json"),
+        "benchmark": Path("reports/benchmark.json"),
+        "prepared": Path("data/prepared"),
+    }
     return serve.load_release(root=root, **{**paths, **overrides})
 
 
@@ -109,6 +118,7 @@ def client(release):
 
 # --- uploads --------------------------------------------------------------------------------------
 
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -117,19 +127,24 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def digit_png(prepared: Path, index: int, scale: int = 1) -> bytes:
     """Test-split image `index` as a PNG, optionally upscaled (nearest), like a bigger scan."""
-    pixels = data.load_split(prepared, "test").images[index].permute(1, 2, 0).numpy()
+    pixels = np.array(data.load_split(prepared, "test").images[index])
     return png_bytes(pixels.repeat(scale, axis=0).repeat(scale, axis=1))
-
 
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels: the shape of a decompression bomb."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         crc = struct.pack(">I", zlib.crc32(kind + body))
         return struct.pack(">I", len(body)) + kind + body + crc
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def noise_png(side: int) -> bytes:
@@ -159,6 +174,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 # --- behaviour ------------------------------------------------------------------------------------
 
+
 def test_predictions_match_the_pipelines_test_transform(client, release, tiny_prepared):
     images, _ = data.normalized_split(tiny_prepared, "test")
     logits = run_onnx(release.session, images[:5])  # what the benchmark measured
@@ -185,7 +201,7 @@ def test_larger_images_are_resized_like_prepare(client, tiny_prepared):
 
 @pytest.mark.parametrize("image_format", serve.UPLOAD_FORMATS)
 def test_every_accepted_format_is_served(client, tiny_prepared, image_format):
-    pixels = data.load_split(tiny_prepared, "test").images[0].permute(1, 2, 0).numpy()
+    pixels = np.array(data.load_split(tiny_prepared, "test").images[0])
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=image_format)
     response = post(client, f"digit.{image_format.lower()}", buffer.getvalue())
@@ -228,8 +244,9 @@ def test_uploads_are_never_written_to_disk(client, monkeypatch):
 
 def test_refuses_to_start_when_the_gate_failed(pipeline_root, tmp_path, capsys):
     gate = tmp_path / "gate.json"
-    write_json(gate, {"passed": False, "release": RELEASE,
-                      "failed": ["latency_speedup 1.5 x is not >= 2"]})
+    write_json(
+        gate, {"passed": False, "release": RELEASE, "failed": ["latency_speedup 1.5 x is not >= 2"]}
+    )
     code = serve.main(["--root", str(pipeline_root), "--gate", str(gate)])
     error = capsys.readouterr().err
     assert code == 2
@@ -280,12 +297,16 @@ def test_missing_pipeline_outputs_say_to_run_the_pipeline(pipeline_root, tmp_pat
         load(tmp_path)
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--max-upload-mb", "0", "must be a positive number"),
-    ("--max-megapixels", "nan", "must be a positive number"),
-    ("--port", "70000", "must be between 0 and 65535"),
-    ("--max-decodes", "0", "must be between 1 and 64"),
-    ("--threads", "100000", "must be between 1 and 256")])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-upload-mb", "0", "must be a positive number"),
+        ("--max-megapixels", "nan", "must be a positive number"),
+        ("--port", "70000", "must be between 0 and 65535"),
+        ("--max-decodes", "0", "must be between 1 and 64"),
+        ("--threads", "100000", "must be between 1 and 256"),
+    ],
+)
 def test_bad_flags_get_one_line(pipeline_root, capsys, flag, value, message):
     assert serve.main(["--root", str(pipeline_root), flag, value]) == 2
     assert f"error: {flag} {message}" in capsys.readouterr().err
@@ -293,12 +314,14 @@ def test_bad_flags_get_one_line(pipeline_root, capsys, flag, value, message):
 
 # --- a real server on loopback --------------------------------------------------------------------
 
+
 @contextmanager
 def running_server(app, threads: int = serve.DEFAULT_THREADS):
     """Serve `app` with the production server (waitress) on 127.0.0.1 at a free port, in a
     background thread; yields its base URL."""
-    server = serve.make_server(app, host="127.0.0.1", port=0,
-                               max_upload_mb=serve.DEFAULT_MAX_UPLOAD_MB, threads=threads)
+    server = serve.make_server(
+        app, host="127.0.0.1", port=0, max_upload_mb=serve.DEFAULT_MAX_UPLOAD_MB, threads=threads
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -314,13 +337,20 @@ def post_over_http(url: str, filename: str | None, payload: bytes | None) -> tup
     boundary = "resnet-slim-test-boundary"
     body = b""
     if payload is not None:
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
                 f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-                ).encode() + payload + b"\r\n"
+            ).encode()
+            + payload
+            + b"\r\n"
+        )
     body += f"--{boundary}--\r\n".encode()
     request = urllib.request.Request(
-        f"{url}/predict", data=body,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        f"{url}/predict",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with LOOPBACK.open(request, timeout=30) as response:
             return response.status, json.load(response)
@@ -342,7 +372,8 @@ def test_concurrent_requests_share_one_session(client, release, tiny_prepared):
         got = body["predictions"]
         assert [p["index"] for p in got] == [p["index"] for p in expected[i % 8]]
         assert [p["probability"] for p in got] == pytest.approx(
-            [p["probability"] for p in expected[i % 8]], abs=1e-6)
+            [p["probability"] for p in expected[i % 8]], abs=1e-6
+        )
 
 
 def test_real_server_answers_bad_uploads_and_keeps_serving(release, tiny_prepared):
@@ -354,12 +385,16 @@ def test_real_server_answers_bad_uploads_and_keeps_serving(release, tiny_prepare
         assert status == 200 and len(body["predictions"]) == 3
 
 
-def _send_headers_then_stall(port: int, claimed: int,
-                             body: bytes = b"--x\r\n....") -> socket.socket:
+def _send_headers_then_stall(
+    port: int, claimed: int, body: bytes = b"--x\r\n...."
+) -> socket.socket:
     """Open a connection that promises `claimed` body bytes and sends `body` (then nothing)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {claimed}\r\n"
-                 f"Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode() + body)
+    sock.sendall(
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {claimed}\r\n"
+        f"Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode()
+        + body
+    )
     return sock
 
 
@@ -381,7 +416,8 @@ def test_a_body_far_over_the_limit_is_refused_before_it_is_read(release):
 
 
 def test_a_body_shorter_than_its_content_length_holds_no_thread_and_times_out(
-        release, tiny_prepared, monkeypatch):
+    release, tiny_prepared, monkeypatch
+):
     monkeypatch.setattr(serve, "REQUEST_TIMEOUT_S", 2)
     with running_server(serve.create_app(release), threads=1) as url:
         port = int(url.rsplit(":", 1)[1])
@@ -412,13 +448,17 @@ def test_decoding_is_bounded_and_a_long_wait_gets_503(release, tiny_prepared, mo
 
     monkeypatch.setattr(serve, "decode_upload", slow_decode)
     upload = digit_png(tiny_prepared, 0)
-    with running_server(serve.create_app(release, max_decodes=2), threads=6) as url, \
-            ThreadPoolExecutor(6) as pool:
+    with (
+        running_server(serve.create_app(release, max_decodes=2), threads=6) as url,
+        ThreadPoolExecutor(6) as pool,
+    ):
         answers = list(pool.map(lambda _: post_over_http(url, "d.png", upload), range(6)))
     assert [status for status, _ in answers] == [200] * 6 and most[0] == 2
     monkeypatch.setattr(serve, "DECODE_WAIT_S", 0.1)  # now the third waits too long
-    with running_server(serve.create_app(release, max_decodes=1), threads=3) as url, \
-            ThreadPoolExecutor(3) as pool:
+    with (
+        running_server(serve.create_app(release, max_decodes=1), threads=3) as url,
+        ThreadPoolExecutor(3) as pool,
+    ):
         answers = list(pool.map(lambda _: post_over_http(url, "d.png", upload), range(3)))
     statuses = sorted(status for status, _ in answers)
     assert statuses[0] == 200 and 503 in statuses, answers
@@ -426,9 +466,12 @@ def test_decoding_is_bounded_and_a_long_wait_gets_503(release, tiny_prepared, mo
 
 
 def test_main_serves_with_waitress_until_sigterm_like_ctrl_c(pipeline_root, tiny_prepared):
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_slim.serve", "--root",
-                             str(pipeline_root), "--port", "0"], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnet_slim.serve", "--root", str(pipeline_root), "--port", "0"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()  # "serving 'NAME' at http://127.0.0.1:PORT/ (Ctrl-C stops)"
         assert line.startswith(f"serving '{RELEASE}' at http://127.0.0.1:"), line

@@ -1,4 +1,5 @@
-"""Confidence intervals, the paired drop and McNemar against hand-computed cases; the upper_ci gate."""
+"""Confidence intervals, the paired drop and McNemar against hand-computed cases; the upper_ci
+gate."""
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ def test_bootstrap_ci_matches_the_normal_approximation_on_a_large_split():
 
 def test_bootstrap_is_reproducible_with_a_fixed_seed():
     correct = np.random.default_rng(3).random(300) < 0.8
-    assert stats.bootstrap_accuracy_ci(correct, seed=7) == stats.bootstrap_accuracy_ci(correct, seed=7)
+    assert stats.bootstrap_accuracy_ci(correct, seed=7) == stats.bootstrap_accuracy_ci(
+        correct, seed=7
+    )
 
 
 def test_paired_drop_point_and_interval_by_hand():
@@ -38,7 +41,10 @@ def test_paired_drop_point_and_interval_by_hand():
     assert paired["drop_pp"] == 50.0  # 75% -> 25%
     # per-image differences (0, 1, 1, 0): resampled means lie in [0, 100]
     assert 0.0 <= paired["ci_low"] <= 25.0 and 75.0 <= paired["ci_high"] <= 100.0
-    assert paired["mcnemar"]["ref_only_correct"] == 2 and paired["mcnemar"]["release_only_correct"] == 0
+    assert (
+        paired["mcnemar"]["ref_only_correct"] == 2
+        and paired["mcnemar"]["release_only_correct"] == 0
+    )
 
 
 def test_identical_models_have_a_zero_width_paired_ci_and_mcnemar_p_of_one():
@@ -59,13 +65,16 @@ def test_pairing_is_narrower_than_two_independent_intervals():
     assert paired["ci_high"] - paired["ci_low"] < (one["ci_high"] - one["ci_low"]) / 2
 
 
-@pytest.mark.parametrize("b, c, p", [
-    (1, 9, 22 / 1024),    # 2 * P(X <= 1), X ~ Binomial(10, 1/2) = 0.021484375 (statsmodels exact)
-    (0, 6, 2 / 64),       # 0.03125
-    (5, 5, 1.0),          # balanced disagreements: capped at 1
-    (0, 0, 1.0),          # no disagreements at all
-    (3, 12, 2 * (1 + 15 + 105 + 455) / 2 ** 15),  # 0.03515625
-])
+@pytest.mark.parametrize(
+    "b, c, p",
+    [
+        (1, 9, 22 / 1024),  # 2 * P(X <= 1), X ~ Binomial(10, 1/2) = 0.021484375 (statsmodels exact)
+        (0, 6, 2 / 64),  # 0.03125
+        (5, 5, 1.0),  # balanced disagreements: capped at 1
+        (0, 0, 1.0),  # no disagreements at all
+        (3, 12, 2 * (1 + 15 + 105 + 455) / 2**15),  # 0.03515625
+    ],
+)
 def test_mcnemar_exact_matches_the_binomial_table(b, c, p):
     ref = [True] * b + [False] * c + [True] * 7
     rel = [False] * b + [True] * c + [True] * 7
@@ -93,8 +102,14 @@ def test_mismatched_pairs_are_an_error():
 
 # The gate on the upper end of the CI -------------------------------------------------------
 
-GATE = GateParams(release="release", reference="teacher", max_acc_drop_pp=1.0, min_speedup=2.0,
-                  max_size_ratio=0.5, acc_drop_statistic="upper_ci")
+GATE = GateParams(
+    release="release",
+    reference="teacher",
+    max_acc_drop_pp=1.0,
+    min_speedup=2.0,
+    max_size_ratio=0.5,
+    acc_drop_statistic="upper_ci",
+)
 
 
 def _noisy_pair(n=200, ref_only=11, release_only=10):
@@ -102,21 +117,24 @@ def _noisy_pair(n=200, ref_only=11, release_only=10):
     ref = np.zeros(n, bool)
     rel = np.zeros(n, bool)
     ref[:150], rel[:150] = True, True
-    ref[150:150 + ref_only] = True
-    rel[150 + ref_only:150 + ref_only + release_only] = True
+    ref[150 : 150 + ref_only] = True
+    rel[150 + ref_only : 150 + ref_only + release_only] = True
     return ref, rel
 
 
 def _results(ref, rel):
-    return {"teacher": {"top1": 100 * ref.mean(), "p50_ms": 8.0, "size_mb": 40.0},
-            "release": {"top1": 100 * rel.mean(), "p50_ms": 1.0, "size_mb": 1.0}}
+    return {
+        "teacher": {"top1": 100 * ref.mean(), "p50_ms": 8.0, "size_mb": 40.0},
+        "release": {"top1": 100 * rel.mean(), "p50_ms": 1.0, "size_mb": 1.0},
+    }
 
 
 def test_upper_ci_fails_a_release_whose_point_drop_passes_but_whose_ci_crosses_the_threshold():
     ref, rel = _noisy_pair()
     evidence = Evidence(correct={"teacher": ref, "release": rel})
-    point = evaluate_gate(_results(ref, rel), GATE.model_copy(update={"acc_drop_statistic": "point"}),
-                          evidence)
+    point = evaluate_gate(
+        _results(ref, rel), GATE.model_copy(update={"acc_drop_statistic": "point"}), evidence
+    )
     assert point["passed"]
     verdict = evaluate_gate(_results(ref, rel), GATE, evidence)
     check = verdict["checks"][0]
@@ -128,7 +146,9 @@ def test_upper_ci_fails_a_release_whose_point_drop_passes_but_whose_ci_crosses_t
 
 def test_upper_ci_passes_when_the_whole_interval_is_inside_the_threshold():
     ref, rel = _noisy_pair(n=2000, ref_only=2, release_only=2)
-    verdict = evaluate_gate(_results(ref, rel), GATE, Evidence(correct={"teacher": ref, "release": rel}))
+    verdict = evaluate_gate(
+        _results(ref, rel), GATE, Evidence(correct={"teacher": ref, "release": rel})
+    )
     assert verdict["passed"], verdict["failed"]
 
 
@@ -141,13 +161,21 @@ def test_upper_ci_without_per_image_predictions_fails_closed():
 
 def test_seed_repeats_gate_on_the_mean_drop_and_its_interval_across_seeds():
     ref, rel = _noisy_pair()
-    steady = {"runs": [{"seed": s, "top1": {"teacher": 90.0, "release": 90.0 - d}}
-                       for s, d in ((0, 0.2), (1, 0.4), (2, 0.3))]}
+    steady = {
+        "runs": [
+            {"seed": s, "top1": {"teacher": 90.0, "release": 90.0 - d}}
+            for s, d in ((0, 0.2), (1, 0.4), (2, 0.3))
+        ]
+    }
     verdict = evaluate_gate(_results(ref, rel), GATE, Evidence(correct={}, seeds=steady))
     check = verdict["checks"][0]
     assert verdict["passed"] and check["basis"] == "seeds" and check["point"] == pytest.approx(0.3)
-    shaky = {"runs": [{"seed": s, "top1": {"teacher": 90.0, "release": 90.0 - d}}
-                      for s, d in ((0, 0.0), (1, 1.5), (2, 0.3))]}
+    shaky = {
+        "runs": [
+            {"seed": s, "top1": {"teacher": 90.0, "release": 90.0 - d}}
+            for s, d in ((0, 0.0), (1, 1.5), (2, 0.3))
+        ]
+    }
     verdict = evaluate_gate(_results(ref, rel), GATE, Evidence(correct={}, seeds=shaky))
     assert not verdict["passed"] and verdict["checks"][0]["point"] == pytest.approx(0.6)
 
@@ -155,7 +183,9 @@ def test_seed_repeats_gate_on_the_mean_drop_and_its_interval_across_seeds():
 def test_a_wide_interval_entirely_below_the_threshold_still_decides():
     # 270 images, the release right on 5 images the teacher misses: CI about [-3.7, 0] pp
     ref, rel = _noisy_pair(n=270, ref_only=0, release_only=5)
-    verdict = evaluate_gate(_results(ref, rel), GATE, Evidence(correct={"teacher": ref, "release": rel}))
+    verdict = evaluate_gate(
+        _results(ref, rel), GATE, Evidence(correct={"teacher": ref, "release": rel})
+    )
     check = verdict["checks"][0]
     assert verdict["passed"] and check["ci_width_pp"] > 1.0
     assert check["decidable"] is True and "images_needed" not in check

@@ -17,13 +17,16 @@ def test_clean_manifest_passes(tiny_prepared):
 def test_leaked_duplicate_across_splits_fails(tiny_prepared):
     manifest = load_manifest(tiny_prepared)
     test_row = manifest.index[manifest.split == "test"][0]
-    train_row = manifest.index[(manifest.split == "train")
-                               & (manifest.label == manifest.label[test_row])][0]
+    train_row = manifest.index[
+        (manifest.split == "train") & (manifest.label == manifest.label[test_row])
+    ][0]
     manifest.loc[test_row, "sha256"] = manifest.loc[train_row, "sha256"]
     report = _validate(manifest, load_meta(tiny_prepared)["class_names"])
     assert not report["success"]
     assert any("column=n_splits" in f for f in report["failed"])
-    assert not any("column=n_labels" in f for f in report["failed"])  # same label: a leak, not a conflict
+    assert not any(
+        "column=n_labels" in f for f in report["failed"]
+    )  # same label: a leak, not a conflict
 
 
 def test_class_missing_from_a_split_fails(tiny_prepared):
@@ -45,6 +48,7 @@ def test_nulls_and_unknown_labels_fail(tiny_prepared):
 
 def test_class_imbalance_bounds_come_from_params(tiny_prepared):
     manifest = load_manifest(tiny_prepared)
-    report = validate_manifest(manifest, load_meta(tiny_prepared)["class_names"],
-                               min_class_share=0.2, max_class_share=0.5)
+    report = validate_manifest(
+        manifest, load_meta(tiny_prepared)["class_names"], min_class_share=0.2, max_class_share=0.5
+    )
     assert not report["success"] and any("share" in f for f in report["failed"])

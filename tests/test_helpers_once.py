@@ -1,0 +1,69 @@
+"""Helpers that exist once and serve every caller: the timing loop, usable cores, batched PyTorch
+inference and top-1, replacing a submodule by name, and ptq.reduce_range's "auto"."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_slim import bench, engine, limits
+from resnet_slim.data import normalized_split
+from resnet_slim.export import torch_logits
+from resnet_slim.models import build_model, make_arch, replace_submodule
+from resnet_slim.quant import resolve_reduce_range
+
+
+def test_time_ms_discards_the_warmup_and_returns_one_time_per_run():
+    calls = []
+    times = bench.time_ms(lambda: calls.append(1), warmup=3, runs=5)
+    assert len(calls) == 8 and times.shape == (5,) and (times >= 0).all()
+    stats = bench.percentiles_ms(times)
+    assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] and set(stats) == {
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "mean_ms",
+    }
+
+
+def test_torch_latency_restores_the_thread_count(tiny_model):
+    before = torch.get_num_threads()
+    stats = bench.torch_latency_ms(tiny_model, torch.zeros(1, 3, 8, 8), threads=1, warmup=1, runs=3)
+    assert stats["p50_ms"] > 0 and torch.get_num_threads() == before
+
+
+def test_usable_cores_is_this_process_affinity():
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert limits.usable_cores() == expected
+    assert bench.hardware_fingerprint()["usable_cores"] == expected
+
+
+def test_batched_torch_inference_and_top1_match_the_training_loops_evaluate(
+    tiny_model, tiny_prepared
+):
+    images, labels = normalized_split(tiny_prepared, "test")
+    batches = [(images[i : i + 256], labels[i : i + 256]) for i in range(0, len(images), 256)]
+    logits, _ = engine.predict(tiny_model, batches)
+    assert torch.equal(torch.from_numpy(torch_logits(tiny_model, images, batch_size=7)), logits)
+    assert (
+        bench.torch_top1(tiny_model, images, labels) == engine.evaluate(tiny_model, batches)["top1"]
+    )
+
+
+def test_replace_submodule_nested_and_top_level():
+    model = build_model(make_arch(name="resnet18", num_classes=10, width=8, small_input=True))
+    replace_submodule(model, "layer1.0.conv1", nn.Identity())
+    replace_submodule(model, "fc", nn.Linear(64, 3))
+    assert isinstance(model.layer1[0].conv1, nn.Identity) and model.fc.out_features == 3
+    with pytest.raises(AttributeError):
+        replace_submodule(model, "layer9.conv1", nn.Identity())
+
+
+def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
+    import resnet_slim.quant as quant
+
+    for vnni in (True, False):
+        monkeypatch.setattr(quant, "has_int8_dot_product", lambda vnni=vnni: vnni)
+        assert resolve_reduce_range("auto") is (not vnni)
+        assert resolve_reduce_range(True) is True and resolve_reduce_range(False) is False
