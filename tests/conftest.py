@@ -83,6 +83,18 @@ def write_image_tree(root: Path, classes: dict[str, int], size: int = 12, seed: 
     return root
 
 
+def absent_gate_inputs(folder: Path) -> list[str]:
+    """The gate's other required inputs, absent: no predictions, no seed repeats, no split."""
+    return [
+        "--predictions",
+        str(folder / "p.csv"),
+        "--seeds",
+        str(folder / "s.json"),
+        "--data",
+        str(folder / "prepared"),
+    ]
+
+
 def write_params(path: Path, **overrides) -> Path:
     """params.yaml = the repo's defaults with `section={key: value}` overrides (tiny settings)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -38,7 +38,13 @@ from resnet_slim.errors import UserError
 from resnet_slim.io import save_checkpoint, sha256_file, write_json
 from resnet_slim.models import build_model, load_model, make_arch
 from resnet_slim.params import TrainParams, load_params
-from tests.conftest import REPO, assert_one_line_error, write_image_tree, write_params
+from tests.conftest import (
+    REPO,
+    absent_gate_inputs,
+    assert_one_line_error,
+    write_image_tree,
+    write_params,
+)
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -155,18 +161,6 @@ def stage_case(setup: Callable[[Path, Path], StageCase]):
     return setup
 
 
-def GATE_INPUTS(folder: Path) -> list[str]:  # noqa: N802 (reads like the constant it stands for)
-    """The gate's other required inputs, absent: no predictions, no seed repeats, no split."""
-    return [
-        "--predictions",
-        str(folder / "predictions.csv"),
-        "--seeds",
-        str(folder / "seeds.json"),
-        "--data",
-        str(folder / "prepared"),
-    ]
-
-
 @stage_case
 def case_params_unknown_key(d, prepared):
     params = tiny_params(d / "params.yaml", prune={"raito": 0.3})
@@ -177,7 +171,7 @@ def case_params_unknown_key(d, prepared):
             str(params),
             "--benchmark",
             str(d / "b.json"),
-            *GATE_INPUTS(d),
+            *absent_gate_inputs(d),
             "--out",
             str(d / "gate.json"),
         ],
@@ -209,7 +203,7 @@ def case_params_not_text(d, prepared):
             str(d / "params.yaml"),
             "--benchmark",
             str(d / "b.json"),
-            *GATE_INPUTS(d),
+            *absent_gate_inputs(d),
             "--out",
             str(d / "gate.json"),
         ],
@@ -401,7 +395,7 @@ def _gate_case(
             str(params),
             "--benchmark",
             str(d / "bench.json"),
-            *GATE_INPUTS(d),
+            *absent_gate_inputs(d),
             "--out",
             str(out),
         ],
@@ -1085,7 +1079,7 @@ def test_gate_fails_closed(tmp_path, bench, code, reason):
         str(params),
         "--benchmark",
         str(tmp_path / "bench.json"),
-        *GATE_INPUTS(tmp_path),
+        *absent_gate_inputs(tmp_path),
         "--out",
         str(tmp_path / "gate.json"),
     ]

@@ -33,7 +33,13 @@ from resnet_slim import errors
 from resnet_slim.errors import FORCED_EXIT, UserError
 from resnet_slim.io import atomic_path, save_checkpoint, write_json
 from resnet_slim.models import build_model, load_model, make_arch
-from tests.conftest import REPO, assert_one_line_error, prepared_digits, write_params
+from tests.conftest import (
+    REPO,
+    absent_gate_inputs,
+    assert_one_line_error,
+    prepared_digits,
+    write_params,
+)
 
 STOP_WITHIN_S = 10.0
 
@@ -475,12 +481,7 @@ def test_gate_on_a_read_only_disk(tmp_path):
             str(params),
             "--benchmark",
             str(tmp_path / "bench.json"),
-            "--predictions",
-            str(tmp_path / "p.csv"),
-            "--seeds",
-            str(tmp_path / "s.json"),
-            "--data",
-            str(tmp_path / "prepared"),
+            *absent_gate_inputs(tmp_path),
             "--out",
             str(disk / "reports" / "gate.json"),
         ],

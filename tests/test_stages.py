@@ -8,7 +8,7 @@ import pytest
 
 from resnet_slim.data import load_manifest, load_meta
 from resnet_slim.io import write_json
-from tests.conftest import REPO, write_image_tree, write_params
+from tests.conftest import REPO, absent_gate_inputs, write_image_tree, write_params
 
 
 def run_stage(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -95,12 +95,7 @@ def test_gate_stage_exit_code_follows_enforce(tmp_path, enforce, code):
         str(params),
         "--benchmark",
         str(tmp_path / "bench.json"),
-        "--predictions",
-        str(tmp_path / "p.csv"),
-        "--seeds",
-        str(tmp_path / "s.json"),
-        "--data",
-        str(tmp_path / "prepared"),
+        *absent_gate_inputs(tmp_path),
         "--out",
         str(tmp_path / "gate.json"),
         cwd=tmp_path,
@@ -121,12 +116,7 @@ def test_gate_stage_fails_closed_on_malformed_benchmark(tmp_path):
         str(params),
         "--benchmark",
         str(tmp_path / "bench.json"),
-        "--predictions",
-        str(tmp_path / "p.csv"),
-        "--seeds",
-        str(tmp_path / "s.json"),
-        "--data",
-        str(tmp_path / "prepared"),
+        *absent_gate_inputs(tmp_path),
         "--out",
         str(tmp_path / "gate.json"),
         cwd=tmp_path,
