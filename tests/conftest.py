@@ -83,6 +83,21 @@ def write_image_tree(root: Path, classes: dict[str, int], size: int = 12, seed: 
     return root
 
 
+# the paths dvc.yaml passes the gate stage (it has no path defaults), relative to a run directory
+GATE_ARGS = [
+    "--benchmark",
+    "reports/benchmark.json",
+    "--predictions",
+    "reports/predictions.csv",
+    "--seeds",
+    "reports/seeds.json",
+    "--data",
+    "data/prepared",
+    "--out",
+    "reports/gate.json",
+]
+
+
 def absent_gate_inputs(folder: Path) -> list[str]:
     """The gate's other required inputs, absent: no predictions, no seed repeats, no split."""
     return [

@@ -23,7 +23,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx
 from resnet_slim.io import check_together, sha256_file, write_json, write_together
 from resnet_slim.models import build_model, make_arch
-from tests.conftest import REPO, write_params
+from tests.conftest import GATE_ARGS, REPO, write_params
 
 # Loose thresholds: these tests are about the evidence, not about how good the models are.
 GATE = {
@@ -100,23 +100,6 @@ def run(measured, tmp_path, monkeypatch) -> Path:
     root = Path(shutil.copytree(measured, tmp_path / "run"))
     monkeypatch.chdir(root)
     return root
-
-
-# the paths dvc.yaml passes the gate stage (it has no path defaults)
-GATE_ARGS = [
-    "--params",
-    "params.yaml",
-    "--benchmark",
-    "reports/benchmark.json",
-    "--predictions",
-    "reports/predictions.csv",
-    "--seeds",
-    "reports/seeds.json",
-    "--data",
-    "data/prepared",
-    "--out",
-    "reports/gate.json",
-]
 
 
 def gate(root: Path, *extra: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_params
+from conftest import GATE_ARGS, REPO, write_params
 
 from resnet_slim import seeds as repeats
 from resnet_slim.bench import top1
@@ -65,18 +65,6 @@ SEED_ARGS = [
     "data/prepared",
     "--out",
     "reports/seeds.json",
-]
-GATE_ARGS = [
-    "--benchmark",
-    "reports/benchmark.json",
-    "--predictions",
-    "reports/predictions.csv",
-    "--seeds",
-    "reports/seeds.json",
-    "--data",
-    "data/prepared",
-    "--out",
-    "reports/gate.json",
 ]
 
 
