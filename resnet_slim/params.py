@@ -276,6 +276,7 @@ class PruneParams(Section):
     method: Literal["bn_slimming", "l1_filter", "magnitude"]
     ratio: float = Field(ge=0.0, lt=1.0)
     global_pruning: bool
+    keep_residual_streams: bool
     round_to: int | None = Field(ge=1, le=256)
     kd_alpha: float = Field(ge=0.0, le=1.0)
     temperature: float = Field(gt=0.0)

@@ -77,6 +77,7 @@ def prune_channels(
     round_to: int | None,
     global_pruning: bool,
     image_size: int,
+    keep_residual_streams: bool = False,
 ) -> nn.Module:
     """A copy of `model` with `ratio` of its prunable conv channels physically removed.
 
@@ -86,6 +87,9 @@ def prune_channels(
     at least round_to (or 1) channels, and one with fewer than round_to is left whole, so the
     channels actually removed can differ a little from `ratio` (`channels_kept` reports it). The
     classifier's outputs are never pruned. `model` itself is not modified.
+    keep_residual_streams: leave whole every channel group that more than one conv writes to (a
+    ResNet stage's residual stream: the stem or block input, each block's conv2, the shortcut,
+    all summed by the additions); only channels inside blocks are ranked and removed.
     """
     if method not in CHANNEL_METHODS:
         raise UserError(
@@ -112,6 +116,7 @@ def prune_channels(
         ratio=ratio,
         global_pruning=global_pruning,
         min_keep=round_to or 1,
+        keep_residual_streams=keep_residual_streams,
     )
     if plan:
         # Per-layer counts as ratios; torch-pruning picks the lowest-importance channels of each
@@ -141,6 +146,7 @@ def _removal_plan(
     ratio: float,
     global_pruning: bool,
     min_keep: int,
+    keep_residual_streams: bool,
 ) -> dict[nn.Module, float]:
     """{root module of a coupled channel group: fraction of its channels to remove}.
 
@@ -153,6 +159,8 @@ def _removal_plan(
     for group in graph.get_all_groups(
         ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]
     ):
+        if keep_residual_streams and _conv_writers(group) > 1:
+            continue
         score = importance(group)
         if score is not None:
             scores.append((group[0].dep.target.module, score))
@@ -187,6 +195,14 @@ def _removal_plan(
             # n_remove despite float rounding.
             plan[module] = (n_remove - 0.5) / len(score)
     return plan
+
+
+def _conv_writers(group) -> int:
+    """How many convs produce the group's channels (1 inside a block; more on a residual stream)."""
+    return sum(
+        isinstance(dep.target.module, nn.Conv2d) and dep.handler.__name__ == "prune_out_channels"
+        for dep, _ in group
+    )
 
 
 def prune_unstructured(model: nn.Module, *, ratio: float) -> nn.Module:
@@ -383,6 +399,7 @@ def slim_prune_and_finetune(
             round_to=p.round_to,
             global_pruning=p.global_pruning,
             image_size=size,
+            keep_residual_streams=p.keep_residual_streams,
         )
         keep_zeros = None
     top1["after_removal"] = engine.evaluate(pruned, test_loader)["top1"]

@@ -118,6 +118,33 @@ def test_zero_gamma_channels_are_removed_without_changing_the_output():
         torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "cifar_resnet"])
+def test_keep_residual_streams_prunes_only_inside_blocks(name):
+    torch.manual_seed(0)
+    extra = {"depth": 20} if name == "cifar_resnet" else {}
+    model = build_model(make_arch(name=name, num_classes=10, width=16, **extra)).eval()
+    # The streams' γ are made the smallest, so a plain global rank would cut them first.
+    inside = {n for n, _ in model.named_modules() if n.endswith(".bn1") and n.count(".") == 2}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and module_name in inside:
+            module.weight.data.uniform_(0.5, 1.5)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.weight.data.fill_(0.01)
+    before = conv_out_channels(model)
+    kwargs = dict(method="bn_slimming", ratio=0.5, round_to=None, global_pruning=True)
+    kept = prune.prune_channels(model, **kwargs, image_size=SIZE, keep_residual_streams=True)
+    plain = prune.prune_channels(model, **kwargs, image_size=SIZE)
+    after = conv_out_channels(kept)
+    changed = {layer for layer in before if after[layer] != before[layer]}
+    assert changed and all(layer.endswith(".conv1") and layer != "conv1" for layer in changed)
+    assert sum(before[layer] - after[layer] for layer in changed) == pytest.approx(
+        0.5 * sum(before[layer.replace("bn1", "conv1")] for layer in inside), abs=len(inside)
+    )
+    assert conv_out_channels(plain)["conv1"] < before["conv1"]  # without the flag: stream cut
+    with torch.no_grad():
+        assert kept(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("global_pruning", [True, False])
 def test_round_to_is_honoured(global_pruning):
     model = tiny("resnet18")
