@@ -19,11 +19,12 @@ import copy
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from resnet_slim import data, distributed, engine
+from resnet_slim import data, distributed, engine, stats
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path, safe_torch_load, sha256_file
 
@@ -265,6 +266,14 @@ def train_student(
     return model.student, engine.evaluate(model.student, test_loader)["top1"]
 
 
+def correct_on_test(model: nn.Module, prepared_dir: str | Path, meta: dict) -> np.ndarray:
+    """Per-image correctness of `model` on the whole test split, in this process alone."""
+    test = data.load_split(prepared_dir, "test")
+    loader = data.BatchLoader(test.images, test.labels, meta=meta, batch_size=256, pad=False)
+    logits, labels = engine.predict(model, loader)
+    return (logits.argmax(1) == labels).numpy()
+
+
 def distill_student(
     *,
     teacher_path: str | Path,
@@ -371,7 +380,7 @@ def distill_student(
     }
     if p.train_baseline:
         engine.seed_everything(base.seed, threads)
-        _, metrics["student_top1_no_kd"] = train_student(
+        baseline, metrics["student_top1_no_kd"] = train_student(
             initial,
             engine.cross_entropy(p.label_smoothing),
             (labels,),
@@ -381,6 +390,13 @@ def distill_student(
             **common,
         )
         metrics["kd_gain_pp"] = kd_top1 - metrics["student_top1_no_kd"]
+        if main_process:  # paired over the same test images: is the gain more than noise?
+            gain = stats.paired_drop(
+                correct_on_test(student, prepared_dir, meta),
+                correct_on_test(baseline, prepared_dir, meta),
+            )
+            metrics["kd_gain_ci_pp"] = [gain["ci_low"], gain["ci_high"]]
+            metrics["kd_mcnemar_p"] = gain["mcnemar"]["p_value"]
     if origin is not None:
         test_loader = engine.eval_loader(prepared_dir, "test", meta)
         origin["top1_as_imported"] = engine.evaluate(initial, test_loader)["top1"]

@@ -28,6 +28,11 @@ def _ratio(numerator, denominator) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
+def _significant(value, digits: int = 3) -> float | None:
+    value = finite_number(value)
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 def _rounded(value, digits: int = 4) -> float | None:
     value = finite_number(value)
     return None if value is None else round(value, digits)
@@ -49,7 +54,7 @@ def headline_metrics(verdict: dict, models: dict) -> dict:
         "drop_pp": _rounded(accuracy.get("point")),
         "drop_ci_low_pp": _rounded(ci[0]),
         "drop_ci_high_pp": _rounded(ci[1]),
-        "mcnemar_p": _rounded(accuracy.get("mcnemar_p")),
+        "mcnemar_p": _significant(accuracy.get("mcnemar_p")),  # 1.8e-08 must not read as 0
         "p50_ms": _rounded(release.get("p50_ms")),
         "speedup_vs_reference": _ratio(teacher.get("p50_ms"), release.get("p50_ms")),
         "best_peer_int8": peer,

@@ -603,19 +603,36 @@ def distillation(d) -> list:
         f"{_f(d.get('macs_vs_teacher'), '{:.1%}')} of the teacher's MACs, "
         f"{_f(d.get('params_vs_teacher'), '{:.1%}')} of its params."
     )
+    ci = d.get("kd_gain_ci_pp")
+    if not (
+        isinstance(ci, list) and len(ci) == 2 and all(finite_number(v) is not None for v in ci)
+    ):
+        ci = None  # older metrics, or a run without the baseline
+    ci_text = (
+        f"; 95% paired CI [{ci[0]:+.2f}, {ci[1]:+.2f}] pp, McNemar p = "
+        f"{_f(d.get('kd_mcnemar_p'), '{:.2g}')}"
+        if ci
+        else ""
+    )
     if gain is None:
         verdict = "No baseline without the teacher was trained (distill.train_baseline is false)."
+    elif ci and ci[0] <= 0.0 <= ci[1]:
+        verdict = (
+            f"KD vs the same student trained without the teacher ({_f(no_kd, '{:.2f}', '%')}): "
+            f"{gain:+.2f} pp{ci_text}: the interval includes 0, so on this test split KD is "
+            f"not distinguishable from training on the labels alone."
+        )
     elif gain > 0:
         verdict = (
             f"KD helped: +{gain:.2f} pp over the same student trained without the teacher "
-            f"({_f(no_kd, '{:.2f}', '%')})."
+            f"({_f(no_kd, '{:.2f}', '%')}{ci_text})."
         )
     else:
         verdict = (
             f"**KD did not help here**: the same student trained without the teacher scored "
-            f"{_f(no_kd, '{:.2f}', '%')} ({gain:+.2f} pp for KD). On an easy dataset the labels "
-            f"alone are enough; distillation pays off when the student is too small to learn "
-            f"the task from labels."
+            f"{_f(no_kd, '{:.2f}', '%')} ({gain:+.2f} pp for KD{ci_text}). On an easy dataset "
+            f"the labels alone are enough; distillation pays off when the student is too small "
+            f"to learn the task from labels."
         )
     return blocks + [("p", text), ("p", verdict)]
 

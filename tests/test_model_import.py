@@ -474,6 +474,8 @@ def test_every_stage_runs_on_an_imported_cifar_teacher(tmp_path, tiny_prepared, 
     metrics = json.loads((tmp_path / "rd" / "metrics.json").read_text())
     assert metrics["student_origin"]["family"] == "cifar_resnet20"
     assert {"student_top1_kd", "student_top1_no_kd"} <= set(metrics)
+    low, high = metrics["kd_gain_ci_pp"]  # paired over the same test images
+    assert low <= metrics["kd_gain_pp"] <= high and 0.0 <= metrics["kd_mcnemar_p"] <= 1.0
     assert "larger than the teacher" not in capsys.readouterr().err
     export.main(common + [t, str(tmp_path / "t.onnx"), "--report", str(tmp_path / "ex.json")])
     assert json.loads((tmp_path / "ex.json").read_text())["passed"]

@@ -356,6 +356,23 @@ def test_magnitude_pruning_and_unhelpful_kd_are_said_plainly(run_dir):
     assert "It had not plateaued" in md
 
 
+@pytest.mark.parametrize(
+    "ci, words",
+    [
+        ([-0.5, 1.6], "the interval includes 0, so on this test split KD is not distinguishable"),
+        ([0.2, 0.9], "KD helped: +0.56 pp"),
+    ],
+)
+def test_kd_gain_is_judged_by_its_paired_ci(run_dir, ci, words):
+    metrics = {"student_top1_kd": 87.19, "student_top1_no_kd": 86.63, "kd_gain_pp": 0.56}
+    write(
+        run_dir / "reports" / "distill" / "metrics.json",
+        {**metrics, "kd_gain_ci_pp": ci, "kd_mcnemar_p": 0.04},
+    )
+    md, _ = make(run_dir)
+    assert words in md and f"CI [{ci[0]:+.2f}, {ci[1]:+.2f}] pp, McNemar p = 0.04" in md
+
+
 def test_torch_eager_rows_already_in_the_benchmark_are_not_duplicated(run_dir):
     r = run_dir / "reports"
     bench = json.loads((r / "benchmark.json").read_text())

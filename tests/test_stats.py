@@ -6,6 +6,7 @@ import pytest
 
 from resnet_slim import stats
 from resnet_slim.gate import Evidence, evaluate_gate
+from resnet_slim.metrics import headline_metrics
 from resnet_slim.params import GateParams
 
 
@@ -189,3 +190,14 @@ def test_a_wide_interval_entirely_below_the_threshold_still_decides():
     check = verdict["checks"][0]
     assert verdict["passed"] and check["ci_width_pp"] > 1.0
     assert check["decidable"] is True and "images_needed" not in check
+
+
+def test_a_tiny_mcnemar_p_is_kept_in_the_headline_metrics():
+    # 60 images only the teacher got right, none the other way: p ~ 1.7e-18, not "0.0"
+    ref, rel = _noisy_pair(n=2000, ref_only=60, release_only=0)
+    verdict = evaluate_gate(
+        _results(ref, rel), GATE, Evidence(correct={"teacher": ref, "release": rel})
+    )
+    headline = headline_metrics(verdict, _results(ref, rel))
+    assert 0.0 < headline["mcnemar_p"] < 1e-10
+    assert headline["mcnemar_p"] == float(f"{verdict['checks'][0]['mcnemar_p']:.3g}")

@@ -1,0 +1,90 @@
+"""A run's results, frozen for review in git: `reports/<name>/` beside the default run's reports.
+
+A snapshot holds what a reviewer needs to check a claim without re-running the pipeline: the
+report, the gate's verdict and evidence, the per-image predictions of every benchmarked model, the
+training curves, the ONNX files of the reference and of every gate candidate, and
+`preprocess.json`: how to turn an image file into the models' input, so anyone can re-score the
+ONNX files on their own copy of the test images (tests/test_snapshots.py does, on 500 of them).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from resnet_slim.errors import UserError
+from resnet_slim.io import atomic_path
+
+REPORT_FILES = [
+    "report.md",
+    "report.html",
+    "benchmark.json",
+    "gate.json",
+    "metrics.json",
+    "predictions.csv",
+]
+# training curves worth keeping: (source under reports/, name in the snapshot)
+CURVES = [
+    ("teacher/plots/metrics/val_top1.tsv", "curves/teacher_val_top1.tsv"),
+    ("prune/finetune/plots/metrics/val_top1.tsv", "curves/prune_finetune_val_top1.tsv"),
+    ("distill/kd/plots/metrics/val_top1.tsv", "curves/distill_kd_val_top1.tsv"),
+    ("distill/no_kd/plots/metrics/val_top1.tsv", "curves/distill_no_kd_val_top1.tsv"),
+]
+SUMMARIES = ["teacher/summary.json", "prune/metrics.json", "distill/metrics.json"]
+
+
+def preprocess_record(meta: dict) -> dict:
+    """How an image file becomes the ONNX input, from the prepared data's meta.json."""
+    size = meta["image_size"]
+    return {
+        "input": f"float32 NCHW [N, 3, {size}, {size}]",
+        "steps": [
+            "decode the file with Pillow, convert('RGB')",
+            f"resize to {size}x{size} with Image.BILINEAR (skipped when already that size)",
+            "scale to [0, 1]: pixels / 255",
+            "normalise per channel: (x - mean) / std, channels in RGB order",
+        ],
+        "image_size": size,
+        "channel_order": "RGB",
+        "scale": 1 / 255,
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "normalization": meta.get("normalization"),
+        "class_names": meta["class_names"],
+        "dataset_root": meta.get("root"),
+        "image_ids": "predictions.csv's `image` column: paths relative to dataset_root",
+        "output": "logits, one per class in class_names order; the prediction is the argmax",
+    }
+
+
+def write_snapshot(root: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the run in `root` (a workspace after `dvc repro` / `dvc exp run`) to `out_dir`.
+
+    The directory is replaced as a whole (built beside it, then swapped). Returns the files written.
+    """
+    root, out_dir = Path(root), Path(out_dir)
+    reports = root / "reports"
+    missing = [name for name in REPORT_FILES if not (reports / name).is_file()]
+    if missing:
+        raise UserError(f"{reports} lacks {', '.join(missing)}: run the pipeline to the report")
+    gate = json.loads((reports / "gate.json").read_text())
+    candidates = [c["model"] for c in (gate.get("selection") or {}).get("candidates", [])]
+    models = list(dict.fromkeys([gate["reference"], gate["release"], *candidates]))
+    onnx = [root / "models" / f"{name}.onnx" for name in models]
+    absent = [str(path) for path in onnx if not path.is_file()]
+    if absent:
+        raise UserError(f"the gate's models are missing: {', '.join(absent)}")
+    meta = json.loads((root / "data" / "prepared" / "meta.json").read_text())
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name in REPORT_FILES:
+            shutil.copyfile(reports / name, tmp / name)
+        for source, name in CURVES + [(s, s.replace("/", "_")) for s in SUMMARIES]:
+            if (reports / source).is_file():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(reports / source, tmp / name)
+        (tmp / "models").mkdir()
+        for path in onnx:
+            shutil.copyfile(path, tmp / "models" / path.name)
+        (tmp / "preprocess.json").write_text(json.dumps(preprocess_record(meta), indent=2) + "\n")
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    return written
