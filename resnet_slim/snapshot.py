@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path
+from resnet_slim.io import atomic_path, read_json
 
 REPORT_FILES = [
     "report.md",
@@ -66,14 +66,14 @@ def write_snapshot(root: str | Path, out_dir: str | Path) -> list[str]:
     missing = [name for name in REPORT_FILES if not (reports / name).is_file()]
     if missing:
         raise UserError(f"{reports} lacks {', '.join(missing)}: run the pipeline to the report")
-    gate = json.loads((reports / "gate.json").read_text())
+    gate = read_json(reports / "gate.json", "gate verdict")
     candidates = [c["model"] for c in (gate.get("selection") or {}).get("candidates", [])]
     models = list(dict.fromkeys([gate["reference"], gate["release"], *candidates]))
     onnx = [root / "models" / f"{name}.onnx" for name in models]
     absent = [str(path) for path in onnx if not path.is_file()]
     if absent:
         raise UserError(f"the gate's models are missing: {', '.join(absent)}")
-    meta = json.loads((root / "data" / "prepared" / "meta.json").read_text())
+    meta = read_json(root / "data" / "prepared" / "meta.json", "prepared data meta")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name in REPORT_FILES:

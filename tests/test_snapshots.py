@@ -113,6 +113,10 @@ def test_snapshot_of_an_incomplete_run_is_one_error_and_writes_nothing(tmp_path)
     (root / "models" / "b.onnx").unlink()
     with pytest.raises(UserError, match="b.onnx"):
         write_snapshot(root, tmp_path / "snap")
+    (root / "models" / "b.onnx").write_bytes(b"b")
+    (root / "reports" / "gate.json").write_text("{not json")
+    with pytest.raises(UserError, match="gate verdict is not valid JSON"):
+        write_snapshot(root, tmp_path / "snap")
     (root / "reports" / "gate.json").unlink()
     with pytest.raises(UserError, match="lacks gate.json"):
         snapshot_stage.main([str(tmp_path / "snap"), "--root", str(root)])
