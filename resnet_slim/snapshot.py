@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path, read_json
+from resnet_slim.io import atomic_path, read_json, sha256_file
 
 REPORT_FILES = [
     "report.md",
@@ -22,6 +22,8 @@ REPORT_FILES = [
     "metrics.json",
     "predictions.csv",
 ]
+# written only when the run exported deployment targets (export.targets)
+OPTIONAL_FILES = ["targets.json", "targets_predictions.csv"]
 # training curves worth keeping: (source under reports/, name in the snapshot)
 CURVES = [
     ("teacher/plots/metrics/val_top1.tsv", "curves/teacher_val_top1.tsv"),
@@ -56,10 +58,12 @@ def preprocess_record(meta: dict) -> dict:
     }
 
 
-def write_snapshot(root: str | Path, out_dir: str | Path) -> list[str]:
+def write_snapshot(root: str | Path, out_dir: str | Path, max_onnx_mb: float = 10.0) -> list[str]:
     """Copy the run in `root` (a workspace after `dvc repro` / `dvc exp run`) to `out_dir`.
 
-    The directory is replaced as a whole (built beside it, then swapped). Returns the files written.
+    ONNX files over `max_onnx_mb` (a full-width ResNet-18 teacher is 45 MB: not for git) are left
+    out and named, with their size and sha256, in `models/left_out.json`. The directory is
+    replaced as a whole (built beside it, then swapped). Returns the files written.
     """
     root, out_dir = Path(root), Path(out_dir)
     reports = root / "reports"
@@ -76,15 +80,22 @@ def write_snapshot(root: str | Path, out_dir: str | Path) -> list[str]:
     meta = read_json(root / "data" / "prepared" / "meta.json", "prepared data meta")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        for name in REPORT_FILES:
+        for name in REPORT_FILES + [n for n in OPTIONAL_FILES if (reports / n).is_file()]:
             shutil.copyfile(reports / name, tmp / name)
         for source, name in CURVES + [(s, s.replace("/", "_")) for s in SUMMARIES]:
             if (reports / source).is_file():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(reports / source, tmp / name)
         (tmp / "models").mkdir()
+        left_out = {}
         for path in onnx:
-            shutil.copyfile(path, tmp / "models" / path.name)
+            size = path.stat().st_size
+            if size > max_onnx_mb * 1e6:
+                left_out[path.name] = {"bytes": size, "sha256": sha256_file(path)}
+            else:
+                shutil.copyfile(path, tmp / "models" / path.name)
+        if left_out:
+            (tmp / "models" / "left_out.json").write_text(json.dumps(left_out, indent=2) + "\n")
         (tmp / "preprocess.json").write_text(json.dumps(preprocess_record(meta), indent=2) + "\n")
         written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return written

@@ -4,7 +4,8 @@
     python -m stages.snapshot reports/cifar10-resnet56 --root /path/to/another/workspace
 
 Copies the report, gate verdict, benchmark, per-image predictions, training curves, the ONNX
-files of the reference and of every gate candidate, and writes preprocess.json (see
+files of the reference and of every gate candidate (up to --max-onnx-mb each), and writes
+preprocess.json (see
 resnet_slim/snapshot.py). The directory is replaced as a whole.
 """
 
@@ -20,8 +21,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("out", help="the snapshot directory, e.g. reports/cifar10-resnet56")
     parser.add_argument("--root", default=".", help="the workspace whose run is copied")
+    parser.add_argument(
+        "--max-onnx-mb",
+        type=float,
+        default=10.0,
+        help="leave out larger ONNX files (named with sha256 in models/left_out.json)",
+    )
     args = parser.parse_args(argv)
-    written = write_snapshot(args.root, args.out)
+    written = write_snapshot(args.root, args.out, args.max_onnx_mb)
     print(f"snapshot: {len(written)} files in {args.out}")
     return 0
 

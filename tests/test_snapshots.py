@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from resnet_slim.errors import UserError
+from resnet_slim.io import sha256_file
 from resnet_slim.snapshot import REPORT_FILES, write_snapshot
 from stages import snapshot as snapshot_stage
 
@@ -121,3 +122,17 @@ def test_snapshot_of_an_incomplete_run_is_one_error_and_writes_nothing(tmp_path)
     with pytest.raises(UserError, match="lacks gate.json"):
         snapshot_stage.main([str(tmp_path / "snap"), "--root", str(root)])
     assert not (tmp_path / "snap").exists()
+
+
+def test_snapshot_leaves_out_large_onnx_files_and_names_them(tmp_path):
+    root = fake_run(tmp_path / "ws")
+    (root / "models" / "teacher.onnx").write_bytes(b"t" * 2000)
+    (root / "reports" / "targets.json").write_text("{}\n")
+    snapshot_stage.main([str(tmp_path / "snap"), "--root", str(root), "--max-onnx-mb", "0.001"])
+    out = tmp_path / "snap"
+    assert not (out / "models" / "teacher.onnx").exists() and (out / "models" / "b.onnx").is_file()
+    left_out = json.loads((out / "models" / "left_out.json").read_text())
+    assert left_out == {
+        "teacher.onnx": {"bytes": 2000, "sha256": sha256_file(root / "models" / "teacher.onnx")}
+    }
+    assert (out / "targets.json").is_file() and not (out / "targets_predictions.csv").exists()
