@@ -17,14 +17,7 @@ from PIL import Image
 
 from resnet_slim.errors import UserError
 from resnet_slim.io import read_json
-from resnet_slim.pixels import (  # noqa: F401
-    IMAGES_FILE,
-    LABELS_FILE,
-    SPLITS,
-    map_pixels,
-    release_pages,
-    to_rgb_array,
-)
+from resnet_slim.pixels import IMAGES_FILE, LABELS_FILE, map_pixels, release_pages, to_rgb_array
 
 
 @dataclass

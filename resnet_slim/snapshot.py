@@ -1,8 +1,8 @@
 """A run's results, frozen for review in git: `reports/<name>/` beside the default run's reports.
 
-A snapshot holds what a reviewer needs to check a claim without re-running the pipeline: the
-report, the gate's verdict and evidence, the per-image predictions of every benchmarked model, the
-training curves, the ONNX files of the reference and of every gate candidate, and
+A snapshot holds what a reviewer needs to check a claim without re-running the pipeline: the report
+and its plots, the gate's verdict and evidence, the per-image predictions of every benchmarked
+model, the training curves, the ONNX files of the reference and of every gate candidate, and
 `preprocess.json`: how to turn an image file into the models' input, so anyone can re-score the
 ONNX files on their own copy of the test images (tests/test_snapshots.py does, on 500 of them).
 """
@@ -86,6 +86,9 @@ def write_snapshot(root: str | Path, out_dir: str | Path, max_onnx_mb: float = 1
             if (reports / source).is_file():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(reports / source, tmp / name)
+        (tmp / "plots").mkdir()  # the report's images (report.html embeds them, report.md links)
+        for png in sorted((reports / "plots").glob("*.png")):
+            shutil.copyfile(png, tmp / "plots" / png.name)
         (tmp / "models").mkdir()
         left_out = {}
         for path in onnx:

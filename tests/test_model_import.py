@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from resnet_slim import data, prepare, prune
+from resnet_slim import data, pixels, prepare, prune
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint
 from resnet_slim.model_import import import_model
@@ -135,7 +135,7 @@ def test_shared_cifar_resnet20_scores_on_500_cifar10_test_images():
     for label, name in enumerate(classes):
         for file in sorted((root / name).glob("*.jpg"))[:50]:
             with data.Image.open(file) as image:
-                images.append(data.to_rgb_array(image, 32))
+                images.append(pixels.to_rgb_array(image, 32))
             labels.append(label)
     meta = prepare.normalization_stats("imagenet", np.stack(images))  # ImageNet mean/std on [0, 1]
     x = data.normalize(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), meta)

@@ -1,6 +1,7 @@
 """prepare at full size: given splits kept exactly, bad layouts refused, the dataset a DVC
 dependency, splits memory-mapped, and an interrupted prepare leaves nothing a stage could read."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from resnet_slim import data, prepare
+from resnet_slim import data, pixels, prepare
 from tests.conftest import REPO, assert_one_line_error, write_image_tree, write_params
 
 
@@ -48,7 +49,7 @@ def run_prepare(tmp_path: Path, root: Path, **prepare_params) -> subprocess.Comp
 
 def split_ids(prepared: Path) -> dict[str, set[str]]:
     manifest = data.load_manifest(prepared)
-    return {s: set(manifest.loc[manifest.split == s, "id"]) for s in data.SPLITS}
+    return {s: set(manifest.loc[manifest.split == s, "id"]) for s in pixels.SPLITS}
 
 
 def test_given_train_and_test_are_kept_and_val_is_carved_from_train(tmp_path):
@@ -177,8 +178,13 @@ def test_changing_the_dataset_folder_makes_prepare_out_of_date(tmp_path):
     )
     dvc = [sys.executable, "-m", "dvc"]
 
+    # dvc runs the stage's `python`: this interpreter's, also when pytest runs outside `make test`
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
     def run(*args: str) -> str:
-        return subprocess.run(args, cwd=repo, capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            args, cwd=repo, env=env, capture_output=True, text=True, check=True
+        ).stdout
 
     run("git", "init", "-q")
     run(*dvc, "init", "-q")

@@ -97,13 +97,19 @@ def fake_run(root: Path) -> Path:
 
 def test_snapshot_copies_the_gates_models_and_replaces_the_directory_whole(tmp_path):
     root = fake_run(tmp_path / "ws")
+    (root / "reports" / "plots").mkdir()
+    (root / "reports" / "plots" / "pareto.png").write_bytes(b"png")
     out = tmp_path / "snap"
     out.mkdir()
     (out / "stale.txt").write_text("from an older snapshot")
     written = write_snapshot(root, out)
-    assert {"models/teacher.onnx", "models/a.onnx", "models/b.onnx", "preprocess.json"} <= set(
-        written
-    )
+    assert {
+        "models/teacher.onnx",
+        "models/a.onnx",
+        "models/b.onnx",
+        "preprocess.json",
+        "plots/pareto.png",  # report.md links it
+    } <= set(written)
     assert not (out / "models" / "other.onnx").exists() and not (out / "stale.txt").exists()
     record = json.loads((out / "preprocess.json").read_text())
     assert record["mean"] == [0.5] * 3 and record["image_size"] == 32
