@@ -9,11 +9,12 @@ install: $(VENV)/.installed
 
 # The library is deliberately not installed: stages run as `python -m stages.<name>` from the
 # workspace root, so every workspace (a `dvc exp run --temp` copy too) runs its own code.
-# --no-compile: no bytecode for the ~23,000 files of both environments up front; Python writes it
-# for the modules actually imported, on first import.
+# Bytecode is compiled at install time on purpose: with PYTHONDONTWRITEBYTECODE=1 (set on these
+# machines) nothing writes it later, and every stage process recompiled torch's modules
+# (`--no-compile` made a fresh-clone `make test` 841 s instead of ~740 s).
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
 repro: install
@@ -53,7 +54,7 @@ $(LITERT_VENV)/.installed: requirements-targets.txt $(VENV)/.installed
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
 	  "$$($(LITERT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_main_venv.pth"
 	@# pip's note that .venv's pydantic wants typing-extensions>=4.16 is expected: not used here
-	$(LITERT_VENV)/bin/python -m pip install --quiet --no-compile -c requirements.txt \
+	$(LITERT_VENV)/bin/python -m pip install --quiet -c requirements.txt \
 	  -r requirements-targets.txt
 	touch $@
 

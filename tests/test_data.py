@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_slim import data, prepare
+from resnet_slim import data, pixels, prepare
 from resnet_slim.errors import UserError
 from tests.conftest import write_image_tree
 
@@ -60,7 +60,7 @@ def test_split_is_stratified_seeded_and_complete():
     split = prepare.stratified_split(labels, val_fraction=0.2, test_fraction=0.2, seed=3)
     again = prepare.stratified_split(labels, val_fraction=0.2, test_fraction=0.2, seed=3)
     assert (split == again).all()
-    for name in data.SPLITS:
+    for name in pixels.SPLITS:
         counts = np.bincount(labels[split == name], minlength=5)
         assert counts.min() == counts.max() > 0
     assert (split == "train").sum() == 120
@@ -78,7 +78,7 @@ def test_prepared_dataset_round_trip(tiny_prepared):
         "width",
         "height",
     ]
-    total = sum(len(data.load_split(tiny_prepared, s).labels) for s in data.SPLITS)
+    total = sum(len(data.load_split(tiny_prepared, s).labels) for s in pixels.SPLITS)
     assert total == len(manifest) == 400
     images, labels = data.normalized_split(tiny_prepared, "train")
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 8, 8)
