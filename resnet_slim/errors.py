@@ -56,6 +56,11 @@ def _force_exit() -> None:
     io_module = sys.modules.get("resnet_slim.io")  # imported only if the stage writes files
     if io_module is not None:
         io_module.remove_pending_temp_paths()  # the next run would remove them too (by pid)
+    if "multiprocessing" in sys.modules:
+        # worker processes (prepare's decoders) skip the atexit that would end them: end them
+        # here, or they outlive the stage and hold its stdout/stderr open (dvc waits on them)
+        for child in sys.modules["multiprocessing"].active_children():
+            child.terminate()
     if not _finished.is_set():  # else run_stage has said how it ended; only exiting hangs
         sys.stderr.write(f"error: {FORCED_EXIT}\n")
         sys.stderr.flush()

@@ -536,3 +536,36 @@ def test_run_stage_keeps_a_message_with_newlines_on_one_line(capsys, restore_sig
 
     assert errors.run_stage(main) == 2
     assert capsys.readouterr().err == "error: bad image a/evil\\nerror: injected.png: name\n"
+
+
+FORCED_EXIT_WITH_WORKERS = """
+import multiprocessing, sys, time
+from resnet_slim.errors import run_stage
+
+def main():
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+    worker.start()  # inherits stdout/stderr, like prepare's decoding pool
+    print("started", flush=True)
+    try:
+        time.sleep(600)
+    finally:
+        time.sleep(600)  # a clean-up that hangs: the watchdog must end the stage
+
+raise SystemExit(run_stage(main))
+"""
+
+
+def test_forced_exit_ends_the_stages_worker_processes_too(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORCED_EXIT_WITH_WORKERS],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "started\n"
+    proc.send_signal(signal.SIGTERM)
+    # EOF on the pipes only once no process holds them: a live worker would block this
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "clean-up did not finish" in stderr
