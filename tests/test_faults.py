@@ -539,14 +539,18 @@ def test_run_stage_keeps_a_message_with_newlines_on_one_line(capsys, restore_sig
 
 
 FORCED_EXIT_WITH_WORKERS = """
-import multiprocessing, sys, time
+import multiprocessing, signal, time
 from resnet_slim.errors import run_stage
 
+def decode_forever():  # like prepare's decoding pool: a daemon, SIGTERM left at its default
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(600)
+
 def main():
-    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
-    worker.start()  # inherits stdout/stderr, like prepare's decoding pool
-    print("started", flush=True)
+    worker = multiprocessing.get_context("fork").Process(target=decode_forever, daemon=True)
+    worker.start()  # inherits stdout/stderr
     try:
+        print("started", flush=True)
         time.sleep(600)
     finally:
         time.sleep(600)  # a clean-up that hangs: the watchdog must end the stage
