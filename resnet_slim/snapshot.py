@@ -7,12 +7,11 @@ model, the training curves, the ONNX files of the reference and of every gate ca
 ONNX files on their own copy of the test images (tests/test_snapshots.py does, on 500 of them).
 """
 
-import json
 import shutil
 from pathlib import Path
 
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path, read_json, sha256_file
+from resnet_slim.io import atomic_path, read_json, sha256_file, write_json
 
 REPORT_FILES = [
     "report.md",
@@ -98,7 +97,7 @@ def write_snapshot(root: str | Path, out_dir: str | Path, max_onnx_mb: float = 1
             else:
                 shutil.copyfile(path, tmp / "models" / path.name)
         if left_out:
-            (tmp / "models" / "left_out.json").write_text(json.dumps(left_out, indent=2) + "\n")
-        (tmp / "preprocess.json").write_text(json.dumps(preprocess_record(meta), indent=2) + "\n")
+            write_json(tmp / "models" / "left_out.json", left_out)
+        write_json(tmp / "preprocess.json", preprocess_record(meta))
         written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return written

@@ -5,8 +5,7 @@
 
 Copies the report, gate verdict, benchmark, per-image predictions, training curves, the ONNX
 files of the reference and of every gate candidate (up to --max-onnx-mb each), and writes
-preprocess.json (see
-resnet_slim/snapshot.py). The directory is replaced as a whole.
+preprocess.json (see resnet_slim/snapshot.py). The directory is replaced as a whole.
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny prepared datasets and tiny models, so every test runs in seconds."""
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 # Stage scripts run by path in subprocesses (cwd: a temp dir) import this checkout's library; a
 # workspace's own `python -m stages.x` still comes first (sys.path[0] is its cwd).
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def dvc_env(**extra: str) -> dict:
+    """The environment for `dvc` / `git` in a throw-away repo: this interpreter's directory first on
+    PATH (dvc runs stage commands as `python -m stages.x`, also when pytest runs outside
+    `make test`) and a git identity for commits; `extra` on top."""
+    identity = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "t"), ("EMAIL", "t@t"))
+    }
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, **identity, **extra}
 
 
 def prepared_digits(folder: Path, *, per_class: int, held_out: float) -> Path:

@@ -7,14 +7,13 @@ in the workspace, and, the reverse, as committed once the workspace change is un
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, dvc_env
 
 PROBE = """import json
 import resnet_slim
@@ -61,15 +60,7 @@ def project(tmp_path) -> tuple[Path, dict]:
     (repo / "params.yaml").write_text("{}\n")
     other = tmp_path / "other_checkout"
     copy_library(other, marker="other checkout")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(other),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = dvc_env(PYTHONPATH=str(other))
     sh("git", "init", "-q", cwd=repo, env=env)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo, env=env)
     sh("git", "add", "-A", cwd=repo, env=env)

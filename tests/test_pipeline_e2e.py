@@ -3,7 +3,6 @@ size (tests/smoke_params.yaml over params.yaml: every stage runs, on tiny models
 default-size run is the CI workflow's repro job (`make repro`), which also checks its teacher."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from resnet_slim.params import merged
-from tests.conftest import REPO
+from tests.conftest import REPO, dvc_env
 
 SMOKE_PARAMS = REPO / "tests" / "smoke_params.yaml"
 
@@ -25,16 +24,8 @@ pytestmark = pytest.mark.e2e
 
 
 def sh(*args, cwd, check=True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
     result = subprocess.run(
-        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+        list(args), cwd=cwd, env=dvc_env(), capture_output=True, text=True, timeout=1800
     )
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

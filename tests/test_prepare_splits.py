@@ -1,7 +1,6 @@
 """prepare at full size: given splits kept exactly, bad layouts refused, the dataset a DVC
 dependency, splits memory-mapped, and an interrupted prepare leaves nothing a stage could read."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from resnet_slim import data, pixels, prepare
-from tests.conftest import REPO, assert_one_line_error, write_image_tree, write_params
+from tests.conftest import REPO, assert_one_line_error, dvc_env, write_image_tree, write_params
 
 
 def given_tree(root: Path, *, train: dict, test: dict, val: dict | None = None) -> Path:
@@ -178,12 +177,9 @@ def test_changing_the_dataset_folder_makes_prepare_out_of_date(tmp_path):
     )
     dvc = [sys.executable, "-m", "dvc"]
 
-    # dvc runs the stage's `python`: this interpreter's, also when pytest runs outside `make test`
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
     def run(*args: str) -> str:
         return subprocess.run(
-            args, cwd=repo, env=env, capture_output=True, text=True, check=True
+            args, cwd=repo, env=dvc_env(), capture_output=True, text=True, check=True
         ).stdout
 
     run("git", "init", "-q")
