@@ -13,8 +13,9 @@ included). Modules by concern:
 - compression: `prune` (network slimming), `lowrank` (SVD), `distill` (KD), `qat` (fake-quant INT8),
   `onnx_int8` (int8 weight storage in QDQ ONNX), `quant` (onnxruntime PTQ), `export` (ONNX,
   parity, MAC count), `targets` (OpenVINO, LiteRT, ...)
-- measurement: `bench` (latency, size, memory, top-1), `roofline` (MACs vs CPU peak), `stats` (CIs,
-  paired drop, McNemar), `seeds` (seed repeats)
+- measurement: `bench` (latency, size, memory, top-1), `timing` (models timed side by side in
+  shuffled rounds), `hardware` (CPU fingerprint, VNNI), `roofline` (MACs vs CPU peak), `stats` (CIs,
+  paired drop, McNemar, speed-up ratios over rounds), `seeds` (seed repeats)
 - decision and reporting: `gate` (the release gate), `metrics` (headline metrics for DVC),
   `report`, `report_sections`, `render`, `plots`, `experiments`, `presets`
 - plumbing: `params` (typed params.yaml), `io` (atomic writes, safe checkpoint loading), `errors`,

@@ -8,12 +8,10 @@ number is what a deployment process would need, not what this benchmarking proce
 
 import io
 import json
-import os
-import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,38 +22,12 @@ import torch
 
 from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, make_session, run_onnx, torch_logits
+from resnet_slim.hardware import hardware_fingerprint
 from resnet_slim.io import read_json, sha256_file
 from resnet_slim.limits import usable_cores
 from resnet_slim.params import BenchmarkParams
-from resnet_slim.stats import bootstrap_accuracy_ci, correct_from_counts
-
-
-def time_ms(call: Callable[[], object], *, warmup: int, runs: int) -> np.ndarray:
-    """Milliseconds of each of `runs` calls, after `warmup` calls that are discarded: every
-    latency here (onnxruntime, PyTorch, the roofline's conv chains) is timed by this loop."""
-    for _ in range(warmup):
-        call()
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - start
-    return times * 1000.0
-
-
-def percentiles_ms(times: np.ndarray) -> dict:
-    return {
-        "p50_ms": float(np.percentile(times, 50)),
-        "p90_ms": float(np.percentile(times, 90)),
-        "p99_ms": float(np.percentile(times, 99)),
-        "mean_ms": float(times.mean()),
-    }
-
-
-def latency_ms(session: ort.InferenceSession, image: np.ndarray, *, warmup: int, runs: int) -> dict:
-    """Batch-1 latency percentiles of an onnxruntime (or session-like) model."""
-    feed = {session.get_inputs()[0].name: image}
-    return percentiles_ms(time_ms(lambda: session.run(None, feed), warmup=warmup, runs=runs))
+from resnet_slim.stats import accuracy_with_ci, correct_from_counts
+from resnet_slim.timing import percentiles_ms, rounds_summary, time_in_rounds, time_ms
 
 
 @torch.inference_mode()
@@ -158,22 +130,6 @@ def process_peak_rss_mb() -> float | None:
     return int(line.split()[1]) / 1024.0
 
 
-def accuracy_with_ci(predictions: np.ndarray, labels, p: BenchmarkParams) -> dict:
-    """top1 plus its bootstrap CI over test images (the seed is fixed, so reruns agree)."""
-    ci = bootstrap_accuracy_ci(
-        np.asarray(predictions) == np.asarray(labels),
-        level=p.ci_level,
-        resamples=p.bootstrap_resamples,
-        seed=p.bootstrap_seed,
-    )
-    return {
-        "top1": ci["top1"],
-        "top1_ci_low": ci["ci_low"],
-        "top1_ci_high": ci["ci_high"],
-        "ci_level": p.ci_level,
-    }
-
-
 def accuracy_ci_from_counts(top1_pct, n_test, p: BenchmarkParams) -> dict:
     """The same CI for a model known only by (top-1 %, n): one model's bootstrap needs no more."""
     if (
@@ -203,6 +159,31 @@ def check_class_scores(logits: np.ndarray, *, n_images: int, num_classes: int | 
         )
 
 
+def check_finite_images(images: torch.Tensor) -> None:
+    """The normalised test images hold only finite numbers (a meta.json std of 0 gives inf, a
+    NaN mean NaN: every model would then be scored on garbage)."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise UserError(
+            f"{bad} of {len(images)} normalised test images hold non-finite values (inf/NaN): "
+            f"the prepared dataset's meta.json mean/std must be finite with every std > 0 "
+            f"(a std of 0 divides by zero); re-run the prepare stage"
+        )
+
+
+def check_finite_scores(logits: np.ndarray, *, path) -> None:
+    """Every test image gets finite class scores: a NaN row's argmax is class 0, so a broken
+    model would otherwise be scored (at the share of class-0 images) without a word."""
+    bad = int((~np.isfinite(logits).all(axis=tuple(range(1, logits.ndim)))).sum())
+    if bad:
+        raise UserError(
+            f"{path}: the model outputs non-finite (NaN/inf) logits for {bad} of "
+            f"{len(logits)} test images, so it cannot be scored; its weights are broken "
+            f"(diverged training or a corrupt file)"
+        )
+
+
 def benchmark_model(
     path: str | Path,
     images: torch.Tensor,
@@ -211,42 +192,103 @@ def benchmark_model(
     *,
     num_classes: int | None = None,
 ) -> dict:
-    """Every number for one ONNX file. `images` are the normalised test split.
+    """Every number for one ONNX file but its latency, which `time_rows` measures side by side
+    with the other models. `images` are the normalised test split.
 
     "predictions" (the class per test image) is for the paired statistics, not for benchmark.json.
     "sha256" names the bytes measured: the gate refuses the numbers once the file differs.
     """
+    check_finite_images(images)
     image_size = images.shape[-1]
     digest = sha256_file(path) if Path(path).is_file() else None  # else make_session says why
     session = make_session(path, threads=p.threads)
     check_input_size(session, image_size, path)
-    one = images[:1].numpy()
     batch = images[: p.throughput_batch].numpy()
     logits = run_onnx(session, images)
     check_class_scores(logits, n_images=len(labels), num_classes=num_classes, path=path)
+    check_finite_scores(logits, path=path)
     predictions = logits.argmax(1)
     result = {
         **accuracy_with_ci(predictions, labels.numpy(), p),
         "n_test": int(len(labels)),
         **onnx_stats(path),
         "predictions": predictions,
+        "throughput_ips": throughput(session, batch),
+        "throughput_batch": int(len(batch)),
+        **peak_rss_mb(path, threads=p.threads, image_size=image_size),
+        "threads": p.threads,
+        "sha256": digest,
     }
-    result.update(latency_ms(session, one, warmup=p.warmup, runs=p.runs))
-    cores = usable_cores()
-    if p.all_cores and cores != p.threads:
-        every_core = make_session(path, threads=cores)
-        result["p50_ms_all_cores"] = latency_ms(
-            every_core, one, warmup=p.warmup, runs=max(1, p.runs // 3)
-        )["p50_ms"]
-        result["all_cores"] = cores
-    result["throughput_ips"] = throughput(session, batch)
-    result["throughput_batch"] = int(len(batch))
-    result.update(peak_rss_mb(path, threads=p.threads, image_size=image_size))
-    result["threads"] = p.threads
-    if sha256_file(path) != digest:
-        raise UserError(f"{path}: the file changed while it was being benchmarked; re-run")
-    result["sha256"] = digest
     return result
+
+
+def open_timed_session(row: dict, *, threads: int, open_other: Callable | None = None):
+    """A session on `threads` threads for a benchmark row, in the row's own runtime: onnxruntime
+    here, another runtime through `open_other(runtime, file, threads=)` (the stage passes
+    targets.open_target_session). None for a row that cannot be re-opened (PyTorch eager INT8:
+    torch_ptq timed it alone), which keeps the latency it came with."""
+    runtime = str(row.get("runtime", ""))
+    if runtime == "onnxruntime":
+        return make_session(row["file"], threads=threads)
+    if open_other is not None and runtime != "pytorch":
+        return open_other(runtime, row["file"], threads=threads)
+    return None
+
+
+def time_rows(
+    rows: dict[str, dict], image: np.ndarray, p: BenchmarkParams, *, open_other=None
+) -> dict:
+    """Time every row this stage can open side by side, in shuffled rounds (timing.time_in_rounds):
+    batch 1 at benchmark.threads, then (all_cores) again with every usable core. Adds each row's
+    percentiles, per-round medians and noise; returns the record of how they were timed."""
+    sessions = {
+        n: open_timed_session(r, threads=p.threads, open_other=open_other) for n, r in rows.items()
+    }
+    sessions = {n: s for n, s in sessions.items() if s is not None}
+    times, orders = _time_sessions(sessions, image, p, runs_per_round=p.runs_per_round)
+    timed, sessions = list(sessions), None  # closed before the every-core sessions open (memory)
+    for name, t in times.items():
+        rows[name].update(rounds_summary(t), threads=p.threads, timed="interleaved rounds")
+    record = {
+        "models": timed,
+        "rounds": p.rounds,
+        "runs_per_round": p.runs_per_round,
+        "warmup": p.warmup,
+        "round_warmup": p.round_warmup,
+        "order_seed": p.order_seed,
+        "orders": orders,
+    }
+    cores = usable_cores()
+    if p.all_cores and cores != p.threads:  # the server setting: fewer runs, the same rounds
+        runs = max(1, p.runs_per_round // 3)
+        every_core = {
+            n: open_timed_session(rows[n], threads=cores, open_other=open_other) for n in timed
+        }
+        times, _ = _time_sessions(every_core, image, p, runs_per_round=runs)
+        for name, t in times.items():
+            summary = rounds_summary(t)
+            rows[name].update(
+                p50_ms_all_cores=summary["p50_ms"],
+                round_p50_ms_all_cores=summary["round_p50_ms"],
+                all_cores=cores,
+            )
+        record.update(all_cores=cores, all_cores_runs_per_round=runs)
+    return record
+
+
+def _time_sessions(sessions: dict, image: np.ndarray, p: BenchmarkParams, *, runs_per_round: int):
+    calls = {
+        name: partial(session.run, None, {session.get_inputs()[0].name: image})
+        for name, session in sessions.items()
+    }
+    return time_in_rounds(
+        calls,
+        rounds=p.rounds,
+        runs_per_round=runs_per_round,
+        warmup=p.warmup,
+        round_warmup=p.round_warmup,
+        seed=p.order_seed,
+    )
 
 
 def read_object(path: str | Path, what: str) -> dict:
@@ -333,13 +375,17 @@ def benchmark_rows(
     torch_results: list[str],
     targets: str | None,
     targets_predictions: str | None,
-) -> tuple[dict[str, dict], pd.DataFrame, dict[str, dict]]:
+    open_other: Callable | None = None,
+) -> tuple[dict[str, dict], pd.DataFrame, dict[str, dict], dict]:
     """(benchmark.json's rows, the class each row predicted per test image, the targets that
-    export_targets could not build).
+    export_targets could not build, how the rows were timed).
 
     Rows: each benchmark.models name measured here (<models_dir>/<name>.onnx on onnxruntime),
     then those other stages measured on the same split and settings: torch_ptq's PyTorch eager
-    INT8 reports, export_targets' runtimes and peers. Each row records its file's sha256.
+    INT8 reports, export_targets' runtimes and peers. Each row records its file's sha256. Every
+    row whose runtime this stage can open (onnxruntime, OpenVINO, LiteRT) is then timed here, side
+    by side with the others (`time_rows`): export_targets' own timings are replaced, so each ratio
+    compares models timed in the same rounds.
     """
     rows, unavailable = {}, {}
     predictions = pd.DataFrame({"image": image_ids, "label": labels.numpy()})
@@ -351,12 +397,6 @@ def benchmark_rows(
             **benchmark_model(path, images, labels, p, num_classes=num_classes),
         }
         predictions[name] = rows[name].pop("predictions")
-        r = rows[name]
-        print(
-            f"benchmark: {name:24s} top-1 {r['top1']:6.2f}% [{r['top1_ci_low']:.1f}, "
-            f"{r['top1_ci_high']:.1f}]  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
-            f"{r['size_mb']:7.2f} MB  peak RSS {r['peak_rss_mb']:.0f} MB"
-        )
     rows.update(torch_rows(torch_results, p))
     if targets:
         target, unavailable = target_rows(targets)
@@ -367,51 +407,26 @@ def benchmark_rows(
     for r in rows.values():  # what each row was measured from (the ONNX rows have it already)
         if "sha256" not in r and isinstance(r.get("file"), str) and Path(r["file"]).is_file():
             r["sha256"] = sha256_file(r["file"])
-    return rows, predictions, unavailable
+    timing = time_rows(rows, images[:1].numpy(), p, open_other=open_other)
+    for name in p.models:
+        r = rows[name]
+        if sha256_file(r["file"]) != r["sha256"]:
+            raise UserError(f"{r['file']}: the file changed while it was being benchmarked; re-run")
+        print(
+            f"benchmark: {name:24s} top-1 {r['top1']:6.2f}% [{r['top1_ci_low']:.1f}, "
+            f"{r['top1_ci_high']:.1f}]  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
+            f"{r['size_mb']:7.2f} MB  peak RSS {r['peak_rss_mb']:.0f} MB  "
+            f"round CV {r['round_cv']:.1%}"
+        )
+    return rows, predictions, unavailable, timing
 
 
 def results_table(rows: dict[str, dict]) -> pd.DataFrame:
-    """benchmark.csv: one row per model, numbers to 4 decimals, no op lists or parity records."""
+    """benchmark.csv: one row per model, numbers to 4 decimals, no op lists, parity records or
+    per-round times (benchmark.json has those)."""
     table = pd.DataFrame.from_dict(rows, orient="index")
-    return table.drop(columns=["onnx_ops", "parity"], errors="ignore").round(4)
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    """(CPU model name, its feature flags) from /proc/cpuinfo; empty flags elsewhere."""
-    cpu_model, flags = platform.processor() or "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and cpu_model in ("unknown", "", "x86_64"):
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    return cpu_model, flags
-
-
-def has_int8_dot_product() -> bool:
-    """VNNI (AVX-512 or AVX) accumulates u8*s8 products in int32; without it x86 uses int16
-    pairs."""
-    _, flags = cpu_info()
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def hardware_fingerprint() -> dict:
-    """Where the numbers were measured: CPU model, cores, the SIMD flags INT8 speed depends on."""
-    cpu_model, flags = cpu_info()
-    return {
-        "cpu": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx_vnni": "avx_vnni" in flags,
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
+    lists = ["onnx_ops", "parity", "round_p50_ms", "round_p50_ms_all_cores"]
+    return table.drop(columns=lists, errors="ignore").round(4)
 
 
 def run_benchmark(
@@ -425,6 +440,7 @@ def run_benchmark(
     targets=None,
     targets_predictions=None,
     torch_results=(),
+    open_other=None,
 ) -> tuple[list, dict | None]:
     """The benchmark stage: measure every model of benchmark.models on the test split, then write
     the predictions, the table and (last, recording the others' sha256) benchmark.json together.
@@ -439,7 +455,7 @@ def run_benchmark(
     p = params.benchmark
     images, labels = normalized_split(data_dir, "test")
     split = test_split_record(data_dir)  # before measuring: a split changed meanwhile is refused
-    rows, per_image, unavailable = benchmark_rows(
+    rows, per_image, unavailable, timing = benchmark_rows(
         models_dir,
         images,
         labels,
@@ -449,10 +465,12 @@ def run_benchmark(
         torch_results=torch_results,
         targets=targets,
         targets_predictions=targets_predictions,
+        open_other=open_other,
     )
     summary = {
         "models": rows,
         "unavailable_targets": unavailable,
+        "timing": timing,
         "test_split": split,
         "hardware": hardware_fingerprint(),
     }

@@ -7,6 +7,7 @@ reads only its own rows, and pages already read are handed back (`release_pages`
 larger than RAM trains in a small, bounded resident set.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from PIL import Image
 
 from resnet_slim.errors import UserError
 from resnet_slim.io import read_json
+from resnet_slim.limits import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from resnet_slim.pixels import IMAGES_FILE, LABELS_FILE, map_pixels, release_pages, to_rgb_array
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -27,8 +31,18 @@ class Split:
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
+    """data/prepared/meta.json, checked: every stage, ONNX evaluation, the benchmark and the web
+    UI take the class names, image size and normalisation from it, so a damaged or hand-edited
+    file is one line here, not a crash or a silently wrong score later (std [0, 0, 0] would feed
+    every model inf / NaN inputs)."""
     path = Path(prepared_dir) / "meta.json"
-    meta = read_json(path, what="prepared dataset metadata")
+    try:
+        meta = read_json(path, what="prepared dataset metadata")
+    except ValueError as err:  # json's int-digits limit (not a JSONDecodeError) and the like
+        raise UserError(
+            f"{path}: prepared dataset metadata is not valid JSON ({str(err)[:80]}); re-run "
+            f"the prepare stage"
+        ) from None
     missing = {"class_names", "image_size", "mean", "std"} - set(
         meta if isinstance(meta, dict) else ()
     )
@@ -36,7 +50,57 @@ def load_meta(prepared_dir: str | Path) -> dict:
         raise UserError(
             f"{path}: prepared dataset metadata lacks {sorted(missing)}; re-run the prepare stage"
         )
+    if problem := meta_problem(meta):
+        raise UserError(f"{path}: prepared dataset metadata: {problem}; re-run the prepare stage")
     return meta
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
+
+
+def meta_problem(meta: dict) -> str | None:
+    """What is wrong with meta.json's class_names, image_size, mean and std, or None."""
+    size = meta["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool):
+        return f"image_size must be an integer (got {_shown(size)})"
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        return f"image_size {size} is outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px"
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(map(_is_number, values))):
+            return f"{key} must be 3 finite numbers, one per RGB channel (got {_shown(values)})"
+    if not all(std > 0 for std in meta["std"]):
+        return f"std must be > 0 for every channel (got {_shown(meta['std'])})"
+    # normalised pixels, (x - mean) / std for x in [0, 1], must be finite float32 numbers
+    if not all(
+        (1.0 + abs(mean)) / std < FLOAT32_MAX
+        for mean, std in zip(meta["mean"], meta["std"], strict=True)
+    ):
+        return (
+            f"mean {_shown(meta['mean'])} / std {_shown(meta['std'])} would overflow float32 inputs"
+        )
+    names = meta["class_names"]
+    if not isinstance(names, list) or not names:
+        return f"class_names must be a non-empty list (got {_shown(names)})"
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name:
+            return f"class_names must be non-empty strings (got {_shown(name)})"
+        if name in seen:
+            return f"class_names lists {_shown(name)} more than once"
+        seen.add(name)
+    return None
 
 
 # what pandas raises on a CSV it cannot parse, decode or read (prepared manifests, predictions)

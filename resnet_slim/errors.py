@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 # The machine, not the input, refused a write: the user frees space or fixes the mount or rights.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -89,12 +90,33 @@ def _watch_signals(read_fd: int) -> None:
             _arm_watchdog()
 
 
+_deferring = threading.Event()  # inside signals_deferred(): a stop signal waits for its end
+_deferred = threading.Event()  # one arrived meanwhile
+
+
 def _on_signal(signum, frame):
     _arm_watchdog()
     if _interrupting.is_set() or _finished.is_set():
         return  # unwinding or exiting already: a second signal must not abort the clean-up
+    if _deferring.is_set():
+        _deferred.set()
+        return
     _interrupting.set()
     raise KeyboardInterrupt
+
+
+@contextmanager
+def signals_deferred() -> Iterator[threading.Event]:
+    """Hold SIGTERM / Ctrl-C until the block ends (a few renames that must all happen or none);
+    the yielded event is set if one arrived, and the caller then stops as the signal asked."""
+    _deferred.clear()
+    _deferring.set()
+    try:
+        yield _deferred
+    finally:
+        _deferring.clear()
+        if _deferred.is_set():
+            _interrupting.set()
 
 
 def install_signal_handlers() -> None:

@@ -23,6 +23,7 @@ KEY_METRICS = [
     "release top-1 %",
     "drop pp",
     "speed-up x",
+    "speed-up CI low",
     "release p50 ms",
     "release MB",
 ]
@@ -81,6 +82,7 @@ def experiment_row(rev: dict, *, name: str, baseline: str, state: str) -> dict:
             "release top-1 %": finite_number(headline.get("top1")),
             "drop pp": finite_number(headline.get("drop_pp")),
             "speed-up x": finite_number(headline.get("speedup_vs_reference")),
+            "speed-up CI low": finite_number(headline.get("speedup_vs_reference_ci_low")),
             "release p50 ms": finite_number(headline.get("p50_ms")),
             "release MB": finite_number(headline.get("size_mb")),
         }

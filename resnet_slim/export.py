@@ -85,6 +85,46 @@ def count_macs(path: str | Path) -> int:
     return macs
 
 
+# Ops that repeat or choose subgraphs at run time. A feed-forward classifier has none, and one
+# Loop of 2**62 iterations would hang every stage that runs the file (ptq, benchmark, serve).
+CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If", "SequenceMap"})
+_SUBGRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def control_flow_ops(model: onnx.ModelProto) -> list[str]:
+    """Sorted op types of `model` that run subgraphs: the control-flow ops, and any node (of any
+    domain) with a graph-valued attribute, in the main graph, nested subgraphs and model-local
+    functions alike. Walked without recursion, so a deeply nested file cannot overflow it."""
+    found = set()
+    pending = [list(model.graph.node)] + [list(f.node) for f in model.functions]
+    while pending:
+        for node in pending.pop():
+            subgraphs = [
+                graph
+                for attribute in node.attribute
+                if attribute.type in _SUBGRAPH_TYPES
+                for graph in ([attribute.g] if attribute.HasField("g") else [])
+                + list(attribute.graphs)
+            ]
+            if node.op_type in CONTROL_FLOW_OPS or subgraphs:
+                found.add(
+                    node.op_type
+                    if node.domain in ("", "ai.onnx")
+                    else f"{node.domain}:{node.op_type}"
+                )
+            pending += [list(graph.node) for graph in subgraphs]
+    return sorted(found)
+
+
+def _read_graph(path: Path) -> onnx.ModelProto | None:
+    """The file's graph without its external weights; None if onnx cannot parse it (onnxruntime
+    then says why)."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, onnx's own errors, a too-deep nesting, ...
+        return None
+
+
 def make_session(
     path: str | Path,
     *,
@@ -95,16 +135,29 @@ def make_session(
     """An onnxruntime CPU session with full graph optimisation and a fixed thread count.
 
     image_input: check the model takes one NCHW RGB input (off for micro-benchmark graphs).
+    A file with control flow (`control_flow_ops`: Loop, Scan, If, ...) is refused before
+    onnxruntime loads it: every caller expects a feed-forward classifier (or, for the roofline
+    micro-benchmark, a chain of convs), and a loop may not end.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: ONNX model not found")
+    model = _read_graph(path)
+    parsed, ops = model is not None, control_flow_ops(model) if model is not None else []
+    del model  # not held while onnxruntime loads its own copy
+    if ops:
+        raise UserError(
+            f"{path}: the graph has control flow ({', '.join(ops[:5])}); a feed-forward "
+            f"classifier has none (and a loop may never end), so it is not run"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # parse the file as ONNX, as checked above, whatever its name (never as an ORT-format model)
+    options.add_session_config_entry("session.load_model_format", "ONNX")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     try:
@@ -115,6 +168,11 @@ def make_session(
         )
         first_line = _CPP_FRAME.sub("", first_line)  # "/onnxruntime_src/...cc:256 ort::X::X(...) "
         raise UserError(f"{path}: onnxruntime cannot load this model: {first_line}") from None
+    if not parsed:  # onnxruntime read what onnx could not: its graph went unchecked
+        raise UserError(
+            f"{path}: onnxruntime loads this file but onnx cannot parse it, so its graph "
+            f"cannot be checked for control flow; re-export it"
+        )
     shape = session.get_inputs()[0].shape
     if image_input and (len(shape) != 4 or shape[1] != 3):
         raise UserError(f"{path}: expected one NCHW input with 3 channels, got shape {shape}")

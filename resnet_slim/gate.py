@@ -18,6 +18,7 @@ from resnet_slim.evidence import MEASUREMENT_RANGES
 from resnet_slim.io import write_json, write_together
 from resnet_slim.metrics import headline_metrics
 from resnet_slim.params import BenchmarkParams, GateParams, Params
+from resnet_slim.verdict import vouched_files
 
 
 class Evidence:
@@ -195,6 +196,102 @@ def accuracy_check(results: dict, g: GateParams, rel: str, evidence: Evidence) -
     return {**check, "point": None if point is None else round(point, 6), **details}
 
 
+def _round_times(results: dict, model: str) -> tuple[list | None, str | None]:
+    """(a model's per-round median ms, None), (None, None) when it has none, or (None, why) when
+    what it has is not a list of numbers."""
+    rounds = (results.get(model) or {}).get("round_p50_ms")
+    if rounds is None:
+        return None, None
+    if not isinstance(rounds, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in rounds
+    ):
+        return None, f"{model}.round_p50_ms is not a list of numbers"
+    return rounds, None
+
+
+def speedup_check(results: dict, g: GateParams, rel: str, ci: BenchmarkParams) -> dict:
+    """The latency check, gated on `g.speedup_statistic` (point or lower end of the CI).
+
+    With both models timed in the same rounds, the speed-up is the median of per-round ratios with
+    a bootstrap CI over rounds (stats.ratio_of_rounds); otherwise the ratio of the two p50s, which
+    has no interval. The check records the point, the CI and whether the CI decides the threshold.
+    """
+    ref = g.reference
+    ref_ms, rel_ms, error = _pair(results, ref, rel, "p50_ms", positive=True)
+    details: dict = {"statistic": g.speedup_statistic, "level": ci.ci_level}
+    point = None if error else ref_ms / rel_ms
+    (ref_rounds, ref_bad), (rel_rounds, rel_bad) = (
+        _round_times(results, ref),
+        _round_times(results, rel),
+    )
+    error = error or ref_bad or rel_bad
+    if error is None and ref_rounds is not None and rel_rounds is not None:
+        try:
+            ratio = stats.ratio_of_rounds(
+                ref_rounds,
+                rel_rounds,
+                level=ci.ci_level,
+                resamples=ci.bootstrap_resamples,
+                seed=ci.bootstrap_seed,
+            )
+        except ValueError as err:
+            error = f"cannot pair the rounds of {ref} and {rel}: {err}"
+        else:
+            point = ratio["ratio"]
+            details.update(
+                basis="interleaved rounds",
+                rounds=ratio["rounds"],
+                ci=[round(ratio["ci_low"], 6), round(ratio["ci_high"], 6)],
+            )
+    elif error is None:
+        details["basis"] = "ratio of p50s (not timed in the same rounds)"
+        if g.speedup_statistic == "lower_ci":
+            missing = [m for m, r in ((ref, ref_rounds), (rel, rel_rounds)) if r is None]
+            error = (
+                f"no per-round times for {missing}; cannot compute the CI of the speed-up "
+                f"(gate.speedup_statistic: point gates on the ratio of p50s)"
+            )
+    interval = details.get("ci")
+    if interval is not None:
+        details["decidable"] = not interval[0] < g.min_speedup <= interval[1]
+    measured = point
+    if g.speedup_statistic == "lower_ci" and error is None:
+        measured = interval[0]
+    check = _check(
+        "latency_speedup",
+        measured=None if error else measured,
+        threshold=g.min_speedup,
+        op=">=",
+        unit="x",
+        error=error,
+    )
+    return {**check, "point": None if point is None or error else round(point, 6), **details}
+
+
+def speedup_sentence(check: dict) -> str:
+    """What the timing supports about the speed-up, in one sentence (report and gate log)."""
+    ci, level = check.get("ci"), check.get("level", 0.95)
+    point, threshold = check.get("point"), check.get("threshold")
+    if point is None:
+        return f"speed-up: no estimate ({check.get('reason') or 'not measured'})."
+    if ci is None:
+        return f"speed-up {point:.2f}x ({check.get('basis', 'ratio of p50s')}; no interval)."
+    what = (
+        f"speed-up {point:.2f}x, {level:.0%} CI [{ci[0]:.2f}, {ci[1]:.2f}] (median of per-round "
+        f"ratios over {check.get('rounds')} interleaved rounds)"
+    )
+    if ci[0] >= threshold:
+        verdict = f"at least {threshold}x with {level:.0%} confidence"
+    elif point >= threshold:
+        verdict = (
+            f"the point meets {threshold}x but the interval does not: the host was too noisy "
+            f"to resolve the threshold (more rounds, or a quieter machine, would)"
+        )
+    else:
+        verdict = f"below {threshold}x"
+    return f"{what}: {verdict}."
+
+
 def accuracy_sentence(check: dict) -> str:
     """What the data support about the drop, in one sentence (report and gate log)."""
     ci, level = check.get("ci") or [None, None], check.get("level", 0.95)
@@ -252,11 +349,14 @@ def evaluate_gate(results: dict, g: GateParams, evidence: Evidence | None = None
     verdicts = [check_release(results, g, name, evidence) for name in g.candidates]
     passing = [v for v in verdicts if v["passed"]]
     speed = {c: _number(results, c, "p50_ms")[0] for c in g.candidates}
+    # ranked by the gate's own speed measurement: the speed-up over the reference (per-round ratios)
+    speedup = {v["release"]: _check_of(v, "latency_speedup").get("point") for v in verdicts}
     if passing:
-        chosen = min(passing, key=lambda v: speed[v["release"]])
+        chosen = max(passing, key=lambda v: speedup[v["release"]])
         why = (
             f"fastest of {len(passing)} candidate(s) passing every check "
-            f"(p50 {speed[chosen['release']]:.4g} ms)"
+            f"({speedup[chosen['release']]:.3g}x the reference, p50 "
+            f"{speed[chosen['release']]:.4g} ms)"
         )
     else:
         chosen = verdicts[0]  # report the first candidate's checks; every failure is listed
@@ -272,6 +372,8 @@ def evaluate_gate(results: dict, g: GateParams, evidence: Evidence | None = None
                 "model": v["release"],
                 "passed": v["passed"],
                 "p50_ms": speed[v["release"]],
+                "speedup": speedup[v["release"]],
+                "speedup_ci": _check_of(v, "latency_speedup").get("ci"),
                 "failed": v["failed"],
             }
             for v in verdicts
@@ -280,21 +382,18 @@ def evaluate_gate(results: dict, g: GateParams, evidence: Evidence | None = None
     return {**chosen, "selection": selection}
 
 
+def _check_of(verdict: dict, name: str) -> dict:
+    return next((c for c in verdict["checks"] if c["name"] == name), {})
+
+
 def check_release(results: dict, g: GateParams, rel: str, evidence: Evidence | None = None) -> dict:
     """Every check for one release model against the reference."""
     ref = g.reference
-    ref_ms, rel_ms, ms_error = _pair(results, ref, rel, "p50_ms", positive=True)
+    evidence = evidence or Evidence()
     ref_mb, rel_mb, mb_error = _pair(results, ref, rel, "size_mb", positive=True)
     checks = [
-        accuracy_check(results, g, rel, evidence or Evidence()),
-        _check(
-            "latency_speedup",
-            measured=None if ms_error else ref_ms / rel_ms,
-            threshold=g.min_speedup,
-            op=">=",
-            unit="x",
-            error=ms_error,
-        ),
+        accuracy_check(results, g, rel, evidence),
+        speedup_check(results, g, rel, evidence.ci),
         _check(
             "size_ratio",
             measured=None if mb_error else rel_mb / ref_mb,
@@ -316,7 +415,7 @@ def check_release(results: dict, g: GateParams, rel: str, evidence: Evidence | N
                 error=size_error,
             )
         )
-    if evidence is not None and evidence.problems is not None:
+    if evidence.problems is not None:
         checks.append(evidence_check(evidence, ref, rel))
 
     failed = [c["reason"] for c in checks if not c["passed"]]
@@ -386,6 +485,9 @@ def judge(
         bench, names=names, benchmark=benchmark, predictions=predictions, prepared=prepared
     )
     seeds, seeds_note = chain_of.seed_evidence(seeds, base=params.base, bench=bench, names=names)
+    if seeds is None and len({params.base.seed, *params.base.seeds}) >= 2:
+        chain.problems.append(f"{seeds_note} (evidence asked for is evidence required)")
+        seeds_note = None
     evidence = Evidence(
         correct=chain.correct,
         correct_error=chain.correct_error,
@@ -402,6 +504,12 @@ def judge(
         "n_test": chain.n_test,
     }
     verdict["notes"] = [seeds_note] if seeds_note else []
+    release_row = benchmark_models(bench).get(verdict["release"])
+    verdict["files"] = vouched_files(
+        (release_row or {}).get("file") or f"models/{verdict['release']}.onnx",
+        meta=Path(prepared) / "meta.json",
+        benchmark=benchmark,
+    )
     return verdict
 
 
@@ -429,12 +537,14 @@ def benchmark_models(bench) -> dict:
     return models if isinstance(models, dict) else {}
 
 
-def write_verdict(verdict: dict, bench, *, out: str, metrics: str | None) -> list[str]:
+def write_verdict(
+    verdict: dict, bench, *, out: str, metrics: str | None, ci: BenchmarkParams | None = None
+) -> list[str]:
     """gate.json; with `metrics`, the headline metrics too, replaced together (gate.json last)."""
     if metrics is None:
         write_json(out, verdict)
         return [out]
-    headline = json.dumps(headline_metrics(verdict, benchmark_models(bench)), indent=2) + "\n"
+    headline = json.dumps(headline_metrics(verdict, benchmark_models(bench), ci), indent=2) + "\n"
     return [
         str(path)
         for path in write_together(
@@ -460,8 +570,10 @@ def log_lines(verdict: dict) -> list[str]:
             f"{mark} {check['name']}: {check['measured']} {check['op']} {check['threshold']}"
             + (f" ({check['reason']})" if check["reason"] else "")
         )
-        if check.get("ci"):
+        if check["name"] == "accuracy_drop_pp" and check.get("ci"):
             lines.append(f"  {accuracy_sentence(check)}")
+        if check["name"] == "latency_speedup" and check.get("point") is not None:
+            lines.append(f"  {speedup_sentence(check)}")
     if verdict["selection"]:
         lines.append(f"release auto -> '{verdict['release']}': {verdict['selection']['why']}")
     if verdict["passed"]:

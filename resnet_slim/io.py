@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resnet_slim.errors import WRITE_ERRNOS, UserError
+from resnet_slim.errors import WRITE_ERRNOS, UserError, signals_deferred
 
 if TYPE_CHECKING:  # torch is imported where checkpoints are read or written: `prepare` never
     import torch  # loads it (its import alone is ~600 MB of RSS with a CUDA build)
@@ -100,7 +100,7 @@ def _write_refused(err: Exception, directory: Path) -> str | None:
 
 def remove_stale_temp_paths(path: Path) -> None:
     """Remove `.<name>.tmp-<pid>` leftovers of `path` whose process is gone (SIGKILL, crash)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)(-old|-trash)?")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)(-old|-trash|-staging)?")
     try:
         entries = list(os.scandir(path.parent))
     except FileNotFoundError:
@@ -264,6 +264,70 @@ def sha256_file(path: str | Path) -> str:
 
 class InterruptedWrite(KeyboardInterrupt):
     """Ctrl-C / SIGTERM part-way through `write_together`; the message says what was replaced."""
+
+
+def replace_together(members: dict[str | Path, Callable[[Path], None]]) -> list[Path]:
+    """Replace a set of outputs (files or directories) as one: all old or all new.
+
+    `members` is {path: write}; `write(temp_path)` writes one member beside its destination. Only
+    when every member is written in full are they moved into place, with SIGTERM / Ctrl-C held
+    until the last rename (a signal then stops the stage after the set is whole, and says so).
+    A SIGKILL between two renames can still mix the sets: where a reader must be able to tell,
+    record the members' hashes (`write_together`). Returns the paths written.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in members.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_paths(path)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            _remove(tmp)
+            staged.append((path, tmp))
+            _pending.add(tmp)
+            try:
+                write(tmp)
+            except Exception as err:  # a full / read-only disk: one line, nothing replaced
+                reason = _write_refused(err, path.parent)
+                if reason is None:
+                    raise
+                raise UserError(
+                    f"{path}: cannot write ({reason}); no outputs were written"
+                ) from None
+        with signals_deferred() as interrupted:
+            for path, tmp in staged:
+                _swap_into_place(tmp, path)
+        if interrupted.is_set():
+            names = ", ".join(str(path) for path, _ in staged)
+            raise InterruptedWrite(f"interrupted after writing all of {names}")
+    finally:
+        for _, tmp in staged:
+            _pending.discard(tmp)
+            _remove(tmp)
+    return [path for path, _ in staged]
+
+
+@contextmanager
+def staging_dir(path: str | Path) -> Iterator[Path]:
+    """A fresh directory beside `path` for outputs written over a long run (live training
+    curves), moved into place later with `replace_together`; removed if the run stops first."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}-staging")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_paths(path)
+        _remove(staging)
+        staging.mkdir()
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"{path}: cannot write ({err.strerror}); left as it was") from None
+    _pending.add(staging)
+    try:
+        yield staging
+    finally:
+        _pending.discard(staging)
+        _remove(staging)
 
 
 def write_together(

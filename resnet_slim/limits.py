@@ -23,3 +23,23 @@ MAX_BATCH = 4096  # images per batch (4096 x 3 x 512 x 512 float32 is already 12
 MAX_CALIBRATION_IMAGES = 65536  # held in memory at once as float32
 MAX_BENCHMARK_RUNS = 100_000  # timed or warm-up runs: beyond this only the wait grows
 MAX_BOOTSTRAP_RESAMPLES = 20_000  # resamples x test images int64 indices (CIFAR-10: 1.6 GB)
+
+# YAML files read strictly (params.yaml, presets, dvc.yaml; resnet_slim/params.py read_yaml), all
+# a few KB here: each cap is checked before the document is built, so a typo or a hostile file is
+# one line, not gigabytes. 11 KB of nested aliases (`&a [*b, *b, ...]`, 9 deep) would expand to
+# ~400 million values in memory; 50,000 nested brackets were a RecursionError in PyYAML.
+MAX_YAML_BYTES = 1 << 20  # 1 MiB: the file itself (ours: ~10 KB)
+MAX_YAML_NODES = 100_000  # values (scalars, lists, mappings) once every alias is expanded
+MAX_YAML_CHARS = 10_000_000  # characters of all scalars once every alias is expanded
+MAX_YAML_DEPTH = 64  # nesting of lists / mappings, also once expanded (ours: 4)
+# an integer's digits: Python refuses to convert more than 4,300 (a ValueError deep inside
+# PyYAML), and every integer setting here is at most 10 digits (MAX_SEED)
+MAX_YAML_INT_CHARS = 100
+
+# prepare.max_file_mb may not exceed this: each decoding worker reads a whole image file into
+# memory, so the workers together hold up to cores x the cap
+MAX_IMAGE_FILE_MB = 1024.0
+
+# the side of the square images a prepared dataset holds, px: what prepare.image_size allows
+# (params.py), and what data.load_meta accepts in data/prepared/meta.json
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512

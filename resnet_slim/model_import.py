@@ -125,7 +125,10 @@ def describe(arch: dict) -> str:
 
 
 def _project_checkpoint(path: Path, checkpoint: dict) -> nn.Module:
-    model = build_model(checkpoint["arch"])
+    try:  # the record is checked (per value and whole-model size) before anything is built
+        model = build_model(checkpoint["arch"])
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
     _load(path, model, checkpoint["state_dict"], family=describe(checkpoint["arch"]))
     return model
 
@@ -180,7 +183,10 @@ def _foreign_state_dict(
         unexpected, missing = sorted(given - required - optional), sorted(required - given)
         if not unexpected and not missing:
             arch = _arch_from_weights(path, record, state)
-            model = build_model(arch)
+            try:  # sizes read from the tensors' shapes are bounded like a record's
+                model = build_model(arch)
+            except UserError as err:
+                raise UserError(f"{path}: {err}") from None
             _load(path, model, state, family=describe(arch))
             return model, arch, "cifar_resnet" if arch["name"] == "cifar_resnet" else "torchvision"
         mismatch[family] = (unexpected, missing)

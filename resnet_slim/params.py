@@ -8,6 +8,7 @@ repository's run, but ...". Every stage validates the whole file at start, so a 
 """
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -30,10 +31,16 @@ from resnet_slim.limits import (
     MAX_BENCHMARK_RUNS,
     MAX_BOOTSTRAP_RESAMPLES,
     MAX_CALIBRATION_IMAGES,
+    MAX_IMAGE_FILE_MB,
     MAX_NPROC,
     MAX_SEED,
     MAX_THREADS,
     MAX_WIDTH,
+    MAX_YAML_BYTES,
+    MAX_YAML_CHARS,
+    MAX_YAML_DEPTH,
+    MAX_YAML_INT_CHARS,
+    MAX_YAML_NODES,
 )
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -73,15 +80,141 @@ def _check_unique_keys(
             _check_unique_keys(value_node, path, dotted, seen)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document of more than MAX_YAML_NODES nodes or nested
+    deeper than MAX_YAML_DEPTH as soon as the composer gets there. Its composer recurses once per
+    level (50,000 nested brackets were a RecursionError) and builds every node it reads."""
+
+    def __init__(self, text: str, path: Path):
+        super().__init__(text)
+        self.path, self.depth, self.nodes = path, 0, 0
+
+    def compose_node(self, parent, index):
+        line = self.peek_event().start_mark.line + 1
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            raise UserError(
+                f"{self.path}: more than {MAX_YAML_NODES:,} values (by line {line}); refusing "
+                f"to read a YAML file this large"
+            )
+        if self.depth >= MAX_YAML_DEPTH:
+            raise UserError(
+                f"{self.path}: lists / mappings nested more than {MAX_YAML_DEPTH} deep (at line "
+                f"{line}); refusing to read it"
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def _check_expanded_size(root: yaml.Node, path: Path) -> None:
+    """Refuse a document that aliases (`*name`) would make too large, too deep or endless.
+
+    An alias is a reference to one composed node, but building the document and everything
+    after it (validation, error messages, merge keys) treats each as a copy: 11 KB of nested
+    aliases expand to gigabytes. So count what the expanded document would hold, each node's
+    subtree once (memoised), stopping at the first cap passed; also refuse integers with more
+    digits than any setting has (Python would raise a ValueError converting them).
+    """
+    sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (nodes, characters, height)
+    active: set[int] = set()  # the nodes on the current path: one met again is a cycle
+
+    def where(node: yaml.Node) -> str:
+        return f"line {node.start_mark.line + 1}"
+
+    def visit(node: yaml.Node, depth: int) -> tuple[int, int, int]:
+        # `depth`: how deep `node` sits in the expanded document (the root: 1)
+        if id(node) in active:
+            raise UserError(
+                f"{path}: an alias at or below {where(node)} refers to a node that contains it "
+                f"(a recursive structure); write the values out instead"
+            )
+        known = sizes.get(id(node))
+        if known is None:
+            if depth > MAX_YAML_DEPTH:
+                raise UserError(
+                    f"{path}: aliases nest lists / mappings more than {MAX_YAML_DEPTH} deep "
+                    f"(at {where(node)}); refusing to read it"
+                )
+            if isinstance(node, yaml.ScalarNode):
+                if node.tag == _INT_TAG and len(node.value) > MAX_YAML_INT_CHARS:
+                    raise UserError(
+                        f"{path}: an integer of {len(node.value):,} characters at {where(node)}; "
+                        f"no setting takes one longer than {MAX_YAML_INT_CHARS}"
+                    )
+                known = (1, len(node.value), 1)
+            else:
+                children = (
+                    node.value
+                    if isinstance(node, yaml.SequenceNode)
+                    else [child for pair in node.value for child in pair]
+                )
+                nodes, chars, height = 1, 0, 1
+                active.add(id(node))
+                for child in children:
+                    child_nodes, child_chars, child_height = visit(child, depth + 1)
+                    nodes, chars = nodes + child_nodes, chars + child_chars
+                    height = max(height, child_height + 1)
+                    too_big(nodes, chars, child)
+                active.discard(id(node))
+                known = (nodes, chars, height)
+            sizes[id(node)] = known
+        if depth - 1 + known[2] > MAX_YAML_DEPTH:  # a node reached again deeper down, by alias
+            raise UserError(
+                f"{path}: aliases nest lists / mappings more than {MAX_YAML_DEPTH} deep "
+                f"(at {where(node)}); refusing to read it"
+            )
+        return known
+
+    def too_big(nodes: int, chars: int, node: yaml.Node) -> None:
+        if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+            what = (
+                f"{MAX_YAML_NODES:,} values"
+                if nodes > MAX_YAML_NODES
+                else f"{MAX_YAML_CHARS:,} characters"
+            )
+            raise UserError(
+                f"{path}: aliases (*name) would expand it to more than {what} (by "
+                f"{where(node)}); refusing to read it"
+            )
+
+    visit(root, 1)
+
+
 def read_yaml(path: Path):
-    """A YAML file's content, refusing duplicate keys; any YAMLError propagates."""
-    loader = yaml.SafeLoader(path.read_text())
+    """A YAML file's content, refusing duplicate keys; any YAMLError propagates.
+
+    Bounded before anything is built (caps in limits.py): a file over MAX_YAML_BYTES, one whose
+    aliases would expand past MAX_YAML_NODES values, one nested past MAX_YAML_DEPTH and an
+    overlong integer are each a one-line UserError naming the file.
+    """
+    with open(path, "rb") as file:  # at most one byte past the cap, whatever the file is
+        data = file.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        size = max(len(data), os.stat(path).st_size)
+        raise UserError(
+            f"{path}: {size:,} bytes, over the {MAX_YAML_BYTES:,}-byte limit for a YAML "
+            f"settings file; refusing to read it"
+        )
+    loader = _BoundedLoader(data.decode("utf-8"), path)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
+        _check_expanded_size(node, path)
         _check_unique_keys(node, path)
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as err:  # int("1" * 5000) past the caps' checks (e.g. `!!int` tags)
+            detail = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+            raise UserError(f"{path}: a value cannot be read ({detail})") from None
+    except RecursionError:  # the caps above should prevent it; never a traceback anyway
+        raise UserError(f"{path}: nested too deeply to read; refusing it") from None
     finally:
         loader.dispose()
 
@@ -211,6 +344,7 @@ class PrepareParams(Section):
     test_fraction: float = Field(gt=0.0, lt=0.5)
     max_images_per_class: int | None = Field(gt=0)
     on_bad_image: Literal["skip", "fail"]
+    max_file_mb: float = Field(gt=0.0, le=MAX_IMAGE_FILE_MB)  # bytes / 1e6, checked before reading
     normalize: Literal["dataset", "imagenet"] | NormalizeStats
 
     @field_validator("normalize", mode="wrap")
@@ -304,7 +438,7 @@ class QatParams(TrainParams):
     freeze_observer_epoch: int = Field(ge=0)
     freeze_bn_epoch: int = Field(ge=0)
     calibration_images: int = Field(gt=0, le=MAX_CALIBRATION_IMAGES)
-    max_top1_diff_pp: float = Field(ge=0.0)
+    min_agreement: float = Field(ge=0.0, le=1.0)
 
 
 class StudentArch(Section):
@@ -388,7 +522,10 @@ class BenchmarkParams(Section):
     models: list[str]
     threads: int = Field(ge=1, le=MAX_THREADS)
     warmup: int = Field(ge=0, le=MAX_BENCHMARK_RUNS)
-    runs: int = Field(gt=0, le=MAX_BENCHMARK_RUNS)
+    rounds: int = Field(ge=5, le=MAX_BENCHMARK_RUNS)  # a bootstrap over fewer rounds says little
+    runs_per_round: int = Field(gt=0, le=MAX_BENCHMARK_RUNS)
+    round_warmup: int = Field(ge=0, le=MAX_BENCHMARK_RUNS)
+    order_seed: Seed
     throughput_batch: int = Field(gt=0, le=MAX_BATCH)
     peers: bool
     all_cores: bool
@@ -409,17 +546,34 @@ class BenchmarkParams(Section):
             raise ValueError("model names must be distinct")
         return names
 
+    @model_validator(mode="after")
+    def _bounded_timing(self):
+        if self.rounds * (self.runs_per_round + self.round_warmup) > MAX_BENCHMARK_RUNS:
+            raise ValueError(
+                f"rounds x (runs_per_round + round_warmup) is "
+                f"{self.rounds * (self.runs_per_round + self.round_warmup):,} calls per model, "
+                f"over {MAX_BENCHMARK_RUNS:,}"
+            )
+        return self
+
+    @property
+    def timed_runs(self) -> int:
+        """Timed calls per model (a model timed alone uses as many as one in the rounds)."""
+        return self.rounds * self.runs_per_round
+
 
 class GateParams(Section):
     at = "gate"
     release: NonEmptyStr
     candidates: list[NonEmptyStr]
     reference: NonEmptyStr
-    max_acc_drop_pp: float
+    # bounded: a threshold no measurement can reach (1e308 pp) would pass any model silently
+    max_acc_drop_pp: float = Field(ge=-100.0, le=100.0)
     acc_drop_statistic: Literal["point", "upper_ci"]
-    min_speedup: float = Field(ge=0.0)
-    max_size_ratio: float = Field(gt=0.0)
-    max_size_mb: float | None = Field(gt=0.0)
+    min_speedup: float = Field(ge=0.0, le=1e6)
+    speedup_statistic: Literal["point", "lower_ci"]
+    max_size_ratio: float = Field(gt=0.0, le=1e6)
+    max_size_mb: float | None = Field(gt=0.0, le=1e6)
     enforce: bool
 
 

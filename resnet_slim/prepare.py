@@ -14,6 +14,7 @@ Python lists, so a dataset larger than RAM can be prepared. Each split is then w
 import gzip
 import hashlib
 import io
+import itertools
 import multiprocessing
 import os
 import signal
@@ -120,9 +121,17 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def class_name(directory: Path) -> str:
+    """A class folder's name as a class: NFC-normalised Unicode, so "café" is one class whether
+    the file system wrote its "é" as one character (NFC, Linux, Windows) or as "e" plus a combining
+    accent (NFD, a folder copied from macOS)."""
+    return unicodedata.normalize("NFC", directory.name)
+
+
 def class_directories(folder: Path) -> list[Path]:
+    """The class folders in `folder`, in the order of their (NFC) class names."""
     try:
-        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        dirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
     except OSError as err:  # e.g. no read permission
         raise UserError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
     for class_dir in dirs:
@@ -131,7 +140,33 @@ def class_directories(folder: Path) -> list[Path]:
                 f"{folder}: class directory '{printable_name(class_dir.name)}': "
                 f"{problem}; rename it (class names go into meta.json and the web UI)"
             )
+    dirs.sort(key=lambda d: (class_name(d), d.name))
+    for first, second in itertools.pairwise(dirs):
+        if class_name(first) == class_name(second):
+            raise UserError(
+                f"{folder}: class folders {ascii(first.name)} and {ascii(second.name)} are the "
+                f"same name written two ways (Unicode NFC vs NFD: an accent as its own "
+                f"character); merge or rename them"
+            )
     return dirs
+
+
+def check_inside_root(path: Path, root: Path, real_root: Path) -> None:
+    """Refuse a symlink under `root` that leads outside it (`real_root`: root, resolved).
+
+    DVC tracks prepare.root as the stage's dependency: it hashes what lies inside, so a file
+    reached through a link to elsewhere could change without making prepare out of date, and
+    the prepared data would silently stop matching dvc.lock.
+    """
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if not target.is_relative_to(real_root):
+        raise UserError(
+            f"{path}: a symlink to {target}, outside the dataset root {root} (DVC tracks only "
+            f"what lies inside prepare.root, so changes there would not re-run prepare); copy "
+            f"it into the root instead"
+        )
 
 
 def given_split_folders(root: Path, split_mode: str) -> dict[str, Path] | None:
@@ -156,16 +191,30 @@ def given_split_folders(root: Path, split_mode: str) -> dict[str, Path] | None:
     return present
 
 
-def _decode_file(task: tuple[str, str, int]) -> tuple:
-    """(id, error or None, pixels, sha256, (width, height)) of one image file; runs in a worker."""
-    path, rel, image_size = task
+def _too_large(size: int, max_bytes: int) -> str:
+    return (
+        f"{size / 1e6:.6g} MB, over prepare.max_file_mb ({max_bytes / 1e6:.6g} MB); raise "
+        f"the cap if the file is an image"
+    )
+
+
+def _decode_file(task: tuple[str, str, int, int]) -> tuple:
+    """(id, error or None, pixels, sha256, (width, height)) of one image file; runs in a worker.
+
+    A file over `max_bytes` is a bad image, refused from its size before a byte is read (each
+    worker holds a whole file in memory: a 3 GB disk image would take 3 GB of RAM)."""
+    path, rel, image_size, max_bytes = task
     try:
         if problem := name_problem(rel):
             rel = printable_name(rel)
             raise ValueError(f"{problem}; rename it")
         if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"not an image file type ({Path(path).suffix or 'no suffix'})")
+        if (size := os.stat(path).st_size) > max_bytes:
+            raise ValueError(_too_large(size, max_bytes))
         data = Path(path).read_bytes()
+        if len(data) > max_bytes:  # grown since the stat
+            raise ValueError(_too_large(len(data), max_bytes))
         if not data:
             raise ValueError("empty file")
         with Image.open(io.BytesIO(data)) as image:
@@ -229,21 +278,31 @@ def load_imagefolder(
     split_mode: str = "auto",
     staging: Path | None = None,
     workers: int = 1,
+    max_file_mb: float = 50.0,
 ) -> RawDataset:
     """Decode every image under `root` (flat `<class>/` or given splits, see given_split_folders).
 
     With `staging`, pixels are appended to that file as they are decoded and come back as a
-    read-only memory map; without it, they are held in memory (small data, tests).
+    read-only memory map; without it, they are held in memory (small data, tests). A file over
+    `max_file_mb` (MB, 10^6 bytes) is a bad image. A split folder, class folder or file that is
+    a symlink to somewhere outside `root` is an error (see check_inside_root).
     """
     if not root.is_dir():
         raise UserError(f"{root}: imagefolder root not found (expected {root}/<class>/<image>)")
+    real_root = root.resolve()
+    max_bytes = int(max_file_mb * 1e6)
     folders = given_split_folders(root, split_mode) or {None: root}
+    for folder in folders.values():
+        check_inside_root(folder, root, real_root)
     classes = {split: class_directories(folder) for split, folder in folders.items()}
-    class_names = [d.name for d in classes.get("train", classes.get(None))]
+    for dirs in classes.values():
+        for class_dir in dirs:
+            check_inside_root(class_dir, root, real_root)
+    class_names = [class_name(d) for d in classes.get("train", classes.get(None))]
     if len(class_names) < 2:
         raise UserError(f"{root}: found {len(class_names)} class directories; need at least 2")
     for split, dirs in classes.items():
-        names = [d.name for d in dirs]
+        names = [class_name(d) for d in dirs]
         if missing := sorted(set(class_names) - set(names)):
             raise UserError(
                 f"{folders[split]}: class(es) {missing} missing from this split "
@@ -256,11 +315,17 @@ def load_imagefolder(
             )
     tasks, task_labels, task_splits = [], [], []
     for split, dirs in classes.items():
-        for label, class_dir in enumerate(dirs):
+        for class_dir in dirs:
+            label = class_names.index(class_name(class_dir))  # by name: splits may sort apart
+            # rglob does not descend into symlinked folders; a symlinked file is checked here
             files = sorted(
                 p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
             )
-            tasks += [(str(f), f.relative_to(root).as_posix(), image_size) for f in files]
+            for f in files:
+                check_inside_root(f, root, real_root)
+            tasks += [
+                (str(f), f.relative_to(root).as_posix(), image_size, max_bytes) for f in files
+            ]
             task_labels += [label] * len(files)
             task_splits += [split] * len(files)
         if split is not None and not any(s == split for s in task_splits):
@@ -297,8 +362,8 @@ def load_imagefolder(
     labels = np.asarray(task_labels, dtype=np.int64)[kept]
     for split, dirs in classes.items():
         in_split = np.asarray(task_splits, dtype=object)[kept] == split
-        for label, class_dir in enumerate(dirs):
-            if not (labels[in_split] == label).any():
+        for class_dir in dirs:
+            if not (labels[in_split] == class_names.index(class_name(class_dir))).any():
                 raise UserError(f"{class_dir}: class '{class_dir.name}' has no readable images")
     shape = (len(kept), image_size, image_size, 3)
     pixels = (
@@ -587,6 +652,7 @@ def prepare_dataset(p, *, seed: int, out_dir: str | Path, workers: int | None = 
                 split_mode=p.split,
                 staging=tmp / "staging.u8",
                 workers=workers or usable_cores(),
+                max_file_mb=p.max_file_mb,
             )
         else:
             raw = load_cifar10(root, p.image_size, split_mode=p.split)

@@ -49,10 +49,9 @@ from torchvision.models.quantization.resnet import QuantizableBasicBlock, Quanti
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from resnet_slim import distributed, engine
-from resnet_slim.bench import top1, torch_top1
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session
+from resnet_slim.export import export_onnx, make_session, run_onnx, torch_logits
 from resnet_slim.io import atomic_path
 from resnet_slim.models import ResNet, build_model, replace_submodule
 from resnet_slim.onnx_int8 import int8_kernel_report, store_int8
@@ -326,22 +325,29 @@ def export_qat_checked(
     *,
     opset: int,
     threads: int,
-    max_top1_diff_pp: float,
+    min_agreement: float,
     val_top1: float,
     fp32_metrics: dict,
 ) -> dict:
     """export_qat_onnx, then the acceptance test: the file passes only if onnxruntime runs every
-    conv as an int8 kernel and its test top-1 is within max_top1_diff_pp of the PyTorch QAT
-    model's. Returns the QAT metrics record; "problems" says why the caller must reject the file."""
-    reference_top1 = torch_top1(qat_model, images, labels)
+    conv as an int8 kernel and gives the PyTorch QAT model's class on at least `min_agreement` of
+    the test images. Per-image agreement, not a top-1 difference: on 80 images one flipped
+    prediction is 1.25 pp, and onnxruntime's INT8 arithmetic differs between AVX2 and VNNI CPUs,
+    so a top-1 limit in pp rejected a faithful export on one kind and passed it on the other.
+    Returns the QAT metrics record; "problems" says why the caller must reject the file."""
+    torch_classes = torch.from_numpy(torch_logits(qat_model, images)).argmax(1)
+    reference_top1 = 100.0 * (torch_classes == labels).float().mean().item()  # engine.evaluate's
     export_qat_onnx(qat_model, onnx_path, image_size=images.shape[-1], opset=opset)
-    onnx_top1 = top1(make_session(onnx_path, threads=threads), images, labels)
+    onnx_classes = run_onnx(make_session(onnx_path, threads=threads), images).argmax(1)
+    onnx_top1 = float(100.0 * (onnx_classes == labels.numpy()).mean())
+    agreement = float((onnx_classes == torch_classes.numpy()).mean())
     kernels = int8_kernel_report(onnx_path)
     problems = []
-    if not abs(onnx_top1 - reference_top1) <= max_top1_diff_pp:
+    if not agreement >= min_agreement:
         problems.append(
-            f"ONNX top-1 {onnx_top1:.2f}% vs PyTorch QAT {reference_top1:.2f}% differ "
-            f"by more than qat.max_top1_diff_pp={max_top1_diff_pp}"
+            f"ONNX and PyTorch QAT agree on {agreement:.2%} of {len(labels)} test images "
+            f"(ONNX top-1 {onnx_top1:.2f}% vs {reference_top1:.2f}%), below "
+            f"qat.min_agreement={min_agreement}"
         )
     if not kernels["all_convs_int8"]:
         problems.append(
@@ -352,6 +358,7 @@ def export_qat_checked(
         "torch_top1": reference_top1,
         "onnx_top1": onnx_top1,
         "top1_diff_pp": onnx_top1 - reference_top1,
+        "agreement": agreement,
         "val_top1": val_top1,
         "size_mb": Path(onnx_path).stat().st_size / 1e6,
         "kernels": kernels,
@@ -410,7 +417,7 @@ def quantize_checkpoint(
         labels,
         opset=params.export.opset,
         threads=base.threads,
-        max_top1_diff_pp=p.max_top1_diff_pp,
+        min_agreement=p.min_agreement,
         val_top1=history[-1]["val_top1"],
         fp32_metrics=checkpoint.get("metrics", {}),
     )

@@ -15,9 +15,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from resnet_slim.bench import has_int8_dot_product
 from resnet_slim.errors import UserError
 from resnet_slim.export import INPUT_NAME, make_session
+from resnet_slim.hardware import has_int8_dot_product
 from resnet_slim.io import atomic_path
 
 
@@ -36,7 +36,14 @@ def calibration_images(images: torch.Tensor, count: int, seed: int) -> np.ndarra
     if len(images) == 0:
         raise UserError("calibration set is empty: the training split has no images")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-    return images[pick].numpy().astype(np.float32)
+    chosen = images[pick].numpy().astype(np.float32)
+    if not np.isfinite(chosen).all():  # min-max calibration would give inf / NaN scales
+        raise UserError(
+            "calibration images hold non-finite values (inf/NaN) after normalisation: the "
+            "prepared dataset's meta.json mean/std must be finite with every std > 0; re-run "
+            "the prepare stage"
+        )
+    return chosen
 
 
 def resolve_reduce_range(setting: bool | str) -> bool:

@@ -16,8 +16,10 @@ import yaml
 from resnet_slim import plots
 from resnet_slim import report_sections as sec
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path, finite_number, read_json
+from resnet_slim.io import finite_number, read_json, replace_together
+from resnet_slim.params import load_params
 from resnet_slim.render import render_html, render_markdown
+from resnet_slim.verdict import read_verdict
 
 
 def optional_json(path: Path, kind: type = dict):
@@ -69,25 +71,27 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
         if isinstance(r, dict) and name not in models:
             models[name] = _torch_row(path, r)
     params_path = Path(params_path)
-    params_text = params_path.read_text() if params_path.is_file() else ""
-    try:
+    params_text, params = "", {}
+    if params_path.is_file():  # shown in the report: refused as every other stage refuses it
+        load_params(params_path)
+        params_text = params_path.read_text(encoding="utf-8")
         params = yaml.safe_load(params_text) or {}
-    except yaml.YAMLError:
-        params = {}
+    gate_path = reports / "gate.json"
     curves = {}
     for tsv in sorted(reports.glob("**/plots/metrics/val_top1.tsv")):
         label = tsv.parents[2].relative_to(reports).as_posix().removesuffix("/live")
         if pairs := plots.read_curve(tsv):
             curves[label] = pairs
-    hardware, roofline = bench.get("hardware"), bench.get("roofline")
+    hardware, roofline, timing = bench.get("hardware"), bench.get("roofline"), bench.get("timing")
     return {
         "models": models,
         "hardware": hardware if isinstance(hardware, dict) else {},
         "roofline": roofline if isinstance(roofline, dict) else None,
+        "timing": timing if isinstance(timing, dict) else None,
         "unavailable_targets": bench.get("unavailable_targets")
         if isinstance(bench.get("unavailable_targets"), dict)
         else {},
-        "gate": optional_json(reports / "gate.json"),
+        "gate": read_verdict(gate_path) if gate_path.is_file() else None,
         "seeds": optional_json(reports / "seeds.json"),
         "prune": optional_json(reports / "prune" / "metrics.json"),
         "channels": optional_json(reports / "prune" / "channels.json", list),
@@ -123,6 +127,7 @@ def build_report(inputs: dict) -> list:
         inputs["models"], inputs["unavailable_targets"]
     )
     blocks += sec.seed_repeats(inputs["seeds"])
+    blocks += sec.timing_noise(inputs["models"], inputs["timing"], s)
     blocks += sec.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
     blocks += sec.pruning(inputs["prune"])
     blocks += sec.lowrank_vs_pruning(inputs["lowrank"], inputs["prune"], inputs["models"])
@@ -163,20 +168,28 @@ def make_plots(inputs: dict) -> dict[str, bytes]:
 
 
 def write_report(inputs: dict, *, out_md: Path, out_html: Path, plots_dir: Path) -> dict:
-    """Write the figures directory, report.md and report.html, each replaced atomically."""
+    """Write the figures directory, report.md and report.html, replaced together: a signal
+    part-way leaves the previous report whole, or the new one whole."""
     blocks = build_report(inputs)
     files = make_plots(inputs)
     plots_dir = Path(plots_dir)
-    with atomic_path(plots_dir) as tmp:  # the whole directory: no stale figure survives a rerun
+    images = {n: d for n, d in files.items() if n.endswith(".png")}
+    rel = Path(os.path.relpath(plots_dir, Path(out_md).parent)).as_posix()
+
+    def write_plots(tmp: Path) -> None:  # the whole directory: no stale figure survives a rerun
         tmp.mkdir()
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-    images = {n: d for n, d in files.items() if n.endswith(".png")}
-    rel = Path(os.path.relpath(plots_dir, Path(out_md).parent)).as_posix()
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(render_markdown(blocks, rel, images), encoding="utf-8")
-    with atomic_path(out_html) as tmp:
-        tmp.write_text(render_html(blocks, images), encoding="utf-8")
+
+    replace_together(
+        {
+            plots_dir: write_plots,
+            out_md: lambda tmp: tmp.write_text(
+                render_markdown(blocks, rel, images), encoding="utf-8"
+            ),
+            out_html: lambda tmp: tmp.write_text(render_html(blocks, images), encoding="utf-8"),
+        }
+    )
     return {
         "release": sec.gate_settings(inputs)["release"],
         "models": list(inputs["models"]),

@@ -9,10 +9,11 @@ import re
 
 import pandas as pd
 
-from resnet_slim.gate import accuracy_sentence
+from resnet_slim.gate import accuracy_sentence, speedup_sentence
 from resnet_slim.io import finite_number
-from resnet_slim.metrics import best_peer_int8
+from resnet_slim.metrics import best_peer_int8, speedup
 from resnet_slim.plots import feasible_region
+from resnet_slim.timing import SLOW_ROUND
 
 QUANT_SUFFIX = re.compile(r"_(qat_int8|ptq_dynamic_int8|ptq_int8|torch_eager_int8)$")
 PLATEAU_EPOCHS, PLATEAU_PP = 3, 0.5  # "plateaued": the last 3 epochs lie within 0.5 pp
@@ -85,7 +86,8 @@ def model_table(models: dict, reference: str, release: str | None) -> pd.DataFra
                 "file MB": finite_number(m.get("size_mb")),
                 "p50 ms": finite_number(m.get("p50_ms")),
                 "p99 ms": finite_number(m.get("p99_ms")),
-                "speed-up ×": _ratio(ref.get("p50_ms"), m.get("p50_ms")),
+                "speed-up ×": (ratio := speedup(models, reference, name))["ratio"],
+                "speed-up 95% CI": _interval(*(ratio["ci"] or [None, None]), "{:.2f}"),
                 "size × smaller": _ratio(ref.get("size_mb"), m.get("size_mb")),
                 "peak RSS MB": finite_number(m.get("peak_rss_mb")),
                 "img/s": finite_number(m.get("throughput_ips")),
@@ -95,9 +97,9 @@ def model_table(models: dict, reference: str, release: str | None) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def _interval(low, high) -> str:
+def _interval(low, high, fmt="{:.1f}") -> str:
     low, high = finite_number(low), finite_number(high)
-    return "–" if low is None or high is None else f"[{low:.1f}, {high:.1f}]"
+    return "–" if low is None or high is None else f"[{fmt.format(low)}, {fmt.format(high)}]"
 
 
 def _mark(ok) -> str:
@@ -168,6 +170,30 @@ def headline(inputs: dict) -> list:
                     ),
                 )
             )
+    latency = s["checks"].get("latency_speedup")
+    if isinstance(latency, dict) and latency.get("statistic"):
+        gated_on = (
+            "the lower end of the speed-up's confidence interval"
+            if latency["statistic"] == "lower_ci"
+            else "the point speed-up"
+        )
+        blocks.append(
+            (
+                "p",
+                f"**What the timing supports:** {speedup_sentence(latency)} The gate judged "
+                f"{gated_on} (`gate.speedup_statistic: {latency['statistic']}`).",
+            )
+        )
+        if latency.get("decidable") is False:
+            blocks.append(
+                (
+                    "p",
+                    f"**⚠ The host was too noisy for this gate to decide the speed:** the "
+                    f"{latency.get('level', 0.95):.0%} CI of the speed-up straddles the "
+                    f"{latency.get('threshold')}× threshold; more `benchmark.rounds` or a "
+                    f"quieter machine would narrow it.",
+                )
+            )
     if isinstance(gate.get("selection"), dict):
         sel = gate["selection"]
         blocks.append(("p", f"Why this model: {sel.get('why')}."))
@@ -176,6 +202,8 @@ def headline(inputs: dict) -> list:
                 "candidate": c.get("model"),
                 "passed": _mark(c.get("passed")),
                 "p50 ms": finite_number(c.get("p50_ms")),
+                "speed-up ×": finite_number(c.get("speedup")),
+                "95% CI": _interval(*(c.get("speedup_ci") or [None, None]), "{:.2f}"),
                 "failed": "; ".join(c.get("failed") or []) or "–",
             }
             for c in sel.get("candidates") or []
@@ -217,10 +245,10 @@ def comparison(inputs: dict) -> list:
         {
             "release vs": n,
             "runtime": models[n].get("runtime", "onnxruntime"),
-            "latency ×": _ratio(models[n].get("p50_ms"), m.get("p50_ms")),
-            "latency × (all cores)": _ratio(
-                models[n].get("p50_ms_all_cores"), m.get("p50_ms_all_cores")
-            ),
+            "latency ×": (ratio := speedup(models, n, rel))["ratio"],
+            "95% CI": _interval(*(ratio["ci"] or [None, None]), "{:.2f}"),
+            "latency × (all cores)": (every := speedup(models, n, rel, all_cores=True))["ratio"],
+            "95% CI (all cores)": _interval(*(every["ci"] or [None, None]), "{:.2f}"),
             "size × smaller": _ratio(models[n].get("size_mb"), m.get("size_mb")),
             "Δ top-1 pp": _diff(m.get("top1"), models[n].get("top1")),
         }
@@ -233,6 +261,8 @@ def comparison(inputs: dict) -> list:
         (
             "p",
             "× > 1: the release is faster / smaller; Δ > 0: the release is more accurate. "
+            "Latency ratios are the median of per-round ratios (every model timed in the same "
+            "shuffled rounds), with a bootstrap 95% CI over the rounds. "
             "`*_ptq_int8` rows are onnxruntime static post-training quantization; "
             "`*_openvino_*` rows are OpenVINO (FP32, and NNCF INT8): the tools a user "
             "would pick instead of this pipeline.",
@@ -245,13 +275,68 @@ def comparison(inputs: dict) -> list:
             (
                 "p",
                 f"**Release vs the teacher FP32** (`{ref}`): "
-                f"{_f(_ratio(r.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster, "
+                f"{_speedup_text(speedup(models, ref, rel))} faster, "
                 f"{_f(_ratio(r.get('size_mb'), m.get('size_mb')), '{:.1f}')}× smaller, "
                 f"{_f(_diff(m.get('top1'), r.get('top1')), '{:+.2f}')} pp top-1. "
                 f"**Release vs the best peer INT8** (`{best}`, the fastest INT8 build "
                 f"of the teacher): "
-                f"{_f(_ratio(b.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster, "
+                f"{_speedup_text(speedup(models, best, rel))} faster, "
                 f"{_f(_diff(m.get('top1'), b.get('top1')), '{:+.2f}')} pp top-1.",
+            )
+        )
+    return blocks
+
+
+def _speedup_text(ratio: dict) -> str:
+    """ "24.1× (95% CI 23.5-24.8×)", or the bare ratio where there is no interval."""
+    text = _f(ratio["ratio"], "{:.1f}", "×")
+    if ratio["ci"]:
+        text += f" (95% CI {ratio['ci'][0]:.1f}-{ratio['ci'][1]:.1f}×)"
+    return text
+
+
+def timing_noise(models: dict, timing: dict | None, s: dict) -> list:
+    """How the models were timed, and how much the host's noise moved each of them."""
+    blocks = [("h2", "Timing and noise")]
+    if not timing:
+        return blocks + [
+            ("p", "No interleaved timing in benchmark.json: each model was timed alone.")
+        ]
+    rows = [
+        {
+            "model": n,
+            "p50 ms": finite_number(m.get("p50_ms")),
+            "p90 ms": finite_number(m.get("p90_ms")),
+            "p99 ms": finite_number(m.get("p99_ms")),
+            "round CV": _f(m.get("round_cv"), "{:.1%}"),
+            f"slow rounds (> {SLOW_ROUND - 1:.0%} over the median)": _f(
+                m.get("slow_round_fraction"), "{:.0%}"
+            ),
+        }
+        for n, m in models.items()
+        if n in (timing.get("models") or [])
+    ]
+    text = (
+        f"Every model below was timed in {timing.get('rounds')} rounds of "
+        f"{timing.get('runs_per_round')} batch-1 runs, in a shuffled order each round (seed "
+        f"{timing.get('order_seed')}), sessions kept open, after {timing.get('warmup')} warm-up "
+        f"runs each and {timing.get('round_warmup')} untimed runs at each turn. A load spike "
+        "then lands on every model of its round, and each ratio is formed round by round. "
+        "Round CV: the spread of a model's per-round medians."
+    )
+    blocks += [("p", text), ("table", pd.DataFrame(rows))]
+    noisy = [
+        n
+        for n in (s["reference"], s["release"])
+        if (finite_number((models.get(n) or {}).get("slow_round_fraction")) or 0) > 0.1
+    ]
+    if noisy:
+        blocks.append(
+            (
+                "p",
+                f"**⚠ Noisy host:** more than 10% of the rounds of {noisy} were over "
+                f"{SLOW_ROUND - 1:.0%} slower than their median; compare ratios from this run "
+                "only, and re-run on a quiet machine before trusting absolute milliseconds.",
             )
         )
     return blocks
@@ -341,7 +426,10 @@ def _stability_line(inputs: dict, rel: str) -> tuple:
             f"top-1 agreement {_f(parity.get('top1_agreement'), '{:.4f}')}"
         )
     if isinstance(qat, dict):
-        text.append(f"QAT PyTorch vs ONNX: {_f(qat.get('top1_diff_pp'), '{:+.3f}')} pp")
+        text.append(
+            f"QAT PyTorch vs ONNX: {_f(qat.get('top1_diff_pp'), '{:+.3f}')} pp, "
+            f"same class on {_f(qat.get('agreement'), '{:.2%}')} of the test images"
+        )
     return (
         "numerical stability",
         bool(found) and all(x.get("passed") for x in found),
@@ -371,7 +459,7 @@ def checklist(inputs: dict) -> list:
             "latency",
             *_gate_line(checks, "latency_speedup"),
             f"p50 {_f(m.get('p50_ms'), '{:.3f}')} ms, p99 {_f(m.get('p99_ms'), '{:.3f}')} ms, "
-            f"{_f(_ratio(r.get('p50_ms'), m.get('p50_ms')), '{:.1f}')}× faster than `{ref}`",
+            f"{_speedup_text(speedup(models, ref, rel))} faster than `{ref}`",
         ),
         (
             "accuracy",
@@ -650,6 +738,7 @@ def quantization(qat: dict) -> list:
                     "PyTorch top-1": finite_number(m.get("torch_top1")),
                     "ONNX top-1": finite_number(m.get("onnx_top1")),
                     "Δ pp": finite_number(m.get("top1_diff_pp")),
+                    "same class": _f(m.get("agreement"), "{:.2%}"),
                     "int8 convs": k.get("int8_convs"),
                     "float convs": k.get("float_convs"),
                     "all convs int8": _mark(k.get("all_convs_int8")),
@@ -755,6 +844,7 @@ def hardware_limit(models: dict, roofline: dict | None, release: str | None) -> 
             "floor ms (MACs ÷ peak)": finite_number(m.get("floor_ms")),
             "p50 ms": finite_number(m.get("p50_ms")),
             "of the limit": _f(m.get("peak_fraction"), "{:.0%}"),
+            "95% CI": _interval(*(m.get("peak_fraction_ci") or [None, None]), "{:.2f}"),
             f"p50 ms, {m.get('all_cores', 'all')} cores": finite_number(m.get("p50_ms_all_cores")),
         }
         for n, m in models.items()

@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from resnet_slim.bench import time_ms
 from resnet_slim.export import INPUT_NAME, count_macs, make_session
+from resnet_slim.stats import ratio_of_rounds
+from resnet_slim.timing import time_ms
 
 QUANTIZED_OPS = {
     "QuantizeLinear",
@@ -117,4 +118,8 @@ def add_efficiency(rows: dict[str, dict], *, threads: int, reduce_range: bool) -
                 efficiency(count_macs(row["file"]), row["p50_ms"], peak[f"{kind}_gmacs"]),
                 peak_kind=kind,
             )
+            if row.get("round_p50_ms"):  # the fraction per round: floor / that round's median
+                rounds = row["round_p50_ms"]
+                fraction = ratio_of_rounds([row["floor_ms"]] * len(rounds), rounds)
+                row["peak_fraction_ci"] = [fraction["ci_low"], fraction["ci_high"]]
     return peak

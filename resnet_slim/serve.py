@@ -3,7 +3,9 @@
 `python -m resnet_slim.serve` (also `make serve`, `resnet-slim-serve`) reads what the pipeline
 wrote: `reports/gate.json` names the release model, `reports/benchmark.json` its ONNX file and
 measured numbers, `data/prepared/meta.json` the class names and normalisation. It refuses to start
-unless the gate passed; `--allow-ungated` starts anyway and every page and answer carries a warning.
+unless the gate passed for these very files (gate.json records their sha256, and the release file
+must be `models/<release>.onnx` in the workspace); `--allow-ungated` starts anyway and every page
+and answer carries a warning. A model file outside the workspace is never served.
 
 Uploads stay in memory (never written to disk), are size-checked before they are read and
 pixel-checked before they are decoded (decompression bombs), then go through
@@ -12,7 +14,10 @@ all request threads: `InferenceSession.run` is thread-safe.
 
 It runs on waitress, a production WSGI server: its I/O thread reads each request in full before a
 worker thread sees it, so a client that sends less than its Content-Length holds no worker and is
-disconnected after REQUEST_TIMEOUT_S. Memory is bounded by design: at most CONNECTION_LIMIT bodies
+disconnected after REQUEST_TIMEOUT_S. A slow client is bounded too (GuardedServer): each request
+must arrive in full within REQUEST_DEADLINE_S, and one address holds at most
+CLIENT_RECEIVING_LIMIT connections that are still sending, so /healthz and the page stay
+reachable while others trickle. Memory is bounded by design: at most CONNECTION_LIMIT bodies
 of at most the upload limit (+ MULTIPART_MARGIN) are buffered, and at most `max_decodes` images
 are decoded at once (a 25-megapixel upload decodes to ~100 MB of RGBA, ~200 MB at peak while it is
 converted); a request that waits DECODE_WAIT_S for a decoding slot gets HTTP 503. With the
@@ -34,15 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import waitress
 from flask import Flask, Request, jsonify, render_template, request
 from PIL import Image, UnidentifiedImageError
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, ServiceUnavailable
 
 from resnet_slim import data
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.export import check_input_size, make_session
 from resnet_slim.io import finite_number, read_json
+from resnet_slim.verdict import read_verdict, served_file_problems
 
 DEFAULT_MAX_UPLOAD_MB = 5.0  # request body limit; a larger upload gets HTTP 413
 DEFAULT_MAX_MEGAPIXELS = 25.0  # width x height limit, checked from the header before decoding
@@ -51,6 +58,15 @@ DEFAULT_THREADS = 8  # waitress worker threads: requests in the app at once
 CONNECTION_LIMIT = 32  # open connections; each may buffer one request body in memory
 MULTIPART_MARGIN = 1024 * 1024  # bytes over the upload limit waitress buffers (form overhead)
 REQUEST_TIMEOUT_S = 10  # a connection that sends nothing for this long is closed
+# A request (headers and body) must arrive in full within this, however it is trickled: the idle
+# timeout above never fires for a client that sends a byte every few seconds. It asks 0.5 MB/s of
+# a 5 MB upload; loopback and a LAN give far more.
+REQUEST_DEADLINE_S = 10
+# Connections one client address may hold while they are still sending a request (a browser opens
+# up to 6): one client alone cannot take the CONNECTION_LIMIT slots.
+CLIENT_RECEIVING_LIMIT = 8
+# multipart parts in one upload: the page sends one, API clients may add a few (werkzeug: 1000)
+MAX_FORM_PARTS = 100
 DECODE_WAIT_S = 20  # longest wait for a decoding slot before answering 503
 TOP_K = 3
 # The formats prepare reads from an imagefolder (prepare.IMAGE_SUFFIXES). Pillow's rarer decoders
@@ -87,52 +103,40 @@ def require_output(path: Path, what: str) -> Path:
     return path
 
 
-def gate_verdict(gate_path: Path) -> tuple[str | None, str | None]:
-    """(the release model the gate names, why it is not a passed release, or None if it is)."""
+def gate_verdict(gate_path: Path) -> tuple[dict | None, str | None]:
+    """(gate.json if the gate stage could have written it, why it is not a passed release or None).
+
+    A gate.json edited by hand is not a pass: `read_verdict` names what is wrong with it."""
     try:
-        gate = read_json(require_output(gate_path, "gate result"), what="gate result")
+        verdict = read_verdict(require_output(gate_path, "gate result"))
     except UserError as err:
         return None, str(err)
-    if not isinstance(gate, dict):
-        return None, f"{gate_path}: not a gate result (expected a JSON object)"
-    release = gate.get("release") if isinstance(gate.get("release"), str) else None
-    if gate.get("passed") is not True:  # fail closed: anything but an explicit pass
-        failed = gate.get("failed") or []
-        why = f": {failed[0]}" if isinstance(failed, list) and failed else ""
-        return release, f"{gate_path}: the gate did not pass for release '{release}'{why}"
-    return release, None
+    if not verdict["passed"]:  # fail closed: read_verdict lets `passed` be only true or false
+        return verdict, (
+            f"{gate_path}: the gate did not pass for release '{verdict['release']}': "
+            f"{verdict['failed'][0]}"
+        )
+    return verdict, None
 
 
-def load_release(
-    *,
-    root: Path,
-    gate: Path,
-    benchmark: Path,
-    prepared: Path,
-    model: str | None = None,
-    allow_ungated: bool = False,
-) -> Release:
-    """Open the gated release model (or `model`, with `allow_ungated`) for serving.
-
-    Relative paths, including the model file named in the benchmark, are taken from `root`.
-    """
-    root = Path(root)
-    gate_path, benchmark_path = root / gate, root / benchmark
-    release_name, not_gated = gate_verdict(gate_path)
-    if model and release_name and model != release_name and not_gated is None:
-        not_gated = f"--model {model} is not the gated release ('{release_name}')"
+def refuse_ungated(not_gated: str | None, allow_ungated: bool) -> None:
     if not_gated and not allow_ungated:
         raise UserError(
             f"refusing to serve an ungated model: {not_gated}; pass --allow-ungated "
             f"to serve it anyway (the page will show a warning)"
         )
 
+
+def benchmarked_model(benchmark_path: Path, name: str | None, root: Path) -> tuple[dict, Path]:
+    """`name`'s row in benchmark.json and its ONNX file, which must lie inside `root`.
+
+    Never a file elsewhere (`/etc/x.onnx`, `../x.onnx`, a link out of the workspace): the server
+    only serves what the pipeline wrote, even with --allow-ungated."""
     results = read_json(
         require_output(benchmark_path, "benchmark results"), what="benchmark results"
     )
     models = results.get("models") if isinstance(results, dict) else None
     models = models if isinstance(models, dict) else {}
-    name = model or release_name
     if name not in models:
         known = ", ".join(sorted(models)) or "none"
         wanted = f"model '{name}'" if name else "the release model (the gate names none)"
@@ -147,15 +151,76 @@ def load_release(
             f"{benchmark_path}: model '{name}' has no ONNX file (runtime "
             f"{entry.get('runtime', 'unknown')}); serve an onnxruntime model"
         )
+    if "\0" in file:  # no path has one (resolving it would raise ValueError)
+        raise UserError(f"{benchmark_path}: model '{name}' has no valid file name ({file!r})")
+    workspace = root.resolve()
+    path = (workspace / file).resolve()  # an absolute `file` stays itself
+    if not path.is_relative_to(workspace):
+        raise UserError(
+            f"{benchmark_path}: the ONNX file of model '{name}' is {file}, outside the "
+            f"workspace {workspace}; refusing to serve a file the pipeline did not write"
+        )
+    return entry, path
 
-    require_output(root / prepared / "meta.json", "prepared dataset metadata")
+
+def unvouched(verdict: dict, root: Path, served: dict[str, Path]) -> str | None:
+    """Why the files the server would read are not the ones the gate passed, or None if they are.
+
+    `served` maps each vouched file (release, meta, benchmark) to the path the server reads: the
+    recorded files must be unchanged, and they must be the ones read (not another --benchmark)."""
+    problems = served_file_problems(verdict, root)
+    files = verdict.get("files") if isinstance(verdict.get("files"), dict) else {}
+    for name, path in served.items():
+        record = files.get(name) if isinstance(files.get(name), dict) else {}
+        recorded = record.get("path")
+        if isinstance(recorded, str) and (root / recorded).resolve() != path.resolve():
+            problems.append(f"the {name} file to serve is {path}, not {recorded} the gate judged")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}; re-run the pipeline (make repro)"
+
+
+def load_release(
+    *,
+    root: Path,
+    gate: Path,
+    benchmark: Path,
+    prepared: Path,
+    model: str | None = None,
+    allow_ungated: bool = False,
+) -> Release:
+    """Open the gated release model (or `model`, with `allow_ungated`) for serving.
+
+    Relative paths, including the model file named in the benchmark, are taken from `root`. A
+    passed gate vouches for the release file, meta.json and benchmark.json by sha256: the server
+    reads exactly those, or the model counts as ungated.
+    """
+    root = Path(root)
+    gate_path, benchmark_path = root / gate, root / benchmark
+    meta_path = root / prepared / "meta.json"
+    verdict, not_gated = gate_verdict(gate_path)
+    release_name = verdict["release"] if verdict else None
+    if model and release_name and model != release_name and not_gated is None:
+        not_gated = f"--model {model} is not the gated release ('{release_name}')"
+    refuse_ungated(not_gated, allow_ungated)
+
+    name = model or release_name
+    entry, model_path = benchmarked_model(benchmark_path, name, root)
+    require_output(meta_path, "prepared dataset metadata")
     meta = data.load_meta(root / prepared)
-    model_path = require_output(root / file, f"ONNX file of model '{name}'")
+    require_output(model_path, f"ONNX file of model '{name}'")
+    if not_gated is None:  # the gate passed: for these very files?
+        served = {"release": model_path, "meta": meta_path, "benchmark": benchmark_path}
+        not_gated = unvouched(verdict, root, served)
+        refuse_ungated(not_gated, allow_ungated)
+
     session = make_session(model_path)
     check_input_size(session, int(meta["image_size"]), model_path)
     input_name = session.get_inputs()[0].name
     size = int(meta["image_size"])
-    # One warm-up run doubles as the check that the model and the dataset agree on the classes.
+    # One warm-up run doubles as the check that the model and the dataset agree on the classes,
+    # and that the model computes numbers at all (NaN logits would rank classes arbitrarily).
     logits = session.run(None, {input_name: np.zeros((1, 3, size, size), dtype=np.float32)})[0]
     n_classes = len(meta["class_names"])
     if logits.shape != (1, n_classes):
@@ -163,9 +228,14 @@ def load_release(
             f"{model_path}: model outputs {list(logits.shape)} logits per batch but "
             f"{root / prepared} has {n_classes} classes"
         )
+    if not np.isfinite(logits).all():
+        raise UserError(
+            f"{model_path}: model outputs non-finite logits (NaN or inf) for a blank image; "
+            f"refusing to serve it (re-export it: make repro)"
+        )
     card = {
         "name": name,
-        "file": file,
+        "file": entry["file"],
         "top1": finite_number(entry.get("top1")),
         "size_mb": finite_number(entry.get("size_mb")),
         "p50_ms": finite_number(entry.get("p50_ms")),
@@ -241,6 +311,17 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
+def too_large(content_length: int | None, max_upload_bytes: int, max_upload_mb: float) -> str:
+    """What a 413 means: werkzeug raises the same error for a body over the size limit and for a
+    form with more than MAX_FORM_PARTS parts; the body's length tells them apart."""
+    if content_length is not None and content_length <= max_upload_bytes:
+        return (
+            f"too many form fields: at most {MAX_FORM_PARTS}; send the image alone, "
+            f"in the field 'image'"
+        )
+    return f"upload is larger than the {max_upload_mb:g} MB limit"
+
+
 def create_app(
     release: Release,
     *,
@@ -253,6 +334,10 @@ def create_app(
     app.request_class = InMemoryRequest
     max_upload_bytes = int(max_upload_mb * 1024 * 1024)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
+    # A text field may be as large as the body, like the file (werkzeug: 500 KB): then a 413 for
+    # a body within the size limit can only mean too many parts, and the answer says so.
+    app.config["MAX_FORM_MEMORY_SIZE"] = max_upload_bytes
     max_pixels = int(max_megapixels * 1e6)
     decoding = threading.BoundedSemaphore(max_decodes)
 
@@ -296,7 +381,7 @@ def create_app(
         # Every error is one JSON line for scripts and for the page's script to show.
         message = err.description
         if isinstance(err, RequestEntityTooLarge):
-            message = f"upload is larger than the {max_upload_mb:g} MB limit"
+            message = too_large(request.content_length, max_upload_bytes, max_upload_mb)
         return jsonify({"error": message}), err.code
 
     @app.after_request
@@ -367,19 +452,85 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class DeadlineChannel(HTTPChannel):
+    """A waitress connection that must deliver each whole request within a deadline.
+
+    waitress closes a connection only after REQUEST_TIMEOUT_S of silence, so a client trickling
+    a byte every few seconds holds it for ever; here the server's maintenance closes it once its
+    request has been arriving for longer than the deadline."""
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map=map)
+        self.ready_since = time.monotonic()  # when it began waiting for its current request
+        server.make_room_for(self)
+
+    def receiving(self) -> bool:
+        """Waiting for, or part-way through, a request: none complete in the app, nothing to send.
+
+        Only the I/O thread turns such a connection into a busy one (`received`), so the answer
+        holds while that thread acts on it."""
+        return not (
+            self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed
+        )
+
+    def service(self):  # in a worker thread, once per complete request
+        super().service()
+        self.ready_since = time.monotonic()  # the next request's deadline starts now
+
+
+class GuardedServer(TcpWSGIServer):
+    """waitress's TCP server with a per-request deadline and a per-client cap on connections that
+    are still sending their request (slow clients, "slowloris").
+
+    The cap evicts the client's oldest such connection rather than refusing the new one: a client
+    that sends a whole request at once (a browser, /healthz) is always served, while one that
+    trickles is dropped once it is the oldest of CLIENT_RECEIVING_LIMIT. One address then holds
+    at most that many of the CONNECTION_LIMIT slots; several addresses together can still fill
+    them, each connection for at most the deadline."""
+
+    channel_class = DeadlineChannel
+
+    def __init__(self, application, *, deadline_s: float, per_client: int, **adjustments):
+        self.deadline_s, self.per_client = deadline_s, per_client
+        super().__init__(application, **adjustments)
+
+    def make_room_for(self, newcomer: DeadlineChannel) -> None:
+        client = newcomer.addr[0]
+        waiting = [
+            channel
+            for channel in self.active_channels.values()
+            if channel is not newcomer and channel.addr[0] == client and channel.receiving()
+        ]
+        waiting.sort(key=lambda channel: channel.ready_since)
+        for channel in waiting[: max(0, len(waiting) + 1 - self.per_client)]:  # the oldest
+            channel.will_close = True  # the I/O loop closes it on its next pass
+
+    def maintenance(self, now):  # every cleanup_interval, in the I/O thread
+        super().maintenance(now)  # waitress: connections silent for channel_timeout
+        cutoff = time.monotonic() - self.deadline_s
+        for channel in self.active_channels.values():
+            if channel.receiving() and channel.ready_since < cutoff:
+                channel.will_close = True
+
+
 def make_server(
     app: Flask, *, host: str, port: int, max_upload_mb: float, threads: int = DEFAULT_THREADS
-):
-    """A waitress server for `app` (not started: call `.run()`; `.effective_port` is the port)."""
+) -> GuardedServer:
+    """A waitress server for `app` (not started: call `.run()`; `.effective_port` is the port).
+
+    It listens on the first address `host` resolves to (waitress's create_server would open one
+    server per address, and return an object without `.effective_port` for several)."""
     max_body = int(max_upload_mb * 1024 * 1024) + MULTIPART_MARGIN
-    return waitress.create_server(
+    return GuardedServer(
         app,
+        deadline_s=REQUEST_DEADLINE_S,
+        per_client=CLIENT_RECEIVING_LIMIT,
         host=host,
         port=port,
         threads=threads,
         connection_limit=CONNECTION_LIMIT,
         channel_timeout=REQUEST_TIMEOUT_S,
-        cleanup_interval=1,  # how often idle connections are looked for (waitress: 30 s)
+        cleanup_interval=1,  # how often maintenance runs (waitress: 30 s): the deadline's precision
         max_request_body_size=max_body,  # larger bodies get 413 before they are read
         inbuf_overflow=max_body,  # keep bodies in memory: uploads are never written to disk
         asyncore_use_poll=True,  # no select() limit of 1024 file descriptors

@@ -122,3 +122,47 @@ def across_seeds(values, *, level: float = 0.95) -> dict:
         "n_seeds": k,
         "level": level,
     }
+
+
+def ratio_of_rounds(
+    numerator_ms, denominator_ms, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """How many times faster the denominator's model is: the median over rounds of the per-round
+    ratio (numerator / denominator, each a round's median ms), with a percentile-bootstrap CI over
+    rounds. Both models were timed in the same rounds (timing.time_in_rounds), so a load spike
+    that slowed a round slowed both and cancels in that round's ratio."""
+    a = np.asarray(numerator_ms, dtype=np.float64)
+    b = np.asarray(denominator_ms, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(
+            f"need the same 2+ rounds for both models (got {a.shape} and {b.shape} round times)"
+        )
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and (a > 0).all() and (b > 0).all()):
+        raise ValueError("round times must be finite and > 0 ms")
+    ratios = a / b
+    idx = _resample_indices(len(ratios), resamples, seed)
+    low, high = _percentile_ci(np.median(ratios[idx], axis=1), level)
+    return {
+        "ratio": float(np.median(ratios)),
+        "ci_low": low,
+        "ci_high": high,
+        "level": level,
+        "rounds": int(len(ratios)),
+    }
+
+
+def accuracy_with_ci(predictions, labels, p) -> dict:
+    """A benchmark row's top-1 keys: top-1 and its bootstrap CI over test images, at the benchmark
+    section's `ci_level` / `bootstrap_resamples` / `bootstrap_seed` (fixed: reruns agree)."""
+    ci = bootstrap_accuracy_ci(
+        np.asarray(predictions) == np.asarray(labels),
+        level=p.ci_level,
+        resamples=p.bootstrap_resamples,
+        seed=p.bootstrap_seed,
+    )
+    return {
+        "top1": ci["top1"],
+        "top1_ci_low": ci["ci_low"],
+        "top1_ci_high": ci["ci_high"],
+        "ci_level": p.ci_level,
+    }

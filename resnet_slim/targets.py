@@ -25,13 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from resnet_slim.bench import accuracy_with_ci, latency_ms
 from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, check_parity, make_session, run_onnx, torch_logits
 from resnet_slim.io import atomic_path
 from resnet_slim.limits import usable_cores
 from resnet_slim.models import load_model
 from resnet_slim.params import BenchmarkParams, ExportParams
+from resnet_slim.stats import accuracy_with_ci
+from resnet_slim.timing import latency_ms
 
 REPO = Path(__file__).resolve().parents[1]
 # litert-torch cannot be installed into .venv (see LITERT_CONFLICT): `make install-litert` builds
@@ -276,6 +277,16 @@ class LiteRtSession:
         return [np.concatenate([self._run_one(image) for image in images])]
 
 
+def open_target_session(runtime: str, path: str | Path, *, threads: int):
+    """A session-like model for a benchmark row measured in another runtime (its `runtime` record,
+    e.g. "openvino 2025.4.0"), so the benchmark can time it beside the onnxruntime models."""
+    if runtime.startswith("openvino"):
+        return OpenVinoSession(path, threads=threads)
+    if runtime.startswith("litert"):
+        return LiteRtSession(path, threads=threads)
+    raise UserError(f"{path}: no session for runtime {runtime!r}")
+
+
 # ---- MindSpore Lite, TensorRT -----------------------------------------------------------------
 
 
@@ -330,12 +341,12 @@ def benchmark_session(
         **accuracy_with_ci(predictions, labels.numpy(), p),
         "n_test": int(len(labels)),
         "size_mb": sum(Path(f).stat().st_size for f in files) / 1e6,
-        **latency_ms(session, one, warmup=p.warmup, runs=p.runs),
+        **latency_ms(session, one, warmup=p.warmup, runs=p.timed_runs),
         "threads": p.threads,
     }
     all_cores = usable_cores()
     row["p50_ms_all_cores"] = latency_ms(
-        open_session(all_cores), one, warmup=p.warmup, runs=p.runs
+        open_session(all_cores), one, warmup=p.warmup, runs=p.timed_runs
     )["p50_ms"]
     row["threads_all_cores"] = all_cores
     row["predictions"] = predictions

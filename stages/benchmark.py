@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from resnet_slim import bench  # after parse_args: `--help` needs no torch or onnxruntime
     from resnet_slim.params import load_params
+    from resnet_slim.targets import open_target_session  # OpenVINO / LiteRT rows: timed here too
 
     written, peak = bench.run_benchmark(
         args.models_dir,
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
         targets=args.targets,
         targets_predictions=args.targets_predictions,
         torch_results=args.torch_results,
+        open_other=open_target_session,
     )
     if peak is not None:
         print(

@@ -22,8 +22,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     from resnet_slim import targets  # after parse_args: `--help` needs no torch or openvino
-    from resnet_slim.bench import hardware_fingerprint
     from resnet_slim.data import load_meta, normalized_split
+    from resnet_slim.hardware import hardware_fingerprint
     from resnet_slim.io import atomic_path, write_json
     from resnet_slim.params import load_params
     from resnet_slim.quant import calibration_images

@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     )
     teacher = args.teacher_summary and read_json(args.teacher_summary, what="teacher summary")
     verdict["reference_origin"] = gate.reference_origin(teacher)
-    written = gate.write_verdict(verdict, bench, out=args.out, metrics=args.metrics)
+    written = gate.write_verdict(
+        verdict, bench, out=args.out, metrics=args.metrics, ci=params.benchmark
+    )
     print(f"gate: wrote {', '.join(written)}")
     for line in gate.log_lines(verdict):
         print(f"gate: {line}")

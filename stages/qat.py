@@ -1,8 +1,8 @@
 """qat: quantization-aware training of an FP32 checkpoint (pruned or not) -> INT8 QDQ ONNX.
 
 Calibrate the fake quants on training images, train with the shared loop, export (BN folded, int8
-weights), and reject the file unless onnxruntime runs every conv as an int8 kernel and its test
-top-1 is within qat.max_top1_diff_pp of the PyTorch QAT model's. base.device / base.nproc apply
+weights), and reject the file unless onnxruntime runs every conv as an int8 kernel and it gives the
+PyTorch QAT model's class on qat.min_agreement of the test images. base.device / base.nproc apply
 to the training as in every training stage (resnet_slim/distributed.py); rank 0 exports.
 """
 

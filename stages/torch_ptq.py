@@ -43,7 +43,9 @@ def main(argv=None) -> None:
         "backend": backend,
         "n_calibration": int(len(calibration)),
         "size_mb": state_dict_mb(quantized),
-        **torch_latency_ms(quantized, images[:1], threads=b.threads, warmup=b.warmup, runs=b.runs),
+        **torch_latency_ms(
+            quantized, images[:1], threads=b.threads, warmup=b.warmup, runs=b.timed_runs
+        ),
         "threads": b.threads,
     }
     if (peak_rss_mb := process_peak_rss_mb()) is not None:  # data, FP32 model too: an upper bound

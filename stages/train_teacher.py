@@ -8,6 +8,8 @@ machines: run `torchrun --nnodes ...` on this script directly (resnet_slim/distr
 """
 
 import argparse
+import os
+from pathlib import Path
 
 from resnet_slim.errors import run_stage
 
@@ -15,32 +17,45 @@ from resnet_slim.errors import run_stage
 def train(args, params, device) -> None:
     # imported here: the torchrun launcher process only reads params (saves ~5 s per launch)
     from resnet_slim import distributed, engine
-    from resnet_slim.io import save_checkpoint, write_together
+    from resnet_slim.io import (
+        replace_together,
+        save_checkpoint,
+        sha256_file,
+        staging_dir,
+        write_json,
+    )
 
-    model, arch, metrics = engine.train_teacher(
-        args.data, params=params, device=device, live_dir=args.live
-    )
-    if not distributed.is_main_process():
-        return  # rank 0 writes the outputs, once
-    # the checkpoint and its summary are one set: summary.json, written last, records the
-    # checkpoint's sha256, so an interrupt between the two cannot pass as a finished run
-    write_together(
-        {
-            "checkpoint": (
-                args.out,
-                lambda tmp: save_checkpoint(
-                    tmp,
-                    model=model,
-                    arch=arch,
-                    params=params.teacher.model_dump(),
-                    metrics=metrics,
-                    atomic=False,
-                ),
+    # the live curves go to a staging folder: a run stopped part-way leaves the previous
+    # checkpoint with its own curves, never the stopped run's curves beside the old weights
+    with staging_dir(args.live) as live:
+        model, arch, metrics = engine.train_teacher(
+            args.data, params=params, device=device, live_dir=live
+        )
+        if not distributed.is_main_process():
+            return  # rank 0 writes the outputs, once
+        checkpoint = {}
+
+        def write_checkpoint(tmp: Path) -> None:
+            save_checkpoint(
+                tmp,
+                model=model,
+                arch=arch,
+                params=params.teacher.model_dump(),
+                metrics=metrics,
+                atomic=False,
             )
-        },
-        record=f"{args.live}/summary.json",
-        content=metrics,
-    )
+            checkpoint["sha256"] = sha256_file(tmp)
+
+        def write_live(tmp: Path) -> None:
+            # summary.json records the checkpoint's sha256 (io.check_together reads it), so a
+            # checkpoint and curves from different runs cannot pass as one finished run
+            os.replace(live, tmp)
+            write_json(
+                tmp / "summary.json",
+                {**metrics, "outputs": {"checkpoint": {"path": str(args.out), **checkpoint}}},
+            )
+
+        replace_together({args.out: write_checkpoint, args.live: write_live})
 
 
 def main(argv=None) -> int:

@@ -1153,7 +1153,10 @@ def test_benchmark_models_in_params(tmp_path, models, message):
 
 
 def test_benchmark_of_a_missing_model_writes_nothing(tmp_path, tiny_prepared):
-    params = tiny_params(tmp_path / "params.yaml", benchmark={"models": ["teacher"], "runs": 5})
+    params = tiny_params(
+        tmp_path / "params.yaml",
+        benchmark={"models": ["teacher"], "rounds": 5, "runs_per_round": 1},
+    )
     out = tmp_path / "reports"
     with pytest.raises(UserError, match="models/teacher.onnx.*not found"):
         stage_main("benchmark")(
@@ -1400,7 +1403,8 @@ def test_benchmark_bad_models_and_reports_write_nothing(tmp_path, tiny_prepared,
         benchmark={
             "models": [model],
             "warmup": 1,
-            "runs": 3,
+            "rounds": 5,
+            "runs_per_round": 1,
             "all_cores": False,
             "roofline": False,
         },

@@ -515,7 +515,7 @@ QAT_TRAIN = {
     "lr": 0.005,
     "calibration_images": 64,
     "freeze_observer_epoch": 0,
-    "max_top1_diff_pp": 5.0,
+    "min_agreement": 0.9,
 }
 
 

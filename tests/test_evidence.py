@@ -38,7 +38,8 @@ GATE = {
 }
 BENCH = {
     "warmup": 1,
-    "runs": 5,
+    "rounds": 5,
+    "runs_per_round": 1,
     "throughput_batch": 8,
     "all_cores": False,
     "roofline": False,
@@ -147,7 +148,7 @@ def test_benchmark_records_the_evidence(run):
         "manifest.csv": sha256_file(run / "data/prepared/manifest.csv"),
         **{
             name: sha256_file(run / "data/prepared" / name)
-            for name in ("test_images.npy", "test_labels.npy")
+            for name in ("test_images.npy", "test_labels.npy", "meta.json")
         },
     }
     predictions = pd.read_csv(run / "reports/predictions.csv", dtype={"image": str})
@@ -282,7 +283,8 @@ def test_benchmark_json_without_evidence_is_refused(run):
         gate(run),
         "lists no outputs with their sha256",
         "records no file and sha256",
-        "sha256 of manifest.csv/test_images.npy/test_labels.npy differs or is not recorded",
+        "sha256 of manifest.csv/test_images.npy/test_labels.npy/meta.json differs or is not "
+        "recorded",
     )
 
 
@@ -353,15 +355,71 @@ def test_matching_seeds_are_used_when_asked_for(run):
     ],
     ids=["other-model-files", "other-seeds", "other-test-split"],
 )
-def test_seeds_for_other_models_or_seeds_are_ignored_with_a_note(run, seeds, fresh, split, note):
+def test_seeds_for_other_models_or_seeds_fail_the_gate_when_asked_for(
+    run, seeds, fresh, split, note
+):
+    """Evidence asked for is evidence required: base.seeds asks for repeats, so seed repeats
+    that do not match fail the evidence check, even where one run alone would pass."""
     seeds_file(run, seeds=seeds, drops=(-10.0, -10.5, -9.5)[: len(seeds)], fresh=fresh)
     if split is not None:
         record = json.loads((run / "reports/seeds.json").read_text())
         write_json(run / "reports/seeds.json", {**record, "test_split": split})
-    params(run, base={"seeds": [0, 1, 2]}, **STRICT)
+    params(run, base={"seeds": [0, 1, 2]})  # the loose gate: one run would pass it
     verdict = gate(run)
-    refused(verdict, "accuracy_drop_pp")
-    assert len(verdict["notes"]) == 1 and note in verdict["notes"][0]
+    refused(verdict, "evidence: seed repeats not used", note, "evidence asked for")
+    assert verdict["notes"] == []
+
+
+def test_missing_seeds_fail_the_gate_when_asked_for(run):
+    params(run, base={"seeds": [0, 1]})
+    verdict = gate(run, "--seeds", "reports/no_such_seeds.json")
+    refused(verdict, "base.seeds asks for [0, 1] but none were found")
+
+
+# --------------------------------------------------------------------------------------------
+# the chain reaches past the benchmark's own files: meta.json, the models re-scored, serving
+
+
+def test_meta_json_is_part_of_the_test_split_record(run):
+    meta_path = run / "data/prepared/meta.json"
+    meta = json.loads(meta_path.read_text())
+    write_json(meta_path, {**meta, "class_names": meta["class_names"][::-1]})
+    refused(gate(run), "is not the one reports/benchmark.json was measured on", "meta.json")
+
+
+def test_the_gate_rescores_the_models_instead_of_trusting_their_predictions(run):
+    """A careful forger rewrites the release's predictions as the labels, its top-1 as 100 % and
+    every recorded hash to match: only running the file again shows it."""
+    edit_predictions(run, lambda t: t.assign(release=t["label"]))
+    bench = bench_json(run)
+    bench["models"]["release"]["top1"] = 100.0
+    write_json(run / "reports" / "benchmark.json", bench)
+    failed = refused(gate(run), "release: re-scored on the test split, models/release.onnx")
+    assert "gives another class than the predictions file on" in failed
+
+
+def test_gate_json_vouches_for_the_files_it_judged(run):
+    from resnet_slim.verdict import read_verdict, served_file_problems
+
+    verdict = gate(run)
+    assert verdict["passed"], verdict["failed"]
+    assert read_verdict(run / "reports" / "gate.json") == verdict
+    assert verdict["files"]["release"]["path"] == "models/release.onnx"
+    assert verdict["files"]["meta"]["path"] == "data/prepared/meta.json"
+    assert served_file_problems(verdict, run) == []
+    shutil.copy(run / "models" / "teacher.onnx", run / "models" / "release.onnx")
+    meta = run / "data/prepared/meta.json"
+    meta.write_text(meta.read_text().replace("[", "[ ", 1))
+    assert served_file_problems(verdict, run) == [
+        "the release file models/release.onnx is not the one the gate judged (sha256 differs)",
+        "the meta file data/prepared/meta.json is not the one the gate judged (sha256 differs)",
+    ]
+    outside = {**verdict["files"]["release"], "path": "../release.onnx"}
+    problems = served_file_problems(
+        {**verdict, "files": {**verdict["files"], "release": outside}}, run
+    )
+    assert problems[0] == "the release file is '../release.onnx', not 'models/release.onnx'"
+    assert "is outside the workspace" in problems[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ import onnx
 import pytest
 import torch
 
-from resnet_slim.bench import benchmark_model, hardware_fingerprint, latency_ms
+from resnet_slim.bench import benchmark_model, time_rows
 from resnet_slim.data import normalized_split
 from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, check_parity, export_onnx, make_session, parity
+from resnet_slim.hardware import hardware_fingerprint
 from resnet_slim.params import BenchmarkParams
 from resnet_slim.quant import calibration_images, quantize_static_int8
+from resnet_slim.timing import latency_ms
 from tests.conftest import REPO
 
 
@@ -62,9 +64,13 @@ def test_broken_or_wrong_shape_onnx_is_a_clear_error(tmp_path, tiny_onnx):
 
 def test_benchmark_reports_every_number(tiny_onnx, tiny_prepared):
     images, labels = normalized_split(tiny_prepared, "test")
-    result = benchmark_model(
-        tiny_onnx, images, labels, BenchmarkParams(warmup=2, runs=20, throughput_batch=8)
-    )
+    p = BenchmarkParams(warmup=2, rounds=5, runs_per_round=4, throughput_batch=8)
+    result = benchmark_model(tiny_onnx, images, labels, p)
+    rows = {"a": {"file": str(tiny_onnx), "runtime": "onnxruntime", **result}}
+    timing = time_rows(rows, images[:1].numpy(), p)
+    assert timing["models"] == ["a"] and len(timing["orders"]) == 5
+    result = rows["a"]
+    assert len(result["round_p50_ms"]) == 5 and result["timed"] == "interleaved rounds"
     for key in (
         "top1",
         "p50_ms",

@@ -70,6 +70,9 @@ if _spec:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the signal lands here, i.e. at this point
             time.sleep(0.01)
+            held = sys.modules.get("resnet_slim.errors")
+            if held is not None and held._deferred.is_set():
+                return  # held until a set of renames is done (errors.signals_deferred): go on
 
     @functools.wraps(_original)
     def _hooked(*args, **kwargs):
@@ -96,7 +99,7 @@ class Point:
 
     hook: str | None
     caller: str | None = None  # the module the hooked call must come from (checked)
-    new_checkpoint: bool = False  # teacher.pt has been replaced when the signal lands
+    new_set: bool = False  # teacher.pt and the curves are the new run's when the stage stops
     hangs: bool = False  # unwinding blocks: the watchdog ends the process
 
 
@@ -114,11 +117,12 @@ POINTS = {
     ),
     "DVCLive end": Point("dvclive.live:Live.end:1:before", "resnet_slim.engine"),
     "checkpoint temp written": Point("torch:save:1:after:resnet_slim.io", "resnet_slim.io"),
-    # write_together: the checkpoint is renamed into place first, then summary.json, which
-    # records the checkpoint's sha256 (so a new checkpoint with the old summary is detectable)
-    "checkpoint rename": Point("os:replace:1:before:resnet_slim.io", "resnet_slim.io"),
-    "summary.json rename": Point(
-        "os:replace:2:before:resnet_slim.io", "resnet_slim.io", new_checkpoint=True
+    # the curves were written to a staging folder; summary.json (recording the checkpoint's
+    # sha256) goes into it, then checkpoint and curves are renamed into place with the signal
+    # held (io.replace_together): the old set whole, or the new set whole
+    "summary.json written": Point("os:replace:1:before:resnet_slim.io", "resnet_slim.io"),
+    "checkpoint and curves renamed": Point(
+        "os:replace:2:before:resnet_slim.io", "resnet_slim.io", new_set=True
     ),
     "clean-up hangs (watchdog)": Point(
         "torch:save:1:hang:resnet_slim.io", "resnet_slim.io", hangs=True
@@ -233,14 +237,18 @@ def temp_leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob(".*.tmp-*"))
 
 
-def check_outputs(workdir: Path, old: dict[Path, str], *, new_checkpoint: bool) -> None:
+def check_outputs(workdir: Path, old: dict[Path, str], *, new_set: bool) -> None:
     checkpoint, summary = workdir / "models" / "teacher.pt", workdir / "live" / "summary.json"
-    if new_checkpoint:  # replaced whole: loadable, and this run's
+    if new_set:  # replaced whole: loadable, this run's, and its summary records its sha256
         assert sha256(checkpoint) != old[checkpoint]
         assert load_model(checkpoint)[1]["metrics"].get("old") is None
+        recorded = json.loads(summary.read_text())["outputs"]["checkpoint"]["sha256"]
+        assert recorded == sha256(checkpoint)
     else:
         assert sha256(checkpoint) == old[checkpoint], "the previous checkpoint was changed"
-    assert sha256(summary) == old[summary], "the previous summary.json was changed"
+        assert sha256(summary) == old[summary], "the previous summary.json was changed"
+        # no curves of the stopped run beside the previous checkpoint
+        assert [p.name for p in (workdir / "live").rglob("*")] == ["summary.json"]
     for path in (workdir / "live").rglob("*.json"):  # DVCLive's own files: never torn JSON
         json.loads(path.read_text())
     assert temp_leftovers(workdir) == []
@@ -281,7 +289,7 @@ def test_sigterm_ends_the_stage_cleanly_wherever_it_lands(sigterm_runs, name):
     workdir, old, stopped = sigterm_runs[name].result()
     point = POINTS[name]
     check_stopped(name, point, stopped)
-    check_outputs(workdir, old, new_checkpoint=point.new_checkpoint)
+    check_outputs(workdir, old, new_set=point.new_set)
 
 
 def test_sigterm_during_a_long_call_into_c_ends_by_the_watchdog(tmp_path):
@@ -320,16 +328,18 @@ def test_sigkill_leftovers_are_ignored_and_removed_by_the_next_run(tmp_path, sma
     old = seed_old_outputs(tmp_path)
     stopped = run_and_stop(tmp_path, small_prepared, Point("torch:save:1:hang"), sig=signal.SIGKILL)
     assert stopped.returncode == -signal.SIGKILL
-    leftovers = temp_leftovers(tmp_path)
-    assert leftovers == ["models/.teacher.pt.tmp-" + leftovers[0].rsplit("-", 1)[1]], leftovers
+    leftovers = temp_leftovers(tmp_path)  # the curves' staging folder and the checkpoint temp
+    pid = leftovers[-1].rsplit("-", 1)[1]
+    assert leftovers == [f".live.tmp-{pid}-staging", f"models/.teacher.pt.tmp-{pid}"], leftovers
     assert sha256(tmp_path / "models" / "teacher.pt") == old[tmp_path / "models" / "teacher.pt"]
-    # git and DVC ignore it (.gitignore / .dvcignore)
-    ignored = subprocess.run(
-        ["git", "check-ignore", "-q", "--no-index", f"models/{Path(leftovers[0]).name}"],
-        cwd=REPO,
-        capture_output=True,
-    )
-    assert ignored.returncode == 0
+    # git and DVC ignore them (.gitignore / .dvcignore)
+    for leftover in leftovers:
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", "--no-index", f"models/{Path(leftover).name}"],
+            cwd=REPO,
+            capture_output=True,
+        )
+        assert ignored.returncode == 0, leftover
     assert ".*.tmp-*" in (REPO / ".dvcignore").read_text().splitlines()
     # the next run (the same command, in-process: imports are paid already) removes it
     from stages.train_teacher import main

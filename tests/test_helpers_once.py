@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_slim import bench, engine, limits
+from resnet_slim import bench, engine, hardware, limits, timing
 from resnet_slim.data import normalized_split
 from resnet_slim.export import torch_logits
 from resnet_slim.models import build_model, make_arch, replace_submodule
@@ -16,9 +16,9 @@ from resnet_slim.quant import resolve_reduce_range
 
 def test_time_ms_discards_the_warmup_and_returns_one_time_per_run():
     calls = []
-    times = bench.time_ms(lambda: calls.append(1), warmup=3, runs=5)
+    times = timing.time_ms(lambda: calls.append(1), warmup=3, runs=5)
     assert len(calls) == 8 and times.shape == (5,) and (times >= 0).all()
-    stats = bench.percentiles_ms(times)
+    stats = timing.percentiles_ms(times)
     assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] and set(stats) == {
         "p50_ms",
         "p90_ms",
@@ -36,7 +36,7 @@ def test_torch_latency_restores_the_thread_count(tiny_model):
 def test_usable_cores_is_this_process_affinity():
     expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert limits.usable_cores() == expected
-    assert bench.hardware_fingerprint()["usable_cores"] == expected
+    assert hardware.hardware_fingerprint()["usable_cores"] == expected
 
 
 def test_batched_torch_inference_and_top1_match_the_training_loops_evaluate(

@@ -340,7 +340,15 @@ def stage_params(tmp_path: Path, teacher_file: Path, **overrides) -> Path:
         "teacher": {"init": str(teacher_file), "format": "auto", "epochs": 0},
         "prune": {"ratio": 0.3, "round_to": 4, "sparsity": TINY, "finetune": TINY},
         "lowrank": {"finetune": TINY},
-        "qat": {**TINY, "freeze_bn_epoch": 0, "freeze_observer_epoch": 1, "calibration_images": 64},
+        # a 1-epoch model near chance has near-tied logits: INT8 rounding flips a few of its 80
+        # test images (3 seen on a VNNI host), where a trained model agrees on >= 97 %
+        "qat": {
+            **TINY,
+            "freeze_bn_epoch": 0,
+            "freeze_observer_epoch": 1,
+            "calibration_images": 64,
+            "min_agreement": 0.9,
+        },
         "distill": {"epochs": 1, "feature_stages": [3], "feature_weight": 0.5},
     }
     for section, values in overrides.items():

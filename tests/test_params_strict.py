@@ -111,7 +111,26 @@ BAD = [
         {"calibration_images": 10**9},
         "ptq.calibration_images: Input should be less than or equal to 65536",
     ),
-    ("benchmark", {"runs": 10**9}, "benchmark.runs: Input should be less than or equal to 100000"),
+    (
+        "benchmark",
+        {"rounds": 10**9},
+        "benchmark.rounds: Input should be less than or equal to 100000",
+    ),
+    ("benchmark", {"rounds": 2}, "benchmark.rounds: Input should be greater than or equal to 5"),
+    ("benchmark", {"runs_per_round": 0}, "benchmark.runs_per_round: Input should be greater"),
+    (
+        "benchmark",
+        {"rounds": 1000, "runs_per_round": 1000, "round_warmup": 0},
+        "is 1,000,000 calls per model, over 100,000",
+    ),
+    ("gate", {"speedup_statistic": "median"}, "gate.speedup_statistic: Input should be 'point'"),
+    (
+        "gate",
+        {"max_acc_drop_pp": 1e308},
+        "gate.max_acc_drop_pp: Input should be less than or equal",
+    ),
+    ("gate", {"min_speedup": 1e9}, "gate.min_speedup: Input should be less than or equal to"),
+    ("gate", {"max_size_ratio": 1e9}, "gate.max_size_ratio: Input should be less than or equal"),
     (
         "benchmark",
         {"warmup": 10**9},

@@ -146,7 +146,7 @@ def test_export_check_records_the_numbers_and_names_a_failed_test(tmp_path, expo
         y,
         opset=17,
         threads=1,
-        max_top1_diff_pp=-1.0,
+        min_agreement=1.01,
         val_top1=50.0,
         fp32_metrics={"a": 1},
     )
@@ -154,6 +154,7 @@ def test_export_check_records_the_numbers_and_names_a_failed_test(tmp_path, expo
         "torch_top1",
         "onnx_top1",
         "top1_diff_pp",
+        "agreement",
         "val_top1",
         "size_mb",
         "kernels",
@@ -162,7 +163,7 @@ def test_export_check_records_the_numbers_and_names_a_failed_test(tmp_path, expo
         "problems",
     ]  # metrics.json's order
     assert metrics["kernels"]["all_convs_int8"] and not metrics["passed"]
-    assert len(metrics["problems"]) == 1 and "qat.max_top1_diff_pp=-1.0" in metrics["problems"][0]
+    assert len(metrics["problems"]) == 1 and "qat.min_agreement=1.01" in metrics["problems"][0]
     assert (tmp_path / "q.onnx").is_file()  # the stage, not the check, deletes a rejected file
 
 
@@ -253,9 +254,9 @@ def test_qat_and_torch_ptq_stages_end_to_end(tmp_path, tiny_prepared):
     params = write_params(
         tmp_path / "params.yaml",
         base={"threads": 1},
-        qat={"epochs": 1, "batch_size": 32, "calibration_images": 32, "max_top1_diff_pp": 5.0},
+        qat={"epochs": 1, "batch_size": 32, "calibration_images": 32, "min_agreement": 0.9},
         ptq={"calibration_images": 32},
-        benchmark={"warmup": 2, "runs": 5},
+        benchmark={"warmup": 2, "rounds": 5, "runs_per_round": 1},
     )
     common = ["--params", str(params), "--data", str(tiny_prepared)]
     result = run_stage(
@@ -274,7 +275,7 @@ def test_qat_and_torch_ptq_stages_end_to_end(tmp_path, tiny_prepared):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "rq" / "metrics.json").read_text())
     assert metrics["passed"] and metrics["kernels"]["all_convs_int8"] and metrics["size_mb"] > 0
-    assert abs(metrics["top1_diff_pp"]) <= 5.0
+    assert metrics["agreement"] >= 0.9
     assert isinstance(qat.load_qat_model(load_checkpoint(tmp_path / "qat.pt")), qat.QuantReady)
     result = run_stage("torch_ptq.py", "fp32.pt", "--out", "tp.json", *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

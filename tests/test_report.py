@@ -18,7 +18,7 @@ from resnet_slim.gate import check_release
 from resnet_slim.params import GateParams
 from resnet_slim.plots import feasible_region, is_feasible
 from resnet_slim.render import render_markdown
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_line_error
 
 # `dvc exp show --json` captured in a clone of this repo (deps/outs dropped): the workspace, `main`,
 # and one experiment stored with `dvc exp save` after editing prune.ratio=0.5, gate.min_speedup=40,
@@ -328,7 +328,7 @@ def test_missing_optional_inputs_say_not_run(tmp_path):
 
 def test_malformed_optional_inputs_never_crash(run_dir):
     r = run_dir / "reports"
-    write(r / "gate.json", '"not an object"')
+    (r / "gate.json").unlink()
     write(r / "prune" / "metrics.json", "{ not json")
     write(r / "prune" / "channels.json", {"conv1": 3})
     write(r / "distill" / "metrics.json", [1, 2])
@@ -339,6 +339,105 @@ def test_malformed_optional_inputs_never_crash(run_dir):
     assert "Gate: not run" in md and re.search(r"## Pruning\n\nNot run", md)
     assert re.search(r"## Distillation\n\nNot run", md)
     assert "| student_qat_int8 |" in md
+
+
+def report_stage(run_dir: Path, params: Path | None = None) -> subprocess.CompletedProcess:
+    r = run_dir / "reports"
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages" / "report.py"),
+            "--params",
+            str(params or run_dir / "params.yaml"),
+            "--reports",
+            str(r),
+            "--md",
+            str(r / "report.md"),
+            "--html",
+            str(r / "report.html"),
+            "--plots",
+            str(r / "plots"),
+        ],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"passed": "no"}, "'passed' is 'no', not true or false"),
+        ({"passed": True}, "'passed' is True but 1 check(s) failed"),  # a failed gate edited
+        ({"checks": [{**gate_json()["checks"][0], "measured": "abc"}]}, "'measured' is 'abc'"),
+        ({"release": 5}, "'release' is 5, not a model name"),
+    ],
+)
+def test_a_gate_json_the_gate_did_not_write_is_refused_in_one_line(run_dir, edit, words):
+    write(run_dir / "reports" / "gate.json", {**gate_json(passed=False), **edit})
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "reports").iterdir()}
+    assert_one_line_error(report_stage(run_dir), 2, "gate.json", words)
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "reports").iterdir()}
+    assert before == after  # nothing written
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("gate:\n  release: 5\n", "gate.release: Input should be a valid string"),
+        ("gate:\n  max_acc_drop_pp: 1.0e+308\n", "gate.max_acc_drop_pp: Input should be less"),
+        (b"teacher:\n  epochs: \xff\n", "not a text file"),
+    ],
+)
+def test_the_report_validates_params_as_every_stage_does(run_dir, text, words):
+    params = run_dir / "bad_params.yaml"
+    params.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert_one_line_error(report_stage(run_dir, params), 2, words)
+
+
+def test_a_signal_during_the_report_writes_leaves_one_whole_report(run_dir, monkeypatch):
+    """md, html and plots are one set: stopped before the renames, the old set stays; stopped
+    during them, the renames finish and the stage says it wrote all of them."""
+    from resnet_slim import errors, io
+    from resnet_slim import report as report_module
+
+    make(run_dir)
+    r = run_dir / "reports"
+    old = {n: (r / n).read_bytes() for n in ("report.md", "report.html")}
+    write(r / "gate.json", gate_json(passed=False))
+    inputs = report_module.load_inputs(r, run_dir / "params.yaml")
+    real_swap = io._swap_into_place
+
+    def stopped_after_the_first(tmp, path):  # SIGTERM lands between two renames
+        real_swap(tmp, path)
+        errors._on_signal(15, None)
+
+    monkeypatch.setattr(io, "_swap_into_place", stopped_after_the_first)
+    monkeypatch.setattr(errors, "_arm_watchdog", lambda: None)  # no forced exit of pytest
+    try:
+        with pytest.raises(io.InterruptedWrite, match="interrupted after writing all of"):
+            report_module.write_report(
+                inputs, out_md=r / "report.md", out_html=r / "report.html", plots_dir=r / "plots"
+            )
+    finally:
+        errors._interrupting.clear()
+    assert "Gate ✗ FAILED" in (r / "report.md").read_text()  # new md, html and plots: whole
+    assert "Gate ✗ FAILED" in (r / "report.html").read_text()
+    assert (r / "report.md").read_bytes() != old["report.md"]
+
+    def stopped_while_writing(tmp):  # before any rename: the old set stays
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_swap_into_place", real_swap)
+    monkeypatch.setattr(report_module, "render_html", lambda *a: stopped_while_writing(None))
+    md_before = (r / "report.md").read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        report_module.write_report(
+            inputs, out_md=r / "report.md", out_html=r / "report.html", plots_dir=r / "plots"
+        )
+    assert (r / "report.md").read_bytes() == md_before
+    assert not [p for p in r.iterdir() if ".tmp-" in p.name]
 
 
 def test_magnitude_pruning_and_unhelpful_kd_are_said_plainly(run_dir):

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session, run_onnx
 from resnet_slim.io import write_json
 from resnet_slim.models import build_model, make_arch
+from resnet_slim.verdict import vouched_files
 from tests.conftest import REPO
 
 RELEASE, OTHER = "fixture_centroid", "fixture_resnet"
@@ -77,6 +78,43 @@ def benchmark_entry(path: Path, prepared: Path, root: Path) -> dict:
     }
 
 
+def gate_for(
+    root: Path,
+    *,
+    passed: bool = True,
+    reason: str = "latency_speedup 1.5 x is not >= 2",
+    release_file: str | None = None,
+) -> dict:
+    """gate.json as the gate stage writes it (`gate.judge`): a verdict on RELEASE that vouches for
+    the release file (benchmark.json's, unless `release_file`), meta.json and benchmark.json now
+    under `root`, by their paths relative to it."""
+    bench = json.loads((root / "reports" / "benchmark.json").read_text())
+    release_file = release_file or bench["models"][RELEASE]["file"]
+    check = {
+        "name": "latency_speedup",
+        "passed": passed,
+        "measured": 2.5 if passed else 1.5,
+        "threshold": 2.0,
+        "op": ">=",
+        "unit": "x",
+        "reason": None if passed else reason,
+    }
+    with chdir(root):  # the gate stage runs in the workspace and records its relative paths
+        files = vouched_files(
+            release_file, meta="data/prepared/meta.json", benchmark="reports/benchmark.json"
+        )
+    return {
+        "passed": passed,
+        "release": RELEASE,
+        "reference": OTHER,
+        "enforce": True,
+        "checks": [check],
+        "failed": [] if passed else [reason],
+        "selection": None,
+        "files": files,
+    }
+
+
 @pytest.fixture(scope="module")
 def pipeline_root(tmp_path_factory, tiny_prepared) -> Path:
     """A repo-shaped directory: models/, reports/{gate,benchmark}.json, data/prepared/meta.json."""
@@ -91,9 +129,9 @@ def pipeline_root(tmp_path_factory, tiny_prepared) -> Path:
         export_onnx(model, path, image_size=image_size, opset=17)
         models[name] = benchmark_entry(path, tiny_prepared, root)
     write_json(root / "reports" / "benchmark.json", {"models": models, "hardware": {}})
-    write_json(root / "reports" / "gate.json", {"passed": True, "release": RELEASE, "failed": []})
     (root / "data" / "prepared").mkdir(parents=True)
     shutil.copy(tiny_prepared / "meta.json", root / "data" / "prepared" / "meta.json")
+    write_json(root / "reports" / "gate.json", gate_for(root))
     return root
 
 
@@ -244,9 +282,7 @@ def test_uploads_are_never_written_to_disk(client, monkeypatch):
 
 def test_refuses_to_start_when_the_gate_failed(pipeline_root, tmp_path, capsys):
     gate = tmp_path / "gate.json"
-    write_json(
-        gate, {"passed": False, "release": RELEASE, "failed": ["latency_speedup 1.5 x is not >= 2"]}
-    )
+    write_json(gate, gate_for(pipeline_root, passed=False))
     code = serve.main(["--root", str(pipeline_root), "--gate", str(gate)])
     error = capsys.readouterr().err
     assert code == 2
@@ -267,7 +303,7 @@ def test_a_missing_or_unreadable_gate_is_not_a_pass(pipeline_root, tmp_path, gat
 
 def test_allow_ungated_serves_with_a_visible_warning(pipeline_root, tmp_path, tiny_prepared):
     gate = tmp_path / "gate.json"
-    write_json(gate, {"passed": False, "release": RELEASE, "failed": ["size_ratio too big"]})
+    write_json(gate, gate_for(pipeline_root, passed=False, reason="size_ratio too big"))
     client = serve.create_app(load(pipeline_root, gate=gate, allow_ungated=True)).test_client()
     html = client.get("/").get_data(as_text=True)
     assert 'id="ungated-warning"' in html and "size_ratio too big" in html and "not passed" in html

@@ -22,7 +22,7 @@ from resnet_slim.params import BenchmarkParams, ExportParams, load_params
 from resnet_slim.quant import calibration_images, quantize_static_int8
 from tests.conftest import write_params
 
-FAST = BenchmarkParams(warmup=2, runs=10, bootstrap_resamples=100)
+FAST = BenchmarkParams(warmup=2, rounds=5, runs_per_round=2, bootstrap_resamples=100)
 ROW_KEYS = (
     "top1",
     "n_test",
@@ -224,7 +224,7 @@ def test_stage_writes_every_requested_target_and_peer(
     params = write_params(
         tmp_path / "params.yaml",
         ptq={"calibration_images": 32},
-        benchmark={"warmup": 1, "runs": 5, "bootstrap_resamples": 100},
+        benchmark={"warmup": 1, "rounds": 5, "runs_per_round": 1, "bootstrap_resamples": 100},
         # 80 test images: one flipped image is 1.25 pp on an untrained model
         export={
             "targets": ["onnx", "openvino", "tflite", "mindspore", "tensorrt"],
