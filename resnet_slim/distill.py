@@ -127,28 +127,6 @@ def load_teacher_cache(
     return cache["outputs"]
 
 
-def kd_logit_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float,
-    temperature: float,
-) -> torch.Tensor:
-    """α·T²·KL(p_t^T ‖ p_s^T) + (1−α)·CE(s, y)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"distill.alpha must be in [0, 1], got {alpha}")
-    if not temperature > 0:
-        raise UserError(f"distill.temperature must be > 0, got {temperature}")
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return alpha * temperature**2 * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
-
-
 class StudentWithProjectors(nn.Module):
     """The student plus 1x1-conv projectors to the teacher's channel counts (training only).
 
@@ -210,7 +188,7 @@ def distillation_loss(
         else:
             labels, t_logits, *t_features = targets
         logits, s_projected = model(images, with_features=True)
-        loss = kd_logit_loss(logits, t_logits, labels, alpha=alpha, temperature=temperature)
+        loss = engine.kd_logit_loss(logits, t_logits, labels, alpha=alpha, temperature=temperature)
         if feature_weight > 0:
             for k, t_feature in zip(stages, t_features, strict=True):
                 projected = s_projected[f"layer{k}"]
@@ -289,9 +267,9 @@ def distill_student(
     with distill.train_baseline, the same student trains without it to measure what KD adds.
     Every process returns the same; the caller writes on rank 0. Warnings print on rank 0.
     """
+    from resnet_slim.export import count_macs_params  # onnx: only when counting
     from resnet_slim.model_import import import_model, untracked_note
     from resnet_slim.models import build_model, load_model, make_arch
-    from resnet_slim.prune import count_macs_params  # prune imports this module: not at the top
 
     p, base, stages = params.distill, params.base, params.distill.stages_in_use
     threads = distributed.threads_per_process(base.threads)

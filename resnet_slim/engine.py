@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from resnet_slim import data, distributed
@@ -29,6 +30,28 @@ from resnet_slim.errors import UserError
 from resnet_slim.params import BaseParams, TrainParams
 
 LossFn = Callable[[nn.Module, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
+
+
+def kd_logit_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """α·T²·KL(p_t^T ‖ p_s^T) + (1−α)·CE(s, y)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"distill.alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise UserError(f"distill.temperature must be > 0, got {temperature}")
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return alpha * temperature**2 * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -1,6 +1,7 @@
 """Export to ONNX, check the file against PyTorch on real data (parity), count its MACs."""
 
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def count_macs(path: str | Path) -> int:
     """Multiply-accumulates of one image: Conv, Gemm and MatMul, float, QDQ or integer
     (QLinearConv; ConvInteger / MatMulInteger from dynamic quantization).
 
-    The project's one MAC count (prune.count_macs_params counts a PyTorch model's export): each
+    The project's one MAC count (count_macs_params below counts a PyTorch model's export): each
     conv / linear output costs Cin/groups x kH x kW (or in_features) MACs. Biases, BN, ReLU,
     pooling and residual adds are not counted; torch-pruning's counter adds those
     (tests/test_roofline.py), so its numbers for a ResNet are ~0.3% higher.
@@ -227,3 +228,17 @@ def check_parity(
     if max_abs_diff is not None and not result["max_abs_diff"] <= max_abs_diff:
         problems.append(f"max |logit diff| {result['max_abs_diff']:.3g} > {max_abs_diff}")
     return problems
+
+
+def count_macs_params(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """(multiply-accumulates of one image_size² image, parameter count).
+
+    MACs are counted on the model's ONNX export by export.count_macs, the one MAC count that
+    benchmark.json uses too, so a model has the same number in every report (conv and linear
+    weights only; torch-pruning's counter also adds BN, ReLU, pooling and biases).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, image_size=image_size, opset=17)  # same count at any opset
+        macs = count_macs(path)
+    return macs, sum(p.numel() for p in model.parameters())

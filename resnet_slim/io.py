@@ -181,8 +181,8 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise UserError(f"{path}: {what} not found")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: {what} is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5,000-digit number, nesting
+        raise UserError(f"{path}: {what} is not valid JSON ({str(err)[:200]})") from None
     except OSError as err:  # permissions, I/O errors
         raise UserError(f"{path}: cannot read {what} ({err.strerror or err})") from None
 
@@ -266,6 +266,26 @@ class InterruptedWrite(KeyboardInterrupt):
     """Ctrl-C / SIGTERM part-way through `write_together`; the message says what was replaced."""
 
 
+def _temp_beside(path: Path) -> Path:
+    """The temp path a member of a set is written to first (removed by the signal clean-up)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_paths(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    _pending.add(tmp)
+    return tmp
+
+
+def _write_member(path: Path, tmp: Path, write: Callable[[Path], None], outcome: str) -> None:
+    try:
+        write(tmp)
+    except Exception as err:  # a full / read-only disk: one line, nothing replaced
+        reason = _write_refused(err, path.parent)
+        if reason is None:
+            raise
+        raise UserError(f"{path}: cannot write ({reason}); {outcome}") from None
+
+
 def replace_together(members: dict[str | Path, Callable[[Path], None]]) -> list[Path]:
     """Replace a set of outputs (files or directories) as one: all old or all new.
 
@@ -279,21 +299,8 @@ def replace_together(members: dict[str | Path, Callable[[Path], None]]) -> list[
     try:
         for path, write in members.items():
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_paths(path)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            _remove(tmp)
-            staged.append((path, tmp))
-            _pending.add(tmp)
-            try:
-                write(tmp)
-            except Exception as err:  # a full / read-only disk: one line, nothing replaced
-                reason = _write_refused(err, path.parent)
-                if reason is None:
-                    raise
-                raise UserError(
-                    f"{path}: cannot write ({reason}); no outputs were written"
-                ) from None
+            staged.append((path, _temp_beside(path)))
+            _write_member(path, staged[-1][1], write, "no outputs were written")
         with signals_deferred() as interrupted:
             for path, tmp in staged:
                 _swap_into_place(tmp, path)
@@ -350,19 +357,8 @@ def write_together(
     try:
         for role, (path, write) in members.items():
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_paths(path)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            _remove(tmp)
-            staged.append((role, path, tmp))
-            _pending.add(tmp)
-            try:
-                write(tmp)
-            except Exception as err:  # a full / read-only disk: one line, nothing replaced
-                reason = _write_refused(err, path.parent)
-                if reason is None:
-                    raise
-                raise UserError(f"{path}: cannot write ({reason}); left as it was") from None
+            staged.append((role, path, _temp_beside(path)))
+            _write_member(path, staged[-1][2], write, "left as it was")
         outputs = {
             role: {"path": str(path), "sha256": sha256_file(tmp)} for role, path, tmp in staged
         }

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from resnet_slim.errors import UserError
-from resnet_slim.models import replace_submodule
+from resnet_slim.models import low_rank_pair, replace_submodule
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
@@ -105,50 +105,11 @@ def choose_ranks(
     return ranks_for_energy(layers, curves, low, round_to)
 
 
-def _split(module: nn.Module, rank: int) -> nn.Sequential:
-    """The two-layer replacement of `module`, weights uninitialised (filled by the caller)."""
-    if isinstance(module, nn.Linear):
-        return nn.Sequential(
-            nn.Linear(module.in_features, rank, bias=False),
-            nn.Linear(rank, module.out_features, bias=module.bias is not None),
-        )
-    return nn.Sequential(
-        nn.Conv2d(
-            module.in_channels,
-            rank,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            bias=False,
-        ),
-        nn.Conv2d(rank, module.out_channels, 1, bias=module.bias is not None),
-    )
-
-
 def _get(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
         raise UserError(f"lowrank: the model has no layer {name!r}") from None
-
-
-def factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
-    """Swap each named layer for its rank-r pair (fresh weights): rebuilding from a checkpoint."""
-    for name, rank in ranks.items():
-        module = model.get_submodule(name)  # AttributeError, like a bad rank, is a bad record
-        if (
-            not isinstance(module, (nn.Conv2d, nn.Linear))
-            or getattr(module, "groups", 1) != 1
-            or not isinstance(rank, int)
-            or isinstance(rank, bool)
-            or rank < 1
-        ):
-            raise ValueError(
-                f"{name}: cannot factorize {module.__class__.__name__} to rank {rank!r}"
-            )
-        replace_submodule(model, name, _split(module, rank))
-    return model
 
 
 @torch.no_grad()
@@ -166,7 +127,7 @@ def factorize_svd(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         root = s[:rank].sqrt()
         first = (root[:, None] * vh[:rank]).to(module.weight.dtype)  # rank × Cin·k·k
         second = (u[:, :rank] * root[None, :]).to(module.weight.dtype)  # Cout × rank
-        pair = _split(module, rank)
+        pair = low_rank_pair(module, rank)
         pair[0].weight.copy_(first.reshape(pair[0].weight.shape))
         pair[1].weight.copy_(second.reshape(pair[1].weight.shape))
         if module.bias is not None:

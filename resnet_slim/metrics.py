@@ -99,7 +99,6 @@ def headline_metrics(verdict: dict, models: dict, ci=None) -> dict:
         "speedup_vs_best_peer_int8": vs_peer["ratio"],
         "speedup_vs_best_peer_int8_ci_low": vs_peer_ci[0],
         "speedup_vs_best_peer_int8_ci_high": vs_peer_ci[1],
-        "release_round_cv": _rounded(release.get("round_cv")),
         "size_mb": _rounded(release.get("size_mb")),
         "size_ratio": _ratio(release.get("size_mb"), teacher.get("size_mb")),
         "peak_rss_mb": _rounded(release.get("peak_rss_mb"), 1),

@@ -471,7 +471,7 @@ def _resized(table: dict[str, _Layer], channels) -> None:
 
 
 def _factorized(table: dict[str, _Layer], ranks) -> None:
-    """Split layers as lowrank.factorized_structure does: k x k to `rank`, then 1x1 back."""
+    """Split layers as factorized_structure does: k x k to `rank`, then 1x1 back."""
     for name, value in ranks.items() if isinstance(ranks, dict) else []:
         layer, rank = table.get(name), _as_count(value)
         if layer is None or layer.kind == "bn" or rank is None or layer.groups != 1:
@@ -601,8 +601,6 @@ def build_model(arch: dict, *, image_size: int | None = None) -> nn.Module:
         if arch.get("channels"):
             resize_to_channels(model, arch["channels"])
         if arch.get("lowrank"):  # {layer: rank} of an SVD-factorized model (resnet_slim/lowrank.py)
-            from resnet_slim.lowrank import factorized_structure
-
             factorized_structure(model, arch["lowrank"])
         freeze_shortcuts(model)  # layers re-created above come back trainable
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
@@ -691,3 +689,42 @@ def resize_to_channels(model: nn.Module, channels: dict[str, list[int]]) -> None
                 f"{module.__class__.__name__}, not a conv/BN/linear layer"
             )
         replace_submodule(model, name, new)
+
+
+def low_rank_pair(module: nn.Module, rank: int) -> nn.Sequential:
+    """The two-layer replacement of `module`, weights uninitialised (filled by the caller)."""
+    if isinstance(module, nn.Linear):
+        return nn.Sequential(
+            nn.Linear(module.in_features, rank, bias=False),
+            nn.Linear(rank, module.out_features, bias=module.bias is not None),
+        )
+    return nn.Sequential(
+        nn.Conv2d(
+            module.in_channels,
+            rank,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            bias=False,
+        ),
+        nn.Conv2d(rank, module.out_channels, 1, bias=module.bias is not None),
+    )
+
+
+def factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Swap each named layer for its rank-r pair (fresh weights): rebuilding from a checkpoint."""
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)  # AttributeError, like a bad rank, is a bad record
+        if (
+            not isinstance(module, (nn.Conv2d, nn.Linear))
+            or getattr(module, "groups", 1) != 1
+            or not isinstance(rank, int)
+            or isinstance(rank, bool)
+            or rank < 1
+        ):
+            raise ValueError(
+                f"{name}: cannot factorize {module.__class__.__name__} to rank {rank!r}"
+            )
+        replace_submodule(model, name, low_rank_pair(module, rank))
+    return model

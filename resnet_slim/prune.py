@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from resnet_slim import data, distributed, engine, lowrank
-from resnet_slim.distill import kd_logit_loss
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
 from resnet_slim.models import build_model, channel_record, freeze_shortcuts, load_model
@@ -264,29 +263,11 @@ def finetune_loss(
         with torch.no_grad():
             teacher_logits = teacher(images)
         logits = model(images)
-        return kd_logit_loss(
+        return engine.kd_logit_loss(
             logits, teacher_logits, labels, alpha=kd_alpha, temperature=temperature
         ), logits
 
     return loss_fn
-
-
-def count_macs_params(model: nn.Module, image_size: int) -> tuple[int, int]:
-    """(multiply-accumulates of one image_size² image, parameter count).
-
-    MACs are counted on the model's ONNX export by export.count_macs, the one MAC count that
-    benchmark.json uses too, so a model has the same number in every report (conv and linear
-    weights only; torch-pruning's counter also adds BN, ReLU, pooling and biases).
-    """
-    import tempfile  # lazy: the training stages import this module, and only this needs ONNX
-
-    from resnet_slim.export import count_macs, export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, image_size=image_size, opset=17)  # same count at any opset
-        macs = count_macs(path)
-    return macs, sum(p.numel() for p in model.parameters())
 
 
 def count_nonzero(model: nn.Module) -> int:
@@ -419,6 +400,8 @@ def slim_prune_and_finetune(
     if not distributed.is_main_process():
         return None
     teacher = teacher.cpu()
+    from resnet_slim.export import count_macs_params  # onnx: the training stages need it only here
+
     (t_macs, t_params), (s_macs, s_params) = (count_macs_params(m, size) for m in (teacher, pruned))
     rows = kept_channels(channel_record(teacher), channel_record(pruned))
     val_top1["after_finetune"] = history[-1]["val_top1"]
@@ -490,6 +473,8 @@ def factorize_and_finetune(
     top1["after_finetune"] = engine.evaluate(model, test_loader)["top1"]
     if not distributed.is_main_process():
         return None
+    from resnet_slim.export import count_macs_params  # onnx: the training stages need it only here
+
     counts = {
         "teacher": count_macs_params(teacher, size),
         "lowrank": count_macs_params(model, size),

@@ -22,8 +22,9 @@ def main(argv=None) -> None:
     from resnet_slim.params import load_params
 
     p = load_params(args.params).export
-    model, checkpoint = load_model(
-        args.checkpoint, num_classes=len(load_meta(args.data)["class_names"])
+    meta = load_meta(args.data)
+    model, checkpoint = load_model(  # the record bounded at the size it will be exported at
+        args.checkpoint, num_classes=len(meta["class_names"]), image_size=meta["image_size"]
     )
     images, _ = normalized_split(args.data, "test")
     export_onnx(model, args.onnx, image_size=images.shape[-1], opset=p.opset)

@@ -7,12 +7,12 @@ from torch.nn import functional as F
 from resnet_slim.distill import (
     StudentWithProjectors,
     distillation_loss,
-    kd_logit_loss,
     load_teacher_cache,
     save_teacher_cache,
     stage_channels,
     teacher_outputs,
 )
+from resnet_slim.engine import kd_logit_loss
 from resnet_slim.errors import UserError
 from resnet_slim.export import export_onnx, make_session
 from resnet_slim.io import sha256_file

@@ -212,3 +212,48 @@ def test_seed_repeats_find_imported_models_from_their_scratch_workspace(tmp_path
     fixed = _absolute_model_paths(params, tmp_path / "repo")
     assert fixed["teacher"]["init"] == str((tmp_path / "shared" / "models" / "r56.th").resolve())
     assert fixed["distill"] == params["distill"] and params["teacher"]["init"].startswith("..")
+
+
+def library_import_cycles(root: Path = REPO) -> list[list[str]]:
+    """Import circles between the library's modules (lazy imports included): each a list of
+    modules that import each other, directly or around a loop. dvc.yaml's deps follow imports,
+    so a circle makes every stage that runs one of its modules depend on all of them."""
+    modules = sorted((root / "resnet_slim").glob("*.py"))
+    graph = {
+        path: {
+            f
+            for name in imported_names(path)
+            if (f := module_file(root, name)) and f.name != "__init__.py" and f != path
+        }
+        for path in modules
+        if path.name != "__init__.py"
+    }
+
+    def reachable(start: Path) -> set[Path]:
+        seen, todo = set(), list(graph.get(start, ()))
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += graph.get(node, ())
+        return seen
+
+    reach = {path: reachable(path) for path in graph}
+    cycles = {
+        tuple(sorted(p.stem for p in graph if p == path or (p in reach[path] and path in reach[p])))
+        for path in graph
+        if path in reach[path]
+    }
+    return [list(c) for c in sorted(cycles)]
+
+
+def test_the_library_has_no_import_circles(tmp_path):
+    assert library_import_cycles() == []
+    # the check can fail: a module that imports one importing it back
+    package = tmp_path / "resnet_slim"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from resnet_slim.b import x\n")
+    (package / "b.py").write_text("def x():\n    from resnet_slim import a\n")
+    (package / "c.py").write_text("from resnet_slim import a\n")
+    assert library_import_cycles(tmp_path) == [["a", "b"]]

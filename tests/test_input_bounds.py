@@ -4,6 +4,7 @@ the dataset root, class names written two ways (NFC / NFD) and a damaged meta.js
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -309,10 +310,29 @@ def test_a_bad_meta_json_is_one_line_saying_to_re_run_prepare(tmp_path, key, val
 
 def test_a_meta_json_integer_past_pythons_digit_limit_is_one_line(tmp_path):
     folder = write_meta(tmp_path / "p", json.dumps(GOOD_META).replace("8", "8" * 5000, 1))
-    with pytest.raises(UserError, match="metadata is not valid JSON .*re-run the prepare stage"):
+    with pytest.raises(UserError, match=r"metadata is not valid JSON \(Exceeds the limit"):
         data.load_meta(folder)
 
 
 def test_a_prepared_dataset_passes_the_meta_checks(tiny_prepared):
     meta = data.load_meta(tiny_prepared)
     assert meta["image_size"] == 8 and np.all(np.asarray(meta["std"]) > 0)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"seed": ' + "1" * 5000 + "}", "is not valid JSON (Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON"),
+        ("{not json", "is not valid JSON (Expecting property name"),
+    ],
+    ids=["5000-digit-number", "deep-nesting", "syntax"],
+)
+def test_every_json_reader_refuses_what_json_cannot_hold_in_one_line(tmp_path, text, words):
+    from resnet_slim.io import read_json
+
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(words)) as caught:
+        read_json(path, what="benchmark results")
+    assert "\n" not in str(caught.value)

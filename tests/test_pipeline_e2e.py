@@ -113,7 +113,7 @@ def test_tightened_gate_fails_the_experiment_with_a_clear_message(pipeline_repo)
     # what a reviewer sees: a short diff naming every gate check
     diff = dvc("metrics", "diff", "--md", "--all", repo=pipeline_repo).stdout
     rows = [line for line in diff.splitlines() if line.startswith("| reports/metrics.json")]
-    assert 0 < len(rows) <= 25, diff
+    assert 0 < len(rows) <= 30, diff  # ~20 headline keys, the speed-ups' CIs, a row per check
     for check in gate["checks"]:
         assert f"checks.{check['name']}.passed" in diff, diff
     sh("git", "checkout", "--", "params.yaml", cwd=pipeline_repo)

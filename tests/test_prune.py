@@ -10,9 +10,9 @@ from torch import nn
 
 from resnet_slim import engine, prune
 from resnet_slim.data import BatchLoader
-from resnet_slim.distill import kd_logit_loss
+from resnet_slim.engine import kd_logit_loss
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session, run_onnx
+from resnet_slim.export import count_macs_params, export_onnx, make_session, run_onnx
 from resnet_slim.io import load_checkpoint, save_checkpoint
 from resnet_slim.models import build_model, channel_record, make_arch
 from resnet_slim.params import TrainParams
@@ -72,8 +72,8 @@ def test_channel_removal_shrinks_the_model_and_keeps_it_valid(name, method, glob
         image_size=SIZE,
     )
     assert channel_record(model) == before  # the input model is left alone
-    macs, params = prune.count_macs_params(model, SIZE)
-    pruned_macs, pruned_params = prune.count_macs_params(pruned, SIZE)
+    macs, params = count_macs_params(model, SIZE)
+    pruned_macs, pruned_params = count_macs_params(pruned, SIZE)
     assert pruned_params < 0.8 * params and pruned_macs < 0.8 * macs
     assert pruned.fc.out_features == 10  # classes are never pruned
     x = torch.randn(3, 3, SIZE, SIZE)
@@ -181,10 +181,7 @@ def test_global_pruning_breaks_ties_instead_of_removing_every_tied_channel():
     pruned = prune.prune_channels(
         model, method="bn_slimming", ratio=0.3, round_to=None, global_pruning=True, image_size=SIZE
     )
-    params, pruned_params = (
-        prune.count_macs_params(model, SIZE)[1],
-        prune.count_macs_params(pruned, SIZE)[1],
-    )
+    params, pruned_params = (count_macs_params(model, SIZE)[1], count_macs_params(pruned, SIZE)[1])
     assert 0.3 < pruned_params / params < 0.9
 
 
@@ -218,7 +215,7 @@ def test_magnitude_pruning_gives_the_requested_sparsity_and_keeps_shapes():
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == round(0.6 * total)
     assert prune.count_nonzero(pruned) == prune.count_nonzero(model) - zeros
-    assert prune.count_macs_params(pruned, SIZE) == prune.count_macs_params(model, SIZE)
+    assert count_macs_params(pruned, SIZE) == count_macs_params(model, SIZE)
 
 
 def test_keep_zeros_hook_preserves_sparsity_through_training():
@@ -381,7 +378,7 @@ def test_stage_prunes_fine_tunes_and_writes_a_reloadable_checkpoint(
     assert checkpoint["metrics"]["top1_test"] == metrics["top1_test"]
     if method == "bn_slimming":
         assert (reports / "sparsity").is_dir() and "after_sparsity" in metrics["top1_test"]
-        assert prune.count_macs_params(pruned, 8)[1] < prune.count_macs_params(teacher, 8)[1]
+        assert count_macs_params(pruned, 8)[1] < count_macs_params(teacher, 8)[1]
         assert metrics["macs"]["ratio"] < 1.0 and metrics["params"]["ratio"] < 1.0
         assert all(r["after"] % 4 == 0 for r in rows)  # width 8: every layer is a multiple of 4
         assert {r["layer"]: r["after"] for r in rows} == conv_out_channels(pruned)

@@ -219,28 +219,28 @@ def run_dir(tmp_path) -> Path:
     return tmp_path
 
 
+def report_args(run_dir: Path, params: Path | None = None) -> list[str]:
+    """The report stage's arguments as dvc.yaml gives them, for a run directory."""
+    r = run_dir / "reports"
+    return [
+        "--params",
+        str(params or run_dir / "params.yaml"),
+        "--reports",
+        str(r),
+        "--md",
+        str(r / "report.md"),
+        "--html",
+        str(r / "report.html"),
+        "--plots",
+        str(r / "plots"),
+    ]
+
+
 def make(run_dir: Path) -> tuple[str, str]:
     """The report stage as dvc.yaml runs it."""
     from stages.report import main
 
-    r = run_dir / "reports"
-    assert (
-        main(
-            [
-                "--params",
-                str(run_dir / "params.yaml"),
-                "--reports",
-                str(r),
-                "--md",
-                str(r / "report.md"),
-                "--html",
-                str(r / "report.html"),
-                "--plots",
-                str(r / "plots"),
-            ]
-        )
-        == 0
-    )
+    assert main(report_args(run_dir)) == 0
     return (run_dir / "reports" / "report.md").read_text(), (
         run_dir / "reports" / "report.html"
     ).read_text()
@@ -342,22 +342,8 @@ def test_malformed_optional_inputs_never_crash(run_dir):
 
 
 def report_stage(run_dir: Path, params: Path | None = None) -> subprocess.CompletedProcess:
-    r = run_dir / "reports"
     return subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "stages" / "report.py"),
-            "--params",
-            str(params or run_dir / "params.yaml"),
-            "--reports",
-            str(r),
-            "--md",
-            str(r / "report.md"),
-            "--html",
-            str(r / "report.html"),
-            "--plots",
-            str(r / "plots"),
-        ],
+        [sys.executable, str(REPO / "stages" / "report.py"), *report_args(run_dir, params)],
         cwd=run_dir,
         capture_output=True,
         text=True,
@@ -525,28 +511,9 @@ def test_feasible_region_matches_the_gate():
 
 
 def test_missing_benchmark_is_a_one_line_user_error(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "stages" / "report.py"),
-            "--reports",
-            str(tmp_path / "r"),
-            "--md",
-            str(tmp_path / "r.md"),
-            "--html",
-            str(tmp_path / "r.html"),
-            "--plots",
-            str(tmp_path / "plots"),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error:") and "benchmark" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "r.md").exists() and not (tmp_path / "plots").exists()
+    result = report_stage(tmp_path)  # no reports/ at all, no params.yaml
+    assert_one_line_error(result, 2, "benchmark")
+    assert not (tmp_path / "reports").exists()
 
 
 def test_exp_show_parser_on_a_real_sample():

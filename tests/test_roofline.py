@@ -7,9 +7,8 @@ import torch_pruning as tp
 from torch import nn
 
 from resnet_slim import roofline
-from resnet_slim.export import count_macs, export_onnx
+from resnet_slim.export import count_macs, count_macs_params, export_onnx
 from resnet_slim.models import build_model, make_arch
-from resnet_slim.prune import count_macs_params
 
 
 def test_count_macs_by_hand(tmp_path):
