@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pandas as pd
 import torch
 
+from resnet_slim.data import check_finite_images
 from resnet_slim.errors import UserError
 from resnet_slim.export import check_input_size, make_session, run_onnx, torch_logits
 from resnet_slim.hardware import hardware_fingerprint
@@ -159,19 +160,6 @@ def check_class_scores(logits: np.ndarray, *, n_images: int, num_classes: int | 
         )
 
 
-def check_finite_images(images: torch.Tensor) -> None:
-    """The normalised test images hold only finite numbers (a meta.json std of 0 gives inf, a
-    NaN mean NaN: every model would then be scored on garbage)."""
-    finite = torch.isfinite(images).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise UserError(
-            f"{bad} of {len(images)} normalised test images hold non-finite values (inf/NaN): "
-            f"the prepared dataset's meta.json mean/std must be finite with every std > 0 "
-            f"(a std of 0 divides by zero); re-run the prepare stage"
-        )
-
-
 def check_finite_scores(logits: np.ndarray, *, path) -> None:
     """Every test image gets finite class scores: a NaN row's argmax is class 0, so a broken
     model would otherwise be scored (at the share of class-0 images) without a word."""
@@ -198,7 +186,7 @@ def benchmark_model(
     "predictions" (the class per test image) is for the paired statistics, not for benchmark.json.
     "sha256" names the bytes measured: the gate refuses the numbers once the file differs.
     """
-    check_finite_images(images)
+    check_finite_images(images, what="normalised test images")
     image_size = images.shape[-1]
     digest = sha256_file(path) if Path(path).is_file() else None  # else make_session says why
     session = make_session(path, threads=p.threads)

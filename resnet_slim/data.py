@@ -173,6 +173,18 @@ def normalize(images: torch.Tensor, meta: dict) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def check_finite_images(images, *, what: str) -> None:
+    """Every normalised image holds only finite numbers (a meta.json std of 0 gives inf, a NaN
+    mean NaN): a model scored or calibrated on them would be judged on garbage."""
+    finite = np.isfinite(np.asarray(images)).reshape(len(images), -1).all(axis=1)
+    if not finite.all():
+        raise UserError(
+            f"{int((~finite).sum())} of {len(images)} {what} hold non-finite values (inf/NaN): "
+            f"the prepared dataset's meta.json mean/std must be finite with every std > 0 "
+            f"(a std of 0 divides by zero); re-run the prepare stage"
+        )
+
+
 def preprocess_image(image: Image.Image, meta: dict) -> np.ndarray:
     """One PIL image -> the model input, float32 1 x 3 x S x S.
 

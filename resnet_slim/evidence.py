@@ -185,12 +185,15 @@ def verify(
             f"{predictions} is not the predictions file {benchmark} was written with"
         )
     models = bench.get("models") if isinstance(bench.get("models"), dict) else {}
+    images = []  # the normalised test split, loaded once by the first model re-scored
     for name in dict.fromkeys(names):
         if isinstance(models.get(name), dict):  # a missing row fails the metric checks already
             usable = None if chain.predictions_broken else table
             chain.model_problems[name] = model_problems(name, models[name], usable, chain.n_test)
             if usable is not None and not chain.problems and not chain.model_problems[name]:
-                chain.model_problems[name] += rescore_problems(name, models[name], usable, prepared)
+                chain.model_problems[name] += rescore_problems(
+                    name, models[name], usable, prepared, images
+                )
     if chain.problems:
         chain.correct_error = f"per-image predictions not used: {chain.problems[0]}"
     elif table is not None:
@@ -201,17 +204,21 @@ def verify(
     return chain
 
 
-def rescore_problems(name: str, entry: dict, table: pd.DataFrame, prepared) -> list[str]:
+def rescore_problems(
+    name: str, entry: dict, table: pd.DataFrame, prepared, images: list
+) -> list[str]:
     """Run an onnxruntime model's file on the test split again: its classes must be the ones in
-    the predictions table, so no file's top-1 is taken on trust (a few seconds at most here)."""
+    the predictions table, so no file's top-1 is taken on trust (a few seconds at most here).
+    `images`: [the normalised test split] once a model has loaded it ([] before), shared."""
     if entry.get("runtime") != "onnxruntime" or name not in table.columns:
         return []  # other runtimes are timed, not re-scored: their rows' top-1 is checked above
     from resnet_slim.data import normalized_split  # torch / onnxruntime: only when re-scoring
     from resnet_slim.export import make_session, run_onnx
 
-    images, _ = normalized_split(prepared, "test")
+    if not images:
+        images.append(normalized_split(prepared, "test")[0])
     threads = entry.get("threads") if isinstance(entry.get("threads"), int) else 1
-    classes = run_onnx(make_session(entry["file"], threads=threads), images).argmax(1)
+    classes = run_onnx(make_session(entry["file"], threads=threads), images[0]).argmax(1)
     differ = int((classes != table[name].to_numpy()).sum())
     if differ:
         return [

@@ -15,6 +15,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from resnet_slim.data import check_finite_images
 from resnet_slim.errors import UserError
 from resnet_slim.export import INPUT_NAME, make_session
 from resnet_slim.hardware import has_int8_dot_product
@@ -37,12 +38,7 @@ def calibration_images(images: torch.Tensor, count: int, seed: int) -> np.ndarra
         raise UserError("calibration set is empty: the training split has no images")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
     chosen = images[pick].numpy().astype(np.float32)
-    if not np.isfinite(chosen).all():  # min-max calibration would give inf / NaN scales
-        raise UserError(
-            "calibration images hold non-finite values (inf/NaN) after normalisation: the "
-            "prepared dataset's meta.json mean/std must be finite with every std > 0; re-run "
-            "the prepare stage"
-        )
+    check_finite_images(chosen, what="calibration images")  # else inf / NaN min-max scales
     return chosen
 
 

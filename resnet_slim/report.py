@@ -11,13 +11,11 @@ import io
 import os
 from pathlib import Path
 
-import yaml
-
 from resnet_slim import plots
 from resnet_slim import report_sections as sec
 from resnet_slim.errors import UserError
 from resnet_slim.io import finite_number, read_json, replace_together
-from resnet_slim.params import load_params
+from resnet_slim.params import parse_params, read_params_file
 from resnet_slim.render import render_html, render_markdown
 from resnet_slim.verdict import read_verdict
 
@@ -73,9 +71,9 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
     params_path = Path(params_path)
     params_text, params = "", {}
     if params_path.is_file():  # shown in the report: refused as every other stage refuses it
-        load_params(params_path)
+        params = read_params_file(params_path)
+        parse_params(params, source=str(params_path))
         params_text = params_path.read_text(encoding="utf-8")
-        params = yaml.safe_load(params_text) or {}
     gate_path = reports / "gate.json"
     curves = {}
     for tsv in sorted(reports.glob("**/plots/metrics/val_top1.tsv")):
