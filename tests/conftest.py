@@ -57,6 +57,21 @@ def tiny_prepared(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def fresh_signal_state():
+    """errors.py keeps a stage's signal state in process-wide events (a stage runs once per
+    process); a test that runs run_stage in pytest's process would leave `_finished` set for the
+    next test in the same worker, whose simulated signal would then be ignored."""
+    from resnet_slim import errors
+
+    events = ("_finished", "_interrupting", "_deferring", "_deferred", "_watchdog_armed")
+    for name in events:
+        getattr(errors, name).clear()
+    yield
+    for name in events:
+        getattr(errors, name).clear()
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models gain nothing from a second intra-op thread and lose a lot when the other core
     is busy; also undoes a stage's seed_everything(threads=...)."""

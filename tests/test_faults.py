@@ -518,7 +518,7 @@ def test_write_refused_is_a_user_error_naming_the_output(tmp_path, monkeypatch, 
 
 
 @pytest.fixture
-def restore_signals():
+def restore_signals(fresh_signal_state):
     """run_stage installs stage signal handlers; give pytest its own back afterwards."""
     saved = {
         number: signal.getsignal(number)

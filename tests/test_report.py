@@ -382,7 +382,9 @@ def test_the_report_validates_params_as_every_stage_does(run_dir, text, words):
     assert_one_line_error(report_stage(run_dir, params), 2, words)
 
 
-def test_a_signal_during_the_report_writes_leaves_one_whole_report(run_dir, monkeypatch):
+def test_a_signal_during_the_report_writes_leaves_one_whole_report(
+    run_dir, monkeypatch, fresh_signal_state
+):
     """md, html and plots are one set: stopped before the renames, the old set stays; stopped
     during them, the renames finish and the stage says it wrote all of them."""
     from resnet_slim import errors, io
@@ -401,13 +403,11 @@ def test_a_signal_during_the_report_writes_leaves_one_whole_report(run_dir, monk
 
     monkeypatch.setattr(io, "_swap_into_place", stopped_after_the_first)
     monkeypatch.setattr(errors, "_arm_watchdog", lambda: None)  # no forced exit of pytest
-    try:
-        with pytest.raises(io.InterruptedWrite, match="interrupted after writing all of"):
-            report_module.write_report(
-                inputs, out_md=r / "report.md", out_html=r / "report.html", plots_dir=r / "plots"
-            )
-    finally:
-        errors._interrupting.clear()
+    with pytest.raises(io.InterruptedWrite, match="interrupted after writing all of"):
+        report_module.write_report(
+            inputs, out_md=r / "report.md", out_html=r / "report.html", plots_dir=r / "plots"
+        )
+    errors._interrupting.clear()
     assert "Gate ✗ FAILED" in (r / "report.md").read_text()  # new md, html and plots: whole
     assert "Gate ✗ FAILED" in (r / "report.html").read_text()
     assert (r / "report.md").read_bytes() != old["report.md"]
