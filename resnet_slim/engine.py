@@ -299,7 +299,8 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)  # in place: parameters stay the same objects
     optimizer, scheduler = make_optimizer(model, p, len(train_loader))
-    history = []
+    history: list[dict] = []
+    saving = _resume(model, optimizer, scheduler, history, train_loader, val_loader, desc=desc)
     # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.
     # Under DDP only rank 0 logs (live is None on the others). Not `with Live(...)`: its __exit__
     # calls `Live.end()` after an error or SIGTERM too, and `end()` waits on a queue whose worker
@@ -310,7 +311,9 @@ def fit(
         if distributed.is_main_process()
         else None
     )
-    for epoch in range(p.epochs):
+    for row in history:  # a resumed run's curves continue: the finished epochs are logged again
+        _log_epoch(live, row)
+    for epoch in range(len(history), p.epochs):
         if on_epoch_start is not None:
             on_epoch_start(model, epoch)
         started = time.perf_counter()
@@ -336,24 +339,78 @@ def fit(
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(row)
-        if live is None:
-            continue
-        for key, value in row.items():
-            if key != "epoch":
-                live.log_metric(key, value)
-        live.next_step()
-        print(
-            f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} "
-            f"top-1 {train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
-            f" | {images_per_s:.0f} img/s",
-            flush=True,
-        )
+        if saving is not None:
+            saving(epoch + 1)
+        _log_epoch(live, row)
+        if live is not None:
+            print(
+                f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} top-1 "
+                f"{train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
+                f" | {images_per_s:.0f} img/s",
+                flush=True,
+            )
     if live is not None:
         live.end()
     if channels_last:
         optimizer.zero_grad(set_to_none=True)  # no NHWC gradients left on NCHW weights
         model.to(memory_format=torch.contiguous_format)  # leaves as it came (export, pruning)
     return history
+
+
+def _log_epoch(live, row: dict) -> None:
+    if live is None:
+        return
+    for key, value in row.items():
+        if key != "epoch":
+            live.log_metric(key, value)
+    live.next_step()
+
+
+def _resume(model, optimizer, scheduler, history, train_loader, val_loader, *, desc):
+    """Inside a stage's `resume.checkpoints`: load this phase's checkpoint when it was written by
+    the same work (weights, optimizer, scheduler, history and random state restored in place),
+    and return the function that writes one after each epoch; None outside one."""
+    from resnet_slim import resume
+
+    session = resume.current()
+    if session is None:
+        return None
+    plain = distributed.unwrap(model)
+    key = resume.fit_key(
+        session, desc=desc, model=plain, train_loader=train_loader, val_loader=val_loader
+    )
+    path = resume.checkpoint_path(session, desc)
+    checkpoint, why = resume.load(path, key)
+    # every rank resumes or none does: ranks that disagree on the epoch would deadlock DDP
+    ranks_resuming = distributed.all_reduce_sum([int(checkpoint is not None)])[0]
+    if checkpoint is not None and ranks_resuming != distributed.world_size():
+        checkpoint, why = None, "another process's checkpoint is missing or was discarded"
+    if why is not None:
+        resume.discard(path, why, desc)
+    if checkpoint is not None:
+        plain.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history.extend(checkpoint["history"])
+        resume.set_random_state(checkpoint["random"], train_loader)
+        if distributed.is_main_process():
+            print(f"{desc}: resumed after epoch {len(history)} from {path}", flush=True)
+
+    def save_epoch(epochs_done: int) -> None:
+        resume.save(
+            path,
+            {
+                "key": key,
+                "epochs_done": epochs_done,
+                "model": plain.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": list(history),
+                "random": resume.random_state(train_loader),
+            },
+        )
+
+    return save_epoch
 
 
 def train_teacher(

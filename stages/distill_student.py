@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     # imported after parse_args: torch takes seconds, --help should not
     from resnet_slim.distributed import run_training_stage
     from resnet_slim.params import load_params
+    from resnet_slim.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         argv=argv,
         base=params.base,
         batch_sizes={"distill.batch_size": params.distill.batch_size},
-        train=lambda device: distill(args, params, device),
+        train=resumable(args.out, params, "distill", lambda device: distill(args, params, device)),
     )
 
 

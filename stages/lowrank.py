@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
+    from resnet_slim.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(
@@ -58,7 +59,9 @@ def main(argv=None) -> int:
         argv=argv,
         base=params.base,
         batch_sizes={"lowrank.finetune.batch_size": params.lowrank.finetune.batch_size},
-        train=lambda device: factorize(args, params, device),
+        train=resumable(
+            args.out, params, "lowrank", lambda device: factorize(args, params, device)
+        ),
     )
 
 

@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
     from resnet_slim.qat import quantize_checkpoint
+    from resnet_slim.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(
@@ -30,14 +31,19 @@ def main(argv=None) -> int:
         argv=argv,
         base=params.base,
         batch_sizes={"qat.batch_size": params.qat.batch_size},
-        train=lambda device: quantize_checkpoint(
-            args.checkpoint,
-            args.data,
+        train=resumable(
+            args.out,
             params,
-            device,
-            onnx_path=args.onnx,
-            out=args.out,
-            reports=args.reports,
+            "qat",
+            lambda device: quantize_checkpoint(
+                args.checkpoint,
+                args.data,
+                params,
+                device,
+                onnx_path=args.onnx,
+                out=args.out,
+                reports=args.reports,
+            ),
         ),
     )
 

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
+    from resnet_slim.resume import resumable
 
     params = load_params(args.params)
     p = params.prune
@@ -51,7 +52,9 @@ def main(argv=None) -> int:
             "prune.sparsity.batch_size": p.sparsity.batch_size,
             "prune.finetune.batch_size": p.finetune.batch_size,
         },
-        train=lambda device: prune_and_finetune(args, params, device),
+        train=resumable(
+            args.out, params, "prune", lambda device: prune_and_finetune(args, params, device)
+        ),
     )
 
 

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
+    from resnet_slim.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         argv=argv,
         base=params.base,
         batch_sizes={"teacher.batch_size": params.teacher.batch_size},
-        train=lambda device: train(args, params, device),
+        train=resumable(args.out, params, "teacher", lambda device: train(args, params, device)),
     )
 
 

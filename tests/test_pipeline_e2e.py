@@ -23,9 +23,9 @@ SMOKE_PARAMS = REPO / "tests" / "smoke_params.yaml"
 pytestmark = pytest.mark.e2e
 
 
-def sh(*args, cwd, check=True) -> subprocess.CompletedProcess:
+def sh(*args, cwd, check=True, env=None) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        list(args), cwd=cwd, env=dvc_env(), capture_output=True, text=True, timeout=1800
+        list(args), cwd=cwd, env=env or dvc_env(), capture_output=True, text=True, timeout=1800
     )
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -33,8 +33,8 @@ def sh(*args, cwd, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-def dvc(*args, repo: Path, check=True) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, check=check)
+def dvc(*args, repo: Path, check=True, env=None) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=repo, check=check, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,18 @@ def pipeline_repo(tmp_path_factory) -> Path:
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "copy", cwd=dest)
-    dvc("repro", repo=dest)
+    # a long run stopped hard: train_teacher is SIGKILLed right after its first epoch's resume
+    # checkpoint; the next `dvc repro` continues from it
+    from tests.test_faults import child_env
+
+    hooks = dest.parent / "hooks"
+    hooks.mkdir()
+    hook = child_env(hooks, "resnet_slim.resume:save:1:kill:resnet_slim.engine")
+    env = dvc_env(**{key: hook[key] for key in ("PYTHONPATH", "FAULT_AT", "FAULT_MARKER")})
+    killed = dvc("repro", "train_teacher", repo=dest, check=False, env=env)
+    assert killed.returncode != 0 and list((dest / "models" / ".resume").rglob("*.pt"))
+    repro = dvc("repro", repo=dest)
+    (dest / "repro.log").write_text(repro.stdout)  # for test_a_killed_stage_resumed_in_repro
     return dest
 
 
@@ -92,6 +103,13 @@ def test_repro_runs_every_stage_to_a_passing_gate_and_all_reports(pipeline_repo)
     assert {"lowrank", "lowrank_ptq_int8", "pruned"} <= set(bench["models"])
     validation = json.loads((pipeline_repo / "reports" / "data_validation.json").read_text())
     assert validation["success"]
+
+
+def test_a_killed_stage_resumed_in_repro(pipeline_repo):
+    log = (pipeline_repo / "repro.log").read_text()
+    assert "teacher: resumed after epoch 1 from models/.resume/teacher.pt/teacher-rank0.pt" in log
+    assert not list((pipeline_repo / "models" / ".resume").rglob("*.pt"))  # removed when done
+    assert "train_teacher" in yaml.safe_load((pipeline_repo / "dvc.lock").read_text())["stages"]
 
 
 def test_second_repro_has_nothing_to_do(pipeline_repo):
