@@ -70,6 +70,10 @@ def checkpoints(out: str | Path, sections: dict) -> Iterator[Session]:
         _session = None
     if distributed.is_main_process():
         shutil.rmtree(session.directory, ignore_errors=True)
+        try:
+            session.directory.parent.rmdir()  # `.resume` itself, once no other stage's is left
+        except OSError:
+            pass  # another stage's checkpoints are in it, or it is gone
 
 
 def resumable(out: str | Path, params, section: str, train: Callable[[object], None]):
