@@ -44,7 +44,7 @@ browser:
 
 # The LiteRT converter for export.targets: [tflite] (requirements-targets.txt says why it has its
 # own environment). .venv's site-packages are appended to its path, so torch is not installed twice.
-# resnet_slim/targets.py looks for it at this path.
+# resnet_slim/measure/targets.py looks for it at this path.
 LITERT_VENV := .venv-litert
 install-litert: $(LITERT_VENV)/.installed
 

@@ -156,8 +156,9 @@ def epoch_child(prepared: Path, workdir: Path) -> None:
     import torch
     from torch import nn
 
-    from resnet_slim import data, engine
+    from resnet_slim.data import loader as data
     from resnet_slim.params import Augment, TrainParams
+    from resnet_slim.train import engine
 
     engine.seed_everything(0, 2)
     train, val, meta = data.train_val_loaders(
@@ -194,9 +195,10 @@ def loader_share(prepared: Path, steps: int) -> dict:
     """The default teacher on `prepared`: loader-alone epoch time vs the step time of an epoch."""
     import torch
 
-    from resnet_slim import data, engine
-    from resnet_slim.models import build_model, make_arch
+    from resnet_slim.data import loader as data
     from resnet_slim.params import load_params
+    from resnet_slim.train import engine
+    from resnet_slim.train.models import build_model, make_arch
 
     params = load_params(REPO / "params.yaml")
     p, base = params.teacher, params.base

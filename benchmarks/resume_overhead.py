@@ -1,6 +1,6 @@
-"""What resumable training costs (resnet_slim/resume.py), against an epoch of the work it protects:
-ResNet-56 (../shared/models) trained at batch 128 on a CIFAR-10-sized train split (41,400 images,
-32 px; random pixels: the cost does not depend on their values).
+"""What resumable training costs (resnet_slim/train/resume.py), against an epoch of the work it
+protects: ResNet-56 (../shared/models) trained at batch 128 on a CIFAR-10-sized train split (41,400
+images, 32 px; random pixels: the cost does not depend on their values).
 
     python -m benchmarks.resume_overhead [--out benchmarks/resume_overhead.json]
 
@@ -25,11 +25,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from resnet_slim import engine, resume  # noqa: E402
-from resnet_slim.data import BatchLoader  # noqa: E402
+from resnet_slim.data.loader import BatchLoader  # noqa: E402
 from resnet_slim.hardware import cpu_info, has_int8_dot_product  # noqa: E402
-from resnet_slim.model_import import import_model  # noqa: E402
 from resnet_slim.params import Augment, TrainParams  # noqa: E402
+from resnet_slim.train import engine, resume  # noqa: E402
+from resnet_slim.train.model_import import import_model  # noqa: E402
 
 TRAIN, VAL, BATCH = 41_400, 4_600, 128
 META = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 32}

@@ -31,11 +31,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from any folder: the stages import this checkout's library
 
-from resnet_slim.export import make_session  # noqa: E402
+from resnet_slim.compress.export import make_session  # noqa: E402
+from resnet_slim.gate.metrics import best_peer_int8, speedup  # noqa: E402
 from resnet_slim.hardware import hardware_fingerprint  # noqa: E402
-from resnet_slim.metrics import best_peer_int8, speedup  # noqa: E402
+from resnet_slim.measure.timing import latency_ms  # noqa: E402
 from resnet_slim.params import load_params  # noqa: E402
-from resnet_slim.timing import latency_ms  # noqa: E402
 
 BUSY_LOOP = "while True:\n    pass\n"
 

@@ -45,11 +45,11 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, ServiceUnavailable
 
-from resnet_slim import data
+from resnet_slim.compress.export import check_input_size, make_session
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError, run_stage
-from resnet_slim.export import check_input_size, make_session
+from resnet_slim.gate.verdict import read_verdict, served_file_problems
 from resnet_slim.io import finite_number, read_json
-from resnet_slim.verdict import read_verdict, served_file_problems
 
 DEFAULT_MAX_UPLOAD_MB = 5.0  # request body limit; a larger upload gets HTTP 413
 DEFAULT_MAX_MEGAPIXELS = 25.0  # width x height limit, checked from the header before decoding

@@ -2,7 +2,8 @@
 and per-image predictions, replaced together (benchmark.json last, recording the others' sha256).
 
 benchmark.json also records the sha256 of each model file and of the test split, and predictions
-carry the manifest's image ids: the gate traces every number back to them (resnet_slim/evidence.py).
+carry the manifest's image ids: the gate traces every number back to them
+(resnet_slim/measure/evidence.py).
 """
 
 import argparse
@@ -22,9 +23,11 @@ def main(argv=None) -> int:
     parser.add_argument("--targets-predictions", help="their per-image predictions")
     parser.add_argument("--torch-results", nargs="*", default=[], help="torch_ptq reports")
     args = parser.parse_args(argv)
-    from resnet_slim import bench  # after parse_args: `--help` needs no torch or onnxruntime
+    from resnet_slim.measure import bench
+    from resnet_slim.measure.targets import (
+        open_target_session,
+    )  # OpenVINO / LiteRT rows: timed here too
     from resnet_slim.params import load_params
-    from resnet_slim.targets import open_target_session  # OpenVINO / LiteRT rows: timed here too
 
     written, peak = bench.run_benchmark(
         args.models_dir,

@@ -2,7 +2,7 @@
 keyed by the teacher checkpoint's sha256, for every distillation run and sweep to reuse.
 
 base.device / base.nproc apply as in every training stage: each process runs its share of the
-split and rank 0 saves the outputs in the split's order (resnet_slim/distributed.py)."""
+split and rank 0 saves the outputs in the split's order (resnet_slim/train/distributed.py)."""
 
 import argparse
 
@@ -10,12 +10,12 @@ from resnet_slim.errors import run_stage
 
 
 def cache(args, params, device) -> None:
-    from resnet_slim import distributed
-    from resnet_slim.data import load_meta
-    from resnet_slim.distill import cache_teacher_outputs, save_teacher_cache
-    from resnet_slim.engine import seed_everything
+    from resnet_slim.compress.distill import cache_teacher_outputs, save_teacher_cache
+    from resnet_slim.data.loader import load_meta
     from resnet_slim.io import sha256_file
-    from resnet_slim.models import load_model
+    from resnet_slim.train import distributed
+    from resnet_slim.train.engine import seed_everything
+    from resnet_slim.train.models import load_model
 
     seed_everything(params.base.seed, distributed.threads_per_process(params.base.threads))
     teacher, _ = load_model(args.teacher, num_classes=len(load_meta(args.data)["class_names"]))
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     # imported after parse_args: torch takes seconds, --help should not
-    from resnet_slim.distributed import run_training_stage
     from resnet_slim.params import load_params
+    from resnet_slim.train.distributed import run_training_stage
 
     params = load_params(args.params)
     # nothing is trained (no batch size to split); the teacher only runs forward

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd  # after parse_args: `--help` needs no pandas
 
-    from resnet_slim.experiments import comparison_table, run_exp_show
-    from resnet_slim.render import markdown_table
+    from resnet_slim.report.experiments import comparison_table, run_exp_show
+    from resnet_slim.report.render import markdown_table
 
     if args.json:
         try:

@@ -2,8 +2,8 @@
 shared loop; optionally the same student without the teacher, to measure what KD adds.
 
 distill.student.init starts the student (and its no-teacher baseline) from a trained model;
-its architecture then comes from the file (resnet_slim/model_import.py). base.device and
-base.nproc apply as in every training stage (resnet_slim/distributed.py)."""
+its architecture then comes from the file (resnet_slim/train/model_import.py). base.device and
+base.nproc apply as in every training stage (resnet_slim/train/distributed.py)."""
 
 import argparse
 
@@ -11,9 +11,9 @@ from resnet_slim.errors import run_stage
 
 
 def distill(args, params, device) -> None:
-    from resnet_slim import distributed
-    from resnet_slim.distill import distill_student
+    from resnet_slim.compress.distill import distill_student
     from resnet_slim.io import save_checkpoint, write_json
+    from resnet_slim.train import distributed
 
     student, arch, metrics = distill_student(
         teacher_path=args.teacher,
@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     # imported after parse_args: torch takes seconds, --help should not
-    from resnet_slim.distributed import run_training_stage
     from resnet_slim.params import load_params
-    from resnet_slim.resume import resumable
+    from resnet_slim.train.distributed import run_training_stage
+    from resnet_slim.train.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(

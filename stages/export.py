@@ -15,11 +15,14 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--report", required=True, help="parity report (JSON)")
     args = parser.parse_args(argv)
-    from resnet_slim.data import load_meta, normalized_split  # after parse_args: `--help` is fast
-    from resnet_slim.export import check_parity, export_onnx, make_session, parity
+    from resnet_slim.compress.export import check_parity, export_onnx, make_session, parity
+    from resnet_slim.data.loader import (
+        load_meta,
+        normalized_split,
+    )  # after parse_args: `--help` is fast
     from resnet_slim.io import write_json
-    from resnet_slim.models import load_model
     from resnet_slim.params import load_params
+    from resnet_slim.train.models import load_model
 
     p = load_params(args.params).export
     meta = load_meta(args.data)

@@ -21,12 +21,12 @@ def main(argv=None) -> None:
         "--predictions", required=True, help="class predicted per test image, per measured target"
     )
     args = parser.parse_args(argv)
-    from resnet_slim import targets  # after parse_args: `--help` needs no torch or openvino
-    from resnet_slim.data import load_meta, normalized_split
+    from resnet_slim.compress.quant import calibration_images
+    from resnet_slim.data.loader import load_meta, normalized_split
     from resnet_slim.hardware import hardware_fingerprint
     from resnet_slim.io import atomic_path, write_json
+    from resnet_slim.measure import targets
     from resnet_slim.params import load_params
-    from resnet_slim.quant import calibration_images
 
     params = load_params(args.params)
     images, labels = normalized_split(args.data, "test")

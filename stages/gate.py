@@ -1,7 +1,7 @@
 """gate: pass or fail the release model against the FP32 reference; write reports/gate.json.
 
-Only evidence that traces back to the files on disk counts (resnet_slim/evidence.py): the model
-files, the test split and the predictions must be the ones benchmark.json was measured with.
+Only evidence that traces back to the files on disk counts (resnet_slim/measure/evidence.py): the
+model files, the test split and the predictions must be the ones benchmark.json was measured with.
 """
 
 import argparse
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", help="also write the headline metrics here (dvc metrics)")
     parser.add_argument("--teacher-summary", help="train_teacher's summary.json (reference origin)")
     args = parser.parse_args(argv)
-    from resnet_slim import gate  # after parse_args: `--help` needs no numpy, pandas or torch
+    from resnet_slim.gate import gate
     from resnet_slim.io import read_json
     from resnet_slim.params import load_params
 

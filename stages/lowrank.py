@@ -1,7 +1,7 @@
 """lowrank: SVD low-rank factorization of the teacher -> fine-tuning, at the pruned model's size.
 
 The alternative to slim_prune at the same parameter budget: the report compares the two.
-base.device / base.nproc apply as in every training stage (resnet_slim/distributed.py).
+base.device / base.nproc apply as in every training stage (resnet_slim/train/distributed.py).
 """
 
 import argparse
@@ -10,8 +10,8 @@ from resnet_slim.errors import run_stage
 
 
 def factorize(args, params, device) -> None:
+    from resnet_slim.compress.prune import factorize_and_finetune
     from resnet_slim.io import save_checkpoint, write_json
-    from resnet_slim.prune import factorize_and_finetune
 
     result = factorize_and_finetune(
         teacher_path=args.teacher,
@@ -49,9 +49,11 @@ def main(argv=None) -> int:
         parser.add_argument(path, required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
-    from resnet_slim.resume import resumable
+    from resnet_slim.train.distributed import (
+        run_training_stage,
+    )  # torch: after parse_args (fast --help)
+    from resnet_slim.train.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(

@@ -10,8 +10,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
+    from resnet_slim.data.prepare import prepare_dataset
     from resnet_slim.params import load_params
-    from resnet_slim.prepare import prepare_dataset
 
     params = load_params(args.params)
     summary = prepare_dataset(params.prepare, seed=params.base.seed, out_dir=args.out)

@@ -14,14 +14,16 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True)
     args = parser.parse_args(argv)
-    from resnet_slim.data import normalized_split  # after parse_args: `--help` needs no torch
-    from resnet_slim.params import load_params
-    from resnet_slim.quant import (
+    from resnet_slim.compress.quant import (
         calibration_images,
         quantize_dynamic_int8,
         quantize_static_int8,
         resolve_reduce_range,
     )
+    from resnet_slim.data.loader import (
+        normalized_split,
+    )  # after parse_args: `--help` needs no torch
+    from resnet_slim.params import load_params
 
     params = load_params(args.params)
     train_images, _ = normalized_split(args.data, "train")

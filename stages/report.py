@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     parser.add_argument("--html", required=True)
     parser.add_argument("--plots", required=True, help="figures + pareto.csv (replaced whole)")
     args = parser.parse_args(argv)
-    from resnet_slim import report  # after parse_args: `--help` needs no matplotlib or pandas
+    from resnet_slim.report import report
 
     inputs = report.load_inputs(args.reports, args.params, args.benchmark)
     written = report.write_report(inputs, out_md=args.md, out_html=args.html, plots_dir=args.plots)

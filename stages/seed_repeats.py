@@ -23,12 +23,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="seed repeats (JSON)")
     args = parser.parse_args(argv)
     # after parse_args: `--help` needs no torch or onnxruntime
-    from resnet_slim import seeds as repeats
-    from resnet_slim.bench import top1
-    from resnet_slim.data import normalized_split
-    from resnet_slim.export import make_session
-    from resnet_slim.gate import judged_models
+    from resnet_slim.compress.export import make_session
+    from resnet_slim.data.loader import normalized_split
+    from resnet_slim.gate import seeds as repeats
+    from resnet_slim.gate.gate import judged_models
     from resnet_slim.io import read_json, write_json
+    from resnet_slim.measure.bench import top1
     from resnet_slim.params import load_params, read_yaml
 
     params = load_params(args.params)

@@ -1,5 +1,6 @@
 """slim_prune: sparsity training (network slimming) -> channel removal -> fine-tuning of the
-teacher. base.device / base.nproc apply as in every training stage (resnet_slim/distributed.py)."""
+teacher. base.device / base.nproc apply as in every training stage
+(resnet_slim/train/distributed.py)."""
 
 import argparse
 
@@ -7,8 +8,8 @@ from resnet_slim.errors import run_stage
 
 
 def prune_and_finetune(args, params, device) -> None:
+    from resnet_slim.compress.prune import plot_kept_channels, slim_prune_and_finetune
     from resnet_slim.io import save_checkpoint, write_json
-    from resnet_slim.prune import plot_kept_channels, slim_prune_and_finetune
 
     result = slim_prune_and_finetune(
         teacher_path=args.teacher,
@@ -38,9 +39,11 @@ def main(argv=None) -> int:
         parser.add_argument(path, required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
-    from resnet_slim.resume import resumable
+    from resnet_slim.train.distributed import (
+        run_training_stage,
+    )  # torch: after parse_args (fast --help)
+    from resnet_slim.train.resume import resumable
 
     params = load_params(args.params)
     p = params.prune

@@ -5,13 +5,13 @@
 
 Copies the report, gate verdict, benchmark, per-image predictions, training curves, the ONNX
 files of the reference and of every gate candidate (up to --max-onnx-mb each), and writes
-preprocess.json (see resnet_slim/snapshot.py). The directory is replaced as a whole.
+preprocess.json (see resnet_slim/report/snapshot.py). The directory is replaced as a whole.
 """
 
 import argparse
 
 from resnet_slim.errors import run_stage
-from resnet_slim.snapshot import write_snapshot
+from resnet_slim.report.snapshot import write_snapshot
 
 
 def main(argv=None) -> int:

@@ -16,13 +16,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     import torch  # after parse_args: `--help` needs no torch
 
-    from resnet_slim.bench import process_peak_rss_mb, state_dict_mb, torch_latency_ms, torch_top1
-    from resnet_slim.data import load_meta, normalized_split
+    from resnet_slim.compress.qat import eager_ptq_int8
+    from resnet_slim.compress.quant import calibration_images
+    from resnet_slim.data.loader import load_meta, normalized_split
     from resnet_slim.io import write_json
-    from resnet_slim.models import load_model
+    from resnet_slim.measure.bench import (
+        process_peak_rss_mb,
+        state_dict_mb,
+        torch_latency_ms,
+        torch_top1,
+    )
     from resnet_slim.params import load_params
-    from resnet_slim.qat import eager_ptq_int8
-    from resnet_slim.quant import calibration_images
+    from resnet_slim.train.models import load_model
 
     params = load_params(args.params)
     backend, b = args.backend or params.qat.backend, params.benchmark

@@ -1,10 +1,10 @@
 """train_teacher: train the FP32 ResNet teacher with the shared loop; save weights + architecture.
 
-With teacher.init it starts from your own trained model instead (resnet_slim/model_import.py):
+With teacher.init it starts from your own trained model instead (resnet_slim/train/model_import.py):
 evaluated as imported, then fine-tuned on this data for teacher.epochs (0: used as is). The file,
 its format, sha256 and top-1 before/after adaptation go into the checkpoint's metrics and
 summary.json under "origin". base.device / base.nproc apply as in every training stage; several
-machines: run `torchrun --nnodes ...` on this script directly (resnet_slim/distributed.py).
+machines: run `torchrun --nnodes ...` on this script directly (resnet_slim/train/distributed.py).
 """
 
 import argparse
@@ -16,7 +16,6 @@ from resnet_slim.errors import run_stage
 
 def train(args, params, device) -> None:
     # imported here: the torchrun launcher process only reads params (saves ~5 s per launch)
-    from resnet_slim import distributed, engine
     from resnet_slim.io import (
         replace_together,
         save_checkpoint,
@@ -24,6 +23,7 @@ def train(args, params, device) -> None:
         staging_dir,
         write_json,
     )
+    from resnet_slim.train import distributed, engine
 
     # the live curves go to a staging folder: a run stopped part-way leaves the previous
     # checkpoint with its own curves, never the stopped run's curves beside the old weights
@@ -65,9 +65,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--live", required=True, help="DVCLive directory")
     args = parser.parse_args(argv)
-    from resnet_slim.distributed import run_training_stage  # torch: after parse_args (fast --help)
     from resnet_slim.params import load_params
-    from resnet_slim.resume import resumable
+    from resnet_slim.train.distributed import (
+        run_training_stage,
+    )  # torch: after parse_args (fast --help)
+    from resnet_slim.train.resume import resumable
 
     params = load_params(args.params)
     return run_training_stage(

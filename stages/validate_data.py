@@ -3,11 +3,11 @@ violation."""
 
 import argparse
 
-from resnet_slim.data import load_manifest, load_meta
+from resnet_slim.data.loader import load_manifest, load_meta
+from resnet_slim.data.validate import validate_manifest
 from resnet_slim.errors import UserError, run_stage
 from resnet_slim.io import write_json
 from resnet_slim.params import load_params
-from resnet_slim.validate import validate_manifest
 
 
 def main(argv=None) -> None:

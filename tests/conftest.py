@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from resnet_slim import prepare
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.data import prepare
+from resnet_slim.train.models import build_model, make_arch
 
 REPO = Path(__file__).resolve().parents[1]
 # Stage scripts run by path in subprocesses (cwd: a temp dir) import this checkout's library; a

@@ -33,11 +33,14 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
-from resnet_slim import data, distill, engine, export, prepare, qat, quant
+from resnet_slim.compress import distill, export, qat, quant
+from resnet_slim.data import loader as data
+from resnet_slim.data import prepare
 from resnet_slim.errors import UserError
 from resnet_slim.io import save_checkpoint, sha256_file, write_json
-from resnet_slim.models import build_model, load_model, make_arch
 from resnet_slim.params import TrainParams, load_params
+from resnet_slim.train import engine
+from resnet_slim.train.models import build_model, load_model, make_arch
 from tests.conftest import (
     REPO,
     absent_gate_inputs,
@@ -804,7 +807,7 @@ def test_skip_policy_and_duplicates_are_counted_in_meta_and_validation_report(tm
 
 
 def test_validation_flags_an_image_with_two_labels(tiny_prepared):
-    from resnet_slim.validate import validate_manifest
+    from resnet_slim.data.validate import validate_manifest
 
     manifest = data.load_manifest(tiny_prepared)
     twin = manifest.iloc[[0]].assign(id="copy", label=(manifest.label[0] + 1) % 10)
@@ -827,7 +830,7 @@ def test_cifar10_with_incomplete_files(tmp_path):
 
 
 def _validate(prepared: Path) -> dict:
-    from resnet_slim.validate import validate_manifest
+    from resnet_slim.data.validate import validate_manifest
 
     return validate_manifest(
         data.load_manifest(prepared), ["0"], min_class_share=0.0, max_class_share=1.0

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_slim import data, pixels, prepare
+from resnet_slim.data import loader as data
+from resnet_slim.data import pixels, prepare
 from resnet_slim.errors import UserError
 from tests.conftest import write_image_tree
 

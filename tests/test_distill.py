@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from resnet_slim.distill import (
+from resnet_slim.compress.distill import (
     StudentWithProjectors,
     distillation_loss,
     load_teacher_cache,
@@ -12,11 +12,11 @@ from resnet_slim.distill import (
     stage_channels,
     teacher_outputs,
 )
-from resnet_slim.engine import kd_logit_loss
+from resnet_slim.compress.export import export_onnx, make_session
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session
 from resnet_slim.io import sha256_file
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.train.engine import kd_logit_loss
+from resnet_slim.train.models import build_model, make_arch
 
 
 def test_kd_loss_matches_a_hand_computed_value():

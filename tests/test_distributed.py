@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_slim import data, distributed
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint, sha256_file
-from resnet_slim.models import load_model
 from resnet_slim.params import Augment
+from resnet_slim.train import distributed
+from resnet_slim.train.models import load_model
 from tests.conftest import REPO, write_params
 
 # tiny digits (8 px, 240 training images), width 8: ~10 s in one process, ~25 s with two
@@ -29,9 +30,9 @@ MAX_TOP1_GAP_PP = 10.0
 # Trains a BN-free ResNet with the shared loop, in one process or as a torchrun worker.
 NO_BN_SCRIPT = """
 import json, sys, torch
-from resnet_slim import distributed, engine
-from resnet_slim.data import train_val_loaders
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.train import distributed, engine
+from resnet_slim.data.loader import train_val_loaders
+from resnet_slim.train.models import build_model, make_arch
 from resnet_slim.params import Augment, TrainParams
 
 def without_bn(module):
@@ -186,7 +187,7 @@ def test_two_processes_equal_one_process_without_batchnorm(tmp_path, tiny_prepar
         [
             sys.executable,
             "-c",
-            "from resnet_slim.distributed import launch_with_torchrun; "
+            "from resnet_slim.train.distributed import launch_with_torchrun; "
             f"raise SystemExit(launch_with_torchrun(2, module='no_bn', "
             f"argv={[str(tiny_prepared), str(outs[2])]!r}))",
         ],
@@ -288,7 +289,7 @@ def test_failed_worker_gives_its_exit_code_and_one_line(tmp_path):
         [
             sys.executable,
             "-c",
-            "from resnet_slim.distributed import launch_with_torchrun; "
+            "from resnet_slim.train.distributed import launch_with_torchrun; "
             "raise SystemExit(launch_with_torchrun(2, module='worker', argv=[]))",
         ],
         cwd=REPO,
@@ -342,10 +343,10 @@ def run_stage_argv(stage: str, argv: list[str], nproc: int) -> subprocess.Comple
 def trained_teacher(tmp_path_factory, tiny_prepared) -> Path:
     """A width-8 teacher trained in this process (~90 % val top-1), so KD and fine-tuning have
     something to learn from."""
-    from resnet_slim import engine
     from resnet_slim.io import save_checkpoint
-    from resnet_slim.models import build_model, make_arch
     from resnet_slim.params import TrainParams
+    from resnet_slim.train import engine
+    from resnet_slim.train.models import build_model, make_arch
 
     threads = torch.get_num_threads()
     engine.seed_everything(0, 1)
@@ -445,7 +446,7 @@ def test_prune_fine_tuning_on_two_processes_matches_one_and_writes_once(
 
 
 def test_teacher_cache_and_distillation_on_two_processes(tmp_path, tiny_prepared, trained_teacher):
-    from resnet_slim.distill import load_teacher_cache
+    from resnet_slim.compress.distill import load_teacher_cache
 
     top1, caches = {}, {}
     for nproc in (1, 2):

@@ -17,7 +17,7 @@ from conftest import REPO, dvc_env
 
 PROBE = """import json
 import resnet_slim
-from resnet_slim import metrics
+from resnet_slim.gate import metrics
 json.dump({"marker": getattr(metrics, "MARKER", "unchanged"), "file": resnet_slim.__file__},
           open("probe.json", "w"))
 """
@@ -25,7 +25,7 @@ json.dump({"marker": getattr(metrics, "MARKER", "unchanged"), "file": resnet_sli
 PIPELINE = """stages:
   probe:
     cmd: python -m stages.probe
-    deps: [stages/probe.py, resnet_slim/__init__.py, resnet_slim/metrics.py]
+    deps: [stages/probe.py, resnet_slim/__init__.py, resnet_slim/gate/metrics.py]
     outs:
       - probe.json:
           cache: false
@@ -45,7 +45,7 @@ def copy_library(dest: Path, marker: str | None = None) -> None:
         REPO / "resnet_slim", dest / "resnet_slim", ignore=shutil.ignore_patterns("__pycache__")
     )
     if marker is not None:
-        with open(dest / "resnet_slim" / "metrics.py", "a") as f:
+        with open(dest / "resnet_slim" / "gate" / "metrics.py", "a") as f:
             f.write(f"\nMARKER = {marker!r}\n")
 
 
@@ -78,12 +78,12 @@ def run_temp_experiment(repo: Path, env: dict, name: str) -> str:
 
 def test_temp_experiment_runs_the_workspace_library(project):
     repo, env = project
-    with open(repo / "resnet_slim" / "metrics.py", "a") as f:  # uncommitted change
+    with open(repo / "resnet_slim" / "gate" / "metrics.py", "a") as f:  # uncommitted change
         f.write("\nMARKER = 'changed in the workspace'\n")
     assert run_temp_experiment(repo, env, "changed") == "changed in the workspace"
 
     # the reverse: undo the change; the experiment follows the workspace back, not the other copy
-    sh("git", "checkout", "--", "resnet_slim/metrics.py", cwd=repo, env=env)
+    sh("git", "checkout", "--", "resnet_slim/gate/metrics.py", cwd=repo, env=env)
     assert run_temp_experiment(repo, env, "restored") == "unchanged"
 
     # and the stage run in place (`dvc repro`) uses the workspace's copy too

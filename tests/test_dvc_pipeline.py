@@ -103,9 +103,9 @@ def test_every_stage_depends_on_every_module_it_runs(pipeline):
 
 def test_the_check_fails_when_a_dep_is_deleted_or_stale(pipeline):
     qat = pipeline["qat@student"]
-    without_engine = {**qat, "deps": [d for d in qat["deps"] if d != "resnet_slim/engine.py"]}
+    without_engine = {**qat, "deps": [d for d in qat["deps"] if d != "resnet_slim/train/engine.py"]}
     assert dependency_problems({"qat@student": without_engine}) == [
-        "qat@student: runs resnet_slim/engine.py but does not depend on it"
+        "qat@student: runs resnet_slim/train/engine.py but does not depend on it"
     ]
     extra = {**qat, "deps": qat["deps"] + ["resnet_slim/serve.py"]}
     assert dependency_problems({"qat@student": extra}) == [
@@ -163,7 +163,7 @@ def test_one_small_metrics_file(pipeline):
 
 
 def test_seed_repeats_expand_foreach_groups_like_dvc(pipeline):
-    from resnet_slim.seeds import read_stages, read_stages_from
+    from resnet_slim.gate.seeds import read_stages, read_stages_from
 
     ours = read_stages(REPO / "dvc.yaml")
     assert set(ours) == set(pipeline)
@@ -195,7 +195,7 @@ def test_readme_shows_the_current_stage_graph():
 
 
 def test_imported_models_are_tracked_by_content(pipeline):
-    from resnet_slim.model_import import TRACKED_DIR
+    from resnet_slim.train.model_import import TRACKED_DIR
 
     for stage in ("train_teacher", "distill_student"):
         assert TRACKED_DIR.as_posix() in pipeline[stage]["deps"], stage
@@ -203,7 +203,7 @@ def test_imported_models_are_tracked_by_content(pipeline):
 
 
 def test_seed_repeats_find_imported_models_from_their_scratch_workspace(tmp_path):
-    from resnet_slim.seeds import _absolute_model_paths
+    from resnet_slim.gate.seeds import _absolute_model_paths
 
     params = {
         "teacher": {"init": "../shared/models/r56.th", "epochs": 0},
@@ -214,11 +214,15 @@ def test_seed_repeats_find_imported_models_from_their_scratch_workspace(tmp_path
     assert fixed["distill"] == params["distill"] and params["teacher"]["init"].startswith("..")
 
 
+def _dotted(root: Path, path: Path) -> str:
+    return ".".join(path.relative_to(root / "resnet_slim").with_suffix("").parts)
+
+
 def library_import_cycles(root: Path = REPO) -> list[list[str]]:
     """Import circles between the library's modules (lazy imports included): each a list of
     modules that import each other, directly or around a loop. dvc.yaml's deps follow imports,
     so a circle makes every stage that runs one of its modules depend on all of them."""
-    modules = sorted((root / "resnet_slim").glob("*.py"))
+    modules = sorted((root / "resnet_slim").rglob("*.py"))
     graph = {
         path: {
             f
@@ -240,7 +244,13 @@ def library_import_cycles(root: Path = REPO) -> list[list[str]]:
 
     reach = {path: reachable(path) for path in graph}
     cycles = {
-        tuple(sorted(p.stem for p in graph if p == path or (p in reach[path] and path in reach[p])))
+        tuple(
+            sorted(
+                _dotted(root, p)
+                for p in graph
+                if p == path or (p in reach[path] and path in reach[p])
+            )
+        )
         for path in graph
         if path in reach[path]
     }
@@ -257,3 +267,63 @@ def test_the_library_has_no_import_circles(tmp_path):
     (package / "b.py").write_text("def x():\n    from resnet_slim import a\n")
     (package / "c.py").write_text("from resnet_slim import a\n")
     assert library_import_cycles(tmp_path) == [["a", "b"]]
+
+
+# The library's parts in the order data flows through the pipeline (resnet_slim/__init__.py), and
+# the modules at the top that every part uses
+ROOMS = ("data", "train", "compress", "measure", "gate", "report")
+BASE = ("params", "io", "errors", "limits", "presets", "stats", "hardware")
+
+
+def upward_imports(root: Path = REPO) -> list[str]:
+    """ "module -> import" for each import of a later part of the pipeline from an earlier one,
+    and of any part from a base module (lazy imports included)."""
+    problems = set()
+    for path in sorted((root / "resnet_slim").rglob("*.py")):
+        module = _dotted(root, path)
+        own = module.split(".")[0]
+        for name in imported_names(path):
+            parts = name.split(".")
+            if parts[0] != "resnet_slim" or len(parts) < 2 or parts[1] not in ROOMS:
+                continue
+            later = own in ROOMS and ROOMS.index(parts[1]) > ROOMS.index(own)
+            if later or own in BASE:
+                problems.add(f"{module} -> resnet_slim.{parts[1]}")
+    return sorted(problems)
+
+
+def test_no_part_of_the_library_imports_a_later_part(tmp_path):
+    assert upward_imports() == []
+    # the check can fail: training reaching into measurement, params into a part
+    for room in ("train", "measure"):
+        (tmp_path / "resnet_slim" / room).mkdir(parents=True)
+    (tmp_path / "resnet_slim" / "train" / "engine.py").write_text(
+        "def f():\n    from resnet_slim.measure import bench\n"
+    )
+    (tmp_path / "resnet_slim" / "measure" / "bench.py").write_text(
+        "from resnet_slim.train import x\n"
+    )
+    (tmp_path / "resnet_slim" / "params.py").write_text("import resnet_slim.train.engine\n")
+    assert upward_imports(tmp_path) == [
+        "params -> resnet_slim.train",
+        "train.engine -> resnet_slim.measure",
+    ]
+
+
+def test_every_module_is_in_the_module_map():
+    """resnet_slim/__init__.py names every module in its part (a new module must be placed)."""
+    doc = (REPO / "resnet_slim" / "__init__.py").read_text()
+    listed = {
+        f"{room}.{name.strip()}"
+        for room in ROOMS
+        for line in doc.splitlines()
+        if line.startswith(f"- `{room}/`:")
+        for name in line.split(":", 1)[1].split(",")
+    }
+    modules = {
+        _dotted(REPO, p) for p in (REPO / "resnet_slim").rglob("*.py") if p.name != "__init__.py"
+    }
+    rooms = {m for m in modules if "." in m}
+    assert rooms == listed
+    assert [m for m in sorted(modules - rooms) if f"`{m}`" not in doc] == []
+    assert {p.parent.name for p in (REPO / "resnet_slim").glob("*/__init__.py")} == set(ROOMS)

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from resnet_slim import engine
-from resnet_slim.data import train_val_loaders
+from resnet_slim.data.loader import train_val_loaders
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint, save_checkpoint
-from resnet_slim.models import build_model, channel_record, load_model, make_arch
 from resnet_slim.params import Augment, TrainParams
+from resnet_slim.train import engine
+from resnet_slim.train.models import build_model, channel_record, load_model, make_arch
 
 
 def test_fit_learns_and_logs_with_dvclive(tiny_prepared, tmp_path):

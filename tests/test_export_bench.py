@@ -6,14 +6,20 @@ import onnx
 import pytest
 import torch
 
-from resnet_slim.bench import benchmark_model, time_rows
-from resnet_slim.data import normalized_split
+from resnet_slim.compress.export import (
+    check_input_size,
+    check_parity,
+    export_onnx,
+    make_session,
+    parity,
+)
+from resnet_slim.compress.quant import calibration_images, quantize_static_int8
+from resnet_slim.data.loader import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.export import check_input_size, check_parity, export_onnx, make_session, parity
 from resnet_slim.hardware import hardware_fingerprint
+from resnet_slim.measure.bench import benchmark_model, time_rows
+from resnet_slim.measure.timing import latency_ms
 from resnet_slim.params import BenchmarkParams
-from resnet_slim.quant import calibration_images, quantize_static_int8
-from resnet_slim.timing import latency_ms
 from tests.conftest import REPO
 
 

@@ -32,7 +32,7 @@ import torch
 from resnet_slim import errors
 from resnet_slim.errors import FORCED_EXIT, UserError
 from resnet_slim.io import atomic_path, save_checkpoint, write_json
-from resnet_slim.models import build_model, load_model, make_arch
+from resnet_slim.train.models import build_model, load_model, make_arch
 from tests.conftest import (
     REPO,
     absent_gate_inputs,
@@ -109,7 +109,8 @@ POINTS = {
     "start-up (imports)": Point(None),
     "DVCLive start-up": Point("dvclive.live:Live._init_studio:1:before", "dvclive.live"),
     "mid-epoch (3rd batch)": Point(
-        "torch.nn.functional:cross_entropy:3:before:resnet_slim.engine", "resnet_slim.engine"
+        "torch.nn.functional:cross_entropy:3:before:resnet_slim.train.engine",
+        "resnet_slim.train.engine",
     ),
     # the issue-20 hang: DVCLive has made its studio queue but not yet started the worker thread
     # that empties it; `with Live(...)` then ran `Live.end()`, which waited on that queue forever
@@ -117,12 +118,12 @@ POINTS = {
     "DVCLive queue, no worker yet": Point(
         "threading:Thread.__init__:1:before:dvclive.live", "dvclive.live"
     ),
-    "DVCLive end": Point("dvclive.live:Live.end:1:before", "resnet_slim.engine"),
+    "DVCLive end": Point("dvclive.live:Live.end:1:before", "resnet_slim.train.engine"),
     "checkpoint temp written": Point("torch:save:1:after:resnet_slim.io", "resnet_slim.io"),
     # the curves were written to a staging folder; summary.json (recording the checkpoint's
     # sha256) goes into it, then checkpoint and curves are renamed into place with the signal
     # held (io.replace_together): the old set whole, or the new set whole
-    # (the io module's first rename is the epoch's resume checkpoint: resnet_slim/resume.py)
+    # (the io module's first rename is the epoch's resume checkpoint: resnet_slim/train/resume.py)
     "summary.json written": Point("os:replace:2:before:resnet_slim.io", "resnet_slim.io"),
     "checkpoint and curves renamed": Point(
         "os:replace:3:before:resnet_slim.io", "resnet_slim.io", new_set=True
@@ -441,7 +442,7 @@ def _quote(text: str) -> str:
 @pytest.mark.parametrize(
     "on_disk, read_only, reason",
     [
-        # the first epoch's resume checkpoint beside it (resnet_slim/resume.py): a full disk
+        # the first epoch's resume checkpoint beside it (resnet_slim/train/resume.py): a full disk
         # stops the run after one epoch, not after all of them
         ("--out", False, "No space left on device"),
         ("--live", True, "Read-only file system"),  # DVCLive's directory, at start-up

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from resnet_slim.gate import evaluate_gate
+from resnet_slim.gate.gate import evaluate_gate
 from resnet_slim.params import GateParams
 
 GOOD = {
@@ -157,7 +157,7 @@ def test_fails_closed_on_metrics_no_measurement_can_have(broken, reason):
 
 
 def test_evidence_problems_fail_the_release_and_the_reference_fails_every_candidate():
-    from resnet_slim.gate import Evidence
+    from resnet_slim.gate.gate import Evidence
 
     clean = Evidence(problems=[], model_problems={"teacher": [], "fast": [], "slow": []})
     assert evaluate_gate(CANDIDATES, AUTO, clean)["release"] == "fast"
@@ -182,7 +182,7 @@ def test_evidence_problems_fail_the_release_and_the_reference_fails_every_candid
 
 
 def test_gate_names_where_the_reference_came_from():
-    from resnet_slim.gate import reference_origin
+    from resnet_slim.gate.gate import reference_origin
 
     origin = {
         "file": "models/imported/r56.th",

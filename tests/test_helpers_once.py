@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_slim import bench, engine, hardware, limits, timing
-from resnet_slim.data import normalized_split
-from resnet_slim.export import torch_logits
-from resnet_slim.models import build_model, make_arch, replace_submodule
-from resnet_slim.quant import resolve_reduce_range
+from resnet_slim import hardware, limits
+from resnet_slim.compress.export import torch_logits
+from resnet_slim.compress.quant import resolve_reduce_range
+from resnet_slim.data.loader import normalized_split
+from resnet_slim.measure import bench, timing
+from resnet_slim.train import engine
+from resnet_slim.train.models import build_model, make_arch, replace_submodule
 
 
 def test_time_ms_discards_the_warmup_and_returns_one_time_per_run():
@@ -61,7 +63,7 @@ def test_replace_submodule_nested_and_top_level():
 
 
 def test_reduce_range_auto_follows_the_cpu_and_explicit_values_win(monkeypatch):
-    import resnet_slim.quant as quant
+    import resnet_slim.compress.quant as quant
 
     for vnni in (True, False):
         monkeypatch.setattr(quant, "has_int8_dot_product", lambda vnni=vnni: vnni)

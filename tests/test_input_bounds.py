@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_slim import data, prepare
 from resnet_slim import params as params_module
+from resnet_slim.data import loader as data
+from resnet_slim.data import prepare
 from resnet_slim.errors import UserError
 from resnet_slim.limits import MAX_YAML_BYTES, MAX_YAML_DEPTH
 from resnet_slim.params import load_params

@@ -17,12 +17,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from resnet_slim import models
-from resnet_slim.bench import benchmark_model
-from resnet_slim.data import load_meta, load_split, normalize, normalized_split, to_tensor
+from resnet_slim.compress.export import control_flow_ops, export_onnx, make_session
+from resnet_slim.compress.quant import calibration_images, quantize_static_int8
+from resnet_slim.data.loader import load_meta, load_split, normalize, normalized_split, to_tensor
 from resnet_slim.errors import UserError
-from resnet_slim.export import control_flow_ops, export_onnx, make_session
-from resnet_slim.models import (
+from resnet_slim.measure.bench import benchmark_model
+from resnet_slim.params import BenchmarkParams
+from resnet_slim.train import models
+from resnet_slim.train.models import (
     MAX_ACTIVATION_BYTES,
     MAX_PARAMS,
     arch_size,
@@ -32,8 +34,6 @@ from resnet_slim.models import (
     load_model,
     make_arch,
 )
-from resnet_slim.params import BenchmarkParams
-from resnet_slim.quant import calibration_images, quantize_static_int8
 from tests.conftest import REPO, assert_one_line_error, write_params
 
 TINY = make_arch(name="resnet18", num_classes=10, width=8, small_input=True)
@@ -180,7 +180,7 @@ def test_load_model_names_the_file(tmp_path):
 
 
 def test_import_model_names_the_file(tmp_path):
-    from resnet_slim.model_import import import_model
+    from resnet_slim.train.model_import import import_model
 
     checkpoint = _save_checkpoint(tmp_path / "huge.pt", HUGE)
     with pytest.raises(UserError, match=r"huge.pt: bad architecture record: .* M parameters"):

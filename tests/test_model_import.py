@@ -12,11 +12,14 @@ import torch
 import torchvision
 from torch import nn
 
-from resnet_slim import data, pixels, prepare, prune
+from resnet_slim.compress import prune
+from resnet_slim.data import loader as data
+from resnet_slim.data import pixels, prepare
 from resnet_slim.errors import UserError
 from resnet_slim.io import load_checkpoint
-from resnet_slim.model_import import import_model
-from resnet_slim.models import (
+from resnet_slim.params import parse_params
+from resnet_slim.train.model_import import import_model
+from resnet_slim.train.models import (
     CifarResNet,
     build_model,
     channel_record,
@@ -24,7 +27,6 @@ from resnet_slim.models import (
     make_arch,
     option_a_weight,
 )
-from resnet_slim.params import parse_params
 from tests.conftest import REPO, write_params
 
 SHARED = REPO.parent / "shared"

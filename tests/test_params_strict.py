@@ -216,8 +216,8 @@ def test_a_huge_value_echoed_in_the_error_is_cut_short(tmp_path):
 
 
 def test_presets_and_seed_repeats_refuse_duplicate_keys_too(tmp_path):
+    from resnet_slim.gate.seeds import read_stages
     from resnet_slim.presets import load_preset
-    from resnet_slim.seeds import read_stages
 
     (tmp_path / "p.yaml").write_text("prune:\n  ratio: 0.2\nprune:\n  ratio: 0.6\n")
     with pytest.raises(UserError, match="duplicate key 'prune' at lines 1 and 3"):

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from resnet_slim import data, pixels, prepare
+from resnet_slim.data import loader as data
+from resnet_slim.data import pixels, prepare
 from tests.conftest import REPO, assert_one_line_error, dvc_env, write_image_tree, write_params
 
 

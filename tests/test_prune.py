@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_slim import engine, prune
-from resnet_slim.data import BatchLoader
-from resnet_slim.engine import kd_logit_loss
+from resnet_slim.compress import prune
+from resnet_slim.compress.export import count_macs_params, export_onnx, make_session, run_onnx
+from resnet_slim.data.loader import BatchLoader
 from resnet_slim.errors import UserError
-from resnet_slim.export import count_macs_params, export_onnx, make_session, run_onnx
 from resnet_slim.io import load_checkpoint, save_checkpoint
-from resnet_slim.models import build_model, channel_record, make_arch
 from resnet_slim.params import TrainParams
+from resnet_slim.train import engine
+from resnet_slim.train.engine import kd_logit_loss
+from resnet_slim.train.models import build_model, channel_record, make_arch
 from tests.conftest import write_params
 
 SIZE = 16

@@ -13,12 +13,13 @@ from onnx import numpy_helper
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.nn.intrinsic import quantized as nniq
 
-from resnet_slim import engine, onnx_int8, qat
-from resnet_slim.bench import torch_latency_ms
+from resnet_slim.compress import onnx_int8, qat
+from resnet_slim.compress.export import export_onnx, make_session, run_onnx
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session, run_onnx
 from resnet_slim.io import load_checkpoint, save_checkpoint
-from resnet_slim.models import build_model, channel_record, make_arch
+from resnet_slim.measure.bench import torch_latency_ms
+from resnet_slim.train import engine
+from resnet_slim.train.models import build_model, channel_record, make_arch
 from tests.conftest import REPO, write_params
 
 SIZE, N_CONVS = 16, 20  # ResNet-18: stem + 16 block convs + 3 downsample convs
@@ -284,7 +285,7 @@ def test_qat_and_torch_ptq_stages_end_to_end(tmp_path, tiny_prepared):
 
 
 def test_qat_refuses_a_non_resnet_with_a_clear_message():
-    from resnet_slim.models import build_model, make_arch
+    from resnet_slim.train.models import build_model, make_arch
 
     mobilenet = build_model(make_arch(name="mobilenet_v3_small", num_classes=10, width=16))
     with pytest.raises(UserError, match="QAT supports the ResNet family; got MobileNetV3Small"):

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from resnet_slim import report
-from resnet_slim.experiments import changed_params, comparison_table, parse_exp_show
-from resnet_slim.gate import check_release
+from resnet_slim.gate.gate import check_release
 from resnet_slim.params import GateParams
-from resnet_slim.plots import feasible_region, is_feasible
-from resnet_slim.render import render_markdown
+from resnet_slim.report import report
+from resnet_slim.report.experiments import changed_params, comparison_table, parse_exp_show
+from resnet_slim.report.plots import feasible_region, is_feasible
+from resnet_slim.report.render import render_markdown
 from tests.conftest import REPO, assert_one_line_error
 
 # `dvc exp show --json` captured in a clone of this repo (deps/outs dropped): the workspace, `main`,
@@ -388,7 +388,7 @@ def test_a_signal_during_the_report_writes_leaves_one_whole_report(
     """md, html and plots are one set: stopped before the renames, the old set stays; stopped
     during them, the renames finish and the stage says it wrote all of them."""
     from resnet_slim import errors, io
-    from resnet_slim import report as report_module
+    from resnet_slim.report import report as report_module
 
     make(run_dir)
     r = run_dir / "reports"
@@ -723,7 +723,7 @@ def test_exp_show_rows_read_the_headline_metrics_file():
 
 
 def test_pareto_frontier_keeps_only_undominated_models():
-    from resnet_slim.plots import pareto_frontier
+    from resnet_slim.report.plots import pareto_frontier
 
     points = {
         "fast": (0.5, 80.0),
@@ -738,7 +738,7 @@ def test_pareto_frontier_keeps_only_undominated_models():
 def test_pareto_labels_do_not_overlap():
     import matplotlib.pyplot as plt
 
-    from resnet_slim.plots import place_labels
+    from resnet_slim.report.plots import place_labels
 
     fig, ax = plt.subplots()
     ax.set_xscale("log")
@@ -754,8 +754,8 @@ def test_pareto_labels_do_not_overlap():
 
 
 def test_report_names_an_imported_teachers_origin():
-    from resnet_slim.render import render_markdown
-    from resnet_slim.report_sections import teacher_origin
+    from resnet_slim.report.render import render_markdown
+    from resnet_slim.report.sections import teacher_origin
 
     origin = {
         "file": "models/imported/r56.th",
@@ -785,7 +785,7 @@ def test_pareto_figure_has_top1_ci_bars_the_frontier_and_every_label():
     import matplotlib.pyplot as plt
     from matplotlib.container import ErrorbarContainer
 
-    from resnet_slim.plots import pareto_figure
+    from resnet_slim.report.plots import pareto_figure
 
     models = {
         "teacher": row(97.0, 8.0, 44.0, top1_ci_low=95.0, top1_ci_high=98.5),

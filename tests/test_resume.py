@@ -1,4 +1,4 @@
-"""Resumable training (resnet_slim/resume.py): a stopped fit continues after its last finished
+"""Resumable training (resnet_slim/train/resume.py): a stopped fit continues after its last finished
 epoch with the same result, and only a checkpoint of the same work is ever loaded."""
 
 import json
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_slim import engine, resume
-from resnet_slim.data import train_val_loaders
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.data.loader import train_val_loaders
 from resnet_slim.params import Augment, TrainParams
+from resnet_slim.train import engine, resume
+from resnet_slim.train.models import build_model, make_arch
 from tests.conftest import prepared_digits, write_params
 
 SECTIONS = {"base": {"seed": 0}, "teacher": {"lr": 0.05}}
@@ -150,10 +150,13 @@ def test_changed_code_data_and_start_are_named(tiny_prepared, tmp_path, one_thre
     model = build_model(make_arch(name="resnet18", num_classes=10, width=8))
     session = resume.Session(tmp_path, {"teacher.lr": 0.05})
     key = resume.fit_key(session, desc="teacher", model=model, train_loader=train, val_loader=val)
-    assert "resnet_slim/engine.py" in key["code"] and "resnet_slim/resume.py" in key["code"]
+    assert (
+        "resnet_slim/train/engine.py" in key["code"]
+        and "resnet_slim/train/resume.py" in key["code"]
+    )
     assert resume._key_difference(key, key) is None
-    edited = {**key, "code": {**key["code"], "resnet_slim/engine.py": "0" * 64}}
-    assert resume._key_difference(edited, key) == "code changed (resnet_slim/engine.py)"
+    edited = {**key, "code": {**key["code"], "resnet_slim/train/engine.py": "0" * 64}}
+    assert resume._key_difference(edited, key) == "code changed (resnet_slim/train/engine.py)"
     assert "data changed" in resume._key_difference({**key, "data": "x"}, key)
     assert "starts from changed" in resume._key_difference({**key, "start": "x"}, key)
     assert "2 process(es)" in resume._key_difference({**key, "world_size": 2}, key)
@@ -350,7 +353,7 @@ def killed_after_save(workdir: Path, name: str, save: int) -> None:
     """Run the stage; SIGKILL it right after its `save`-th resume checkpoint was written."""
     from tests.test_faults import child_env
 
-    env = child_env(workdir, f"resnet_slim.resume:save:{save}:kill:resnet_slim.engine")
+    env = child_env(workdir, f"resnet_slim.train.resume:save:{save}:kill:resnet_slim.train.engine")
     result = run_stage_command(workdir, name, env=env)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 

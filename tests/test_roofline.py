@@ -6,9 +6,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from resnet_slim import roofline
-from resnet_slim.export import count_macs, count_macs_params, export_onnx
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.compress.export import count_macs, count_macs_params, export_onnx
+from resnet_slim.measure import roofline
+from resnet_slim.train.models import build_model, make_arch
 
 
 def test_count_macs_by_hand(tmp_path):
@@ -74,7 +74,7 @@ def test_int8_files_count_the_same_macs_as_their_fp32_source(tmp_path, tiny_mode
     import numpy as np
     import onnx
 
-    from resnet_slim.quant import quantize_dynamic_int8, quantize_static_int8
+    from resnet_slim.compress.quant import quantize_dynamic_int8, quantize_static_int8
 
     export_onnx(tiny_model, tmp_path / "r.onnx", image_size=16, opset=17)
     quantize_dynamic_int8(

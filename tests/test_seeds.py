@@ -12,19 +12,19 @@ import torch
 import yaml
 from conftest import GATE_ARGS, REPO, write_params
 
-from resnet_slim import seeds as repeats
-from resnet_slim.bench import top1
-from resnet_slim.data import normalized_split
+from resnet_slim.compress.export import export_onnx, make_session
+from resnet_slim.data.loader import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session
+from resnet_slim.gate import seeds as repeats
 from resnet_slim.io import sha256_file
-from resnet_slim.models import build_model, make_arch
+from resnet_slim.measure.bench import top1
+from resnet_slim.train.models import build_model, make_arch
 
 # A stand-in "training" stage: a tiny ResNet whose weights depend only on base.seed.
 MAKE_MODEL = textwrap.dedent("""
     import argparse, torch, yaml
-    from resnet_slim.export import export_onnx
-    from resnet_slim.models import build_model, make_arch
+    from resnet_slim.compress.export import export_onnx
+    from resnet_slim.train.models import build_model, make_arch
     parser = argparse.ArgumentParser()
     parser.add_argument("--out"); parser.add_argument("--width", type=int, default=8)
     args = parser.parse_args()

@@ -30,12 +30,13 @@ import werkzeug.formparser
 from PIL import Image
 from torch import nn
 
-from resnet_slim import data, serve
+from resnet_slim import serve
+from resnet_slim.compress.export import export_onnx, make_session, run_onnx
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session, run_onnx
+from resnet_slim.gate.verdict import vouched_files
 from resnet_slim.io import write_json
-from resnet_slim.models import build_model, make_arch
-from resnet_slim.verdict import vouched_files
+from resnet_slim.train.models import build_model, make_arch
 from tests.conftest import REPO
 
 RELEASE, OTHER = "fixture_centroid", "fixture_resnet"

@@ -30,8 +30,9 @@ from test_serve import (  # noqa: F401  (pipeline_root and release are fixtures,
 )
 from torch import nn
 
-from resnet_slim import data, serve
-from resnet_slim.export import export_onnx
+from resnet_slim import serve
+from resnet_slim.compress.export import export_onnx
+from resnet_slim.data import loader as data
 from resnet_slim.io import write_json
 from tests.conftest import REPO, assert_one_line_error
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from resnet_slim.errors import UserError
 from resnet_slim.io import sha256_file
-from resnet_slim.snapshot import REPORT_FILES, write_snapshot
+from resnet_slim.report.snapshot import REPORT_FILES, write_snapshot
 from stages import snapshot as snapshot_stage
 
 REPO = Path(__file__).resolve().parents[1]

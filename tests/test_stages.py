@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from resnet_slim.data import load_manifest, load_meta
+from resnet_slim.data.loader import load_manifest, load_meta
 from resnet_slim.io import write_json
 from tests.conftest import REPO, absent_gate_inputs, write_image_tree, write_params
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_slim import targets
-from resnet_slim.data import normalized_split
+from resnet_slim.compress.export import export_onnx, torch_logits
+from resnet_slim.compress.quant import calibration_images, quantize_static_int8
+from resnet_slim.data.loader import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, torch_logits
 from resnet_slim.io import save_checkpoint
 from resnet_slim.limits import usable_cores
-from resnet_slim.models import make_arch
+from resnet_slim.measure import targets
 from resnet_slim.params import BenchmarkParams, ExportParams, load_params
-from resnet_slim.quant import calibration_images, quantize_static_int8
+from resnet_slim.train.models import make_arch
 from tests.conftest import write_params
 
 FAST = BenchmarkParams(warmup=2, rounds=5, runs_per_round=2, bootstrap_resamples=100)

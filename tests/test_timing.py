@@ -4,9 +4,10 @@ bootstrap CI; the gate's speed check on the point or the lower end of that CI.""
 import numpy as np
 import pytest
 
-from resnet_slim import stats, timing
-from resnet_slim.gate import evaluate_gate, speedup_sentence
-from resnet_slim.metrics import headline_metrics, speedup
+from resnet_slim import stats
+from resnet_slim.gate.gate import evaluate_gate, speedup_sentence
+from resnet_slim.gate.metrics import headline_metrics, speedup
+from resnet_slim.measure import timing
 from resnet_slim.params import GateParams
 
 

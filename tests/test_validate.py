@@ -1,7 +1,7 @@
 import pandas as pd
 
-from resnet_slim.data import load_manifest, load_meta
-from resnet_slim.validate import validate_manifest
+from resnet_slim.data.loader import load_manifest, load_meta
+from resnet_slim.data.validate import validate_manifest
 
 
 def _validate(manifest: pd.DataFrame, class_names):

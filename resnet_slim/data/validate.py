@@ -10,8 +10,8 @@ import os
 
 import pandas as pd
 
+from resnet_slim.data.pixels import SPLITS
 from resnet_slim.errors import UserError
-from resnet_slim.pixels import SPLITS
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 import great_expectations as gx  # noqa: E402

@@ -11,8 +11,8 @@ on, the student sees shifted/flipped images while the targets stay those of the 
 common, cheap approximation) — set `distill.cache_teacher: false` to run the teacher on every
 augmented batch instead (exact, slower).
 
-On several processes (resnet_slim/distributed.py) the cache is computed shard by shard and put back
-in order on rank 0, and the student trains under DDP like every other model.
+On several processes (resnet_slim/train/distributed.py) the cache is computed shard by shard and put
+back in order on rank 0, and the student trains under DDP like every other model.
 """
 
 import copy
@@ -24,9 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from resnet_slim import data, distributed, engine, stats
+from resnet_slim import stats
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path, safe_torch_load, sha256_file
+from resnet_slim.train import distributed, engine
 
 
 def check_feature_stages(stages: list[int], n_stages: int, *, who: str) -> None:
@@ -267,9 +269,9 @@ def distill_student(
     with distill.train_baseline, the same student trains without it to measure what KD adds.
     Every process returns the same; the caller writes on rank 0. Warnings print on rank 0.
     """
-    from resnet_slim.export import count_macs_params  # onnx: only when counting
-    from resnet_slim.model_import import import_model, untracked_note
-    from resnet_slim.models import build_model, load_model, make_arch
+    from resnet_slim.compress.export import count_macs_params  # onnx: only when counting
+    from resnet_slim.train.model_import import import_model, untracked_note
+    from resnet_slim.train.models import build_model, load_model, make_arch
 
     p, base, stages = params.distill, params.base, params.distill.stages_in_use
     threads = distributed.threads_per_process(base.threads)

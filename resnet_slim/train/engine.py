@@ -6,8 +6,8 @@ student features and a teacher), a hook that runs between `backward()` and `step
 slimming's L1 on BN gamma), and a per-epoch hook (freezing observers / BN statistics in QAT).
 
 Under torchrun the same loop runs in every worker on a DDP-wrapped model
-(resnet_slim/distributed.py): each rank trains on its shard, loss/top-1 are summed over ranks so
-every rank sees the same numbers, and only rank 0 logs. In one process those sums are skipped and
+(resnet_slim/train/distributed.py): each rank trains on its shard, loss/top-1 are summed over ranks
+so every rank sees the same numbers, and only rank 0 logs. In one process those sums are skipped and
 nothing changes. `rank_loaders` / `eval_loader` give this rank's shards, `fit_on` wraps a model for
 its device and hands back a plain CPU model: what every training stage uses.
 """
@@ -25,9 +25,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from resnet_slim import data, distributed
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.params import BaseParams, TrainParams
+from resnet_slim.train import distributed
 
 LossFn = Callable[[nn.Module, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
 
@@ -370,7 +371,7 @@ def _resume(model, optimizer, scheduler, history, train_loader, val_loader, *, d
     """Inside a stage's `resume.checkpoints`: load this phase's checkpoint when it was written by
     the same work (weights, optimizer, scheduler, history and random state restored in place),
     and return the function that writes one after each epoch; None outside one."""
-    from resnet_slim import resume
+    from resnet_slim.train import resume
 
     session = resume.current()
     if session is None:
@@ -422,7 +423,7 @@ def train_teacher(
     evaluated as imported and adapted for teacher.epochs (0: used as is). Every process returns
     the same; the caller writes on rank 0.
     """
-    from resnet_slim.models import build_model, make_arch
+    from resnet_slim.train.models import build_model, make_arch
 
     p, base = params.teacher, params.base
     # the same seed on every rank: every rank builds (and evaluates as imported) the same model
@@ -438,7 +439,7 @@ def train_teacher(
         )
         model, origin = build_model(arch), None
     else:
-        from resnet_slim.model_import import import_model, untracked_note
+        from resnet_slim.train.model_import import import_model, untracked_note
 
         model, arch, origin = import_model(
             p.init, p.format, num_classes=num_classes, replace_head=p.replace_head

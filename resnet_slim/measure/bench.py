@@ -20,15 +20,15 @@ import onnxruntime as ort
 import pandas as pd
 import torch
 
-from resnet_slim.data import check_finite_images
+from resnet_slim.compress.export import check_input_size, make_session, run_onnx, torch_logits
+from resnet_slim.data.loader import check_finite_images
 from resnet_slim.errors import UserError
-from resnet_slim.export import check_input_size, make_session, run_onnx, torch_logits
 from resnet_slim.hardware import hardware_fingerprint
 from resnet_slim.io import read_json, sha256_file
 from resnet_slim.limits import usable_cores
+from resnet_slim.measure.timing import percentiles_ms, rounds_summary, time_in_rounds, time_ms
 from resnet_slim.params import BenchmarkParams
 from resnet_slim.stats import accuracy_with_ci, correct_from_counts
-from resnet_slim.timing import percentiles_ms, rounds_summary, time_in_rounds, time_ms
 
 
 @torch.inference_mode()
@@ -434,11 +434,11 @@ def run_benchmark(
     the predictions, the table and (last, recording the others' sha256) benchmark.json together.
 
     Returns (files written, the roofline's conv peak or None)."""
-    from resnet_slim.data import load_meta, normalized_split
-    from resnet_slim.evidence import test_ids, test_split_record
+    from resnet_slim.compress.quant import resolve_reduce_range
+    from resnet_slim.data.loader import load_meta, normalized_split
     from resnet_slim.io import write_together
-    from resnet_slim.quant import resolve_reduce_range
-    from resnet_slim.roofline import add_efficiency
+    from resnet_slim.measure.evidence import test_ids, test_split_record
+    from resnet_slim.measure.roofline import add_efficiency
 
     p = params.benchmark
     images, labels = normalized_split(data_dir, "test")

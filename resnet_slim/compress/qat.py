@@ -48,15 +48,15 @@ from torch.ao.quantization import (
 from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableBottleneck
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from resnet_slim import distributed, engine
-from resnet_slim.data import normalized_split
+from resnet_slim.compress.export import export_onnx, make_session, run_onnx, torch_logits
+from resnet_slim.compress.onnx_int8 import int8_kernel_report, store_int8
+from resnet_slim.compress.quant import calibration_images
+from resnet_slim.data.loader import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.export import export_onnx, make_session, run_onnx, torch_logits
 from resnet_slim.io import atomic_path
-from resnet_slim.models import ResNet, build_model, replace_submodule
-from resnet_slim.onnx_int8 import int8_kernel_report, store_int8
 from resnet_slim.params import BaseParams, QatParams
-from resnet_slim.quant import calibration_images
+from resnet_slim.train import distributed, engine
+from resnet_slim.train.models import ResNet, build_model, replace_submodule
 
 # x86 int8 kernels without VNNI (fbgemm's, and ORT's MLAS) add pairs of u8 x s8 products in int16
 # (VPMADDUBSW), which saturates: 2 x 255 x 128 > 32767. Like torch's x86/fbgemm qconfigs we give up
@@ -394,9 +394,9 @@ def quantize_checkpoint(
 ) -> None:
     """The qat stage on this rank: train (every rank), then on rank 0 export the INT8 ONNX, check
     it (rejected: deleted, a UserError) and write the QAT checkpoint and metrics."""
-    from resnet_slim.data import load_meta
+    from resnet_slim.data.loader import load_meta
     from resnet_slim.io import save_checkpoint, write_json
-    from resnet_slim.models import load_model
+    from resnet_slim.train.models import load_model
 
     p, base = params.qat, params.base
     # the same seed on every rank (DDP then starts every rank from rank 0's weights anyway)

@@ -21,7 +21,7 @@ from torch import nn
 
 from resnet_slim.errors import UserError
 from resnet_slim.io import safe_torch_load, sha256_file
-from resnet_slim.models import (
+from resnet_slim.train.models import (
     ARCHS,
     CIFAR_DEPTHS,
     build_model,

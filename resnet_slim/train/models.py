@@ -3,8 +3,8 @@
 With `width=64, small_input=False` the module tree and state_dict keys are exactly torchvision's
 `resnet18/34/50`, so weights trained elsewhere load unchanged. `CifarResNet` is He et al.'s CIFAR
 family (depth 6n+2) with the key names of the common CIFAR checkpoints (conv1, bn1, layer1..3,
-linear), so those load unchanged too (resnet_slim/model_import.py). A pruned network is the same
-architecture plus per-layer channel counts (`arch["channels"]`), so checkpoints never pickle
+linear), so those load unchanged too (resnet_slim/train/model_import.py). A pruned network is the
+same architecture plus per-layer channel counts (`arch["channels"]`), so checkpoints never pickle
 modules: `build_model(checkpoint["arch"])` rebuilds it and `load_state_dict` fills it.
 """
 
@@ -109,7 +109,7 @@ def option_a_weight(in_channels: int) -> torch.Tensor:
 def option_a_shortcut(in_channels: int) -> nn.Sequential:
     """Fixed 1x1/2 conv (never trained) + ReLU. The ReLU changes nothing (a block's input is a
     ReLU output, so >= 0, and the 0/1 weights keep it >= 0); it makes the pair fusable as
-    Conv+ReLU by QAT (resnet_slim/qat.py fuses `downsample.0` with `downsample.1`)."""
+    Conv+ReLU by QAT (resnet_slim/compress/qat.py fuses `downsample.0` with `downsample.1`)."""
     conv = nn.Conv2d(in_channels, 2 * in_channels, kernel_size=1, stride=2, bias=False)
     with torch.no_grad():
         conv.weight.copy_(option_a_weight(in_channels))
@@ -600,7 +600,9 @@ def build_model(arch: dict, *, image_size: int | None = None) -> nn.Module:
             )
         if arch.get("channels"):
             resize_to_channels(model, arch["channels"])
-        if arch.get("lowrank"):  # {layer: rank} of an SVD-factorized model (resnet_slim/lowrank.py)
+        if arch.get(
+            "lowrank"
+        ):  # {layer: rank} of an SVD-factorized model (resnet_slim/compress/lowrank.py)
             factorized_structure(model, arch["lowrank"])
         freeze_shortcuts(model)  # layers re-created above come back trainable
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:

@@ -4,7 +4,7 @@ onnxruntime runs.
 torch's TorchScript exporter writes each fake-quantized conv / linear as float weight ->
 QuantizeLinear -> DequantizeLinear with a float bias: every weight is still stored in FP32.
 `store_int8` rewrites the graph into the layout `onnxruntime.quantization.quantize_static`
-writes (resnet_slim/quant.py), the standard QDQ conv that ORT runs as an int8 kernel:
+writes (resnet_slim/compress/quant.py), the standard QDQ conv that ORT runs as an int8 kernel:
 
 * weights: QuantizeLinear of a constant is evaluated once and stored as an int8 initializer
   feeding the DequantizeLinear (the file shrinks ~3x);
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from resnet_slim.export import make_session
+from resnet_slim.compress.export import make_session
 
 FLOAT_CONVS = {"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv"}  # any domain (nchwc too)
 INT8_CONVS = {"QLinearConv", "NhwcQLinearConv", "ConvInteger"}

@@ -21,10 +21,12 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from resnet_slim import data, distributed, engine, lowrank
+from resnet_slim.compress import lowrank
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
-from resnet_slim.models import build_model, channel_record, freeze_shortcuts, load_model
+from resnet_slim.train import distributed, engine
+from resnet_slim.train.models import build_model, channel_record, freeze_shortcuts, load_model
 
 CHANNEL_METHODS = ("bn_slimming", "l1_filter")
 # the models' classifiers (models.ResNet: fc, models.CifarResNet: linear): classes are never pruned
@@ -400,7 +402,9 @@ def slim_prune_and_finetune(
     if not distributed.is_main_process():
         return None
     teacher = teacher.cpu()
-    from resnet_slim.export import count_macs_params  # onnx: the training stages need it only here
+    from resnet_slim.compress.export import (
+        count_macs_params,
+    )  # onnx: the training stages need it only here
 
     (t_macs, t_params), (s_macs, s_params) = (count_macs_params(m, size) for m in (teacher, pruned))
     rows = kept_channels(channel_record(teacher), channel_record(pruned))
@@ -427,7 +431,7 @@ def factorize_and_finetune(
     params,
     device: torch.device,
 ) -> tuple[nn.Module, dict, dict] | None:
-    """The lowrank stage's work: SVD-factorize the teacher (resnet_slim/lowrank.py) to
+    """The lowrank stage's work: SVD-factorize the teacher (resnet_slim/compress/lowrank.py) to
     lowrank.params_ratio of its parameters (match_pruned: the pruned model's share), then
     fine-tune on `device`, DVCLive logs under `reports`.
 
@@ -473,7 +477,9 @@ def factorize_and_finetune(
     top1["after_finetune"] = engine.evaluate(model, test_loader)["top1"]
     if not distributed.is_main_process():
         return None
-    from resnet_slim.export import count_macs_params  # onnx: the training stages need it only here
+    from resnet_slim.compress.export import (
+        count_macs_params,
+    )  # onnx: the training stages need it only here
 
     counts = {
         "teacher": count_macs_params(teacher, size),

@@ -11,13 +11,13 @@ import io
 import os
 from pathlib import Path
 
-from resnet_slim import plots
-from resnet_slim import report_sections as sec
 from resnet_slim.errors import UserError
+from resnet_slim.gate.verdict import read_verdict
 from resnet_slim.io import finite_number, read_json, replace_together
 from resnet_slim.params import parse_params, read_params_file
-from resnet_slim.render import render_html, render_markdown
-from resnet_slim.verdict import read_verdict
+from resnet_slim.report import plots
+from resnet_slim.report import sections as sec
+from resnet_slim.report.render import render_html, render_markdown
 
 
 def optional_json(path: Path, kind: type = dict):

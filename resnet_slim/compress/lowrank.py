@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from resnet_slim.errors import UserError
-from resnet_slim.models import low_rank_pair, replace_submodule
+from resnet_slim.train.models import low_rank_pair, replace_submodule
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:

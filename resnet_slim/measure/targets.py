@@ -1,13 +1,13 @@
 """Deployment targets beyond onnxruntime: OpenVINO (FP32 IR, and INT8 via NNCF), LiteRT INT8
 (.tflite), MindSpore Lite and TensorRT FP16. Each target is exported, checked against its
-reference on the test split, and benchmarked with resnet_slim.bench's own timing code.
+reference on the test split, and benchmarked with resnet_slim.measure.bench's own timing code.
 
 A target whose toolchain cannot run here becomes a row {"status": "unavailable", "reason": ...}
 naming the package, version constraint or hardware it lacks: never silently dropped.
 
 Every runtime is wrapped in a small class with the two methods of onnxruntime.InferenceSession
-that resnet_slim.bench and resnet_slim.export use (`get_inputs`, `run`), so top-1, latency
-percentiles and input checks are measured by exactly the code that measures the ONNX files.
+that resnet_slim.measure.bench and resnet_slim.compress.export use (`get_inputs`, `run`), so top-1,
+latency percentiles and input checks are measured by exactly the code that measures the ONNX files.
 """
 
 import importlib
@@ -25,16 +25,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from resnet_slim.compress.export import (
+    check_input_size,
+    check_parity,
+    make_session,
+    run_onnx,
+    torch_logits,
+)
 from resnet_slim.errors import UserError
-from resnet_slim.export import check_input_size, check_parity, make_session, run_onnx, torch_logits
 from resnet_slim.io import atomic_path
 from resnet_slim.limits import usable_cores
-from resnet_slim.models import load_model
+from resnet_slim.measure.timing import latency_ms
 from resnet_slim.params import BenchmarkParams, ExportParams
 from resnet_slim.stats import accuracy_with_ci
-from resnet_slim.timing import latency_ms
+from resnet_slim.train.models import load_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # litert-torch cannot be installed into .venv (see LITERT_CONFLICT): `make install-litert` builds
 # this separate environment, and only the conversion runs there (the LiteRT runtime is in .venv).
 LITERT_VENV = REPO / ".venv-litert"
@@ -113,8 +119,8 @@ def quantize_openvino_nncf(
     """FP32 ONNX -> OpenVINO INT8 IR with nncf.quantize: the post-training route
     OpenVINO users take.
 
-    Calibrated on the same training images as onnxruntime's static PTQ (resnet_slim.quant), with
-    NNCF's CPU defaults for CNNs: PERFORMANCE preset (symmetric int8 activations and weights).
+    Calibrated on the same training images as onnxruntime's static PTQ (resnet_slim.compress.quant),
+    with NNCF's CPU defaults for CNNs: PERFORMANCE preset (symmetric int8 activations and weights).
     """
     ov = _openvino()
     nncf = _import("nncf", "install the pinned nncf from requirements.txt (make install)")
@@ -168,8 +174,8 @@ class OpenVinoSession:
 
 # ---- LiteRT (TFLite) --------------------------------------------------------------------------
 
-# Run by .venv-litert's python. It imports only torch, litert-torch and resnet_slim.models: the
-# rest of resnet_slim needs pydantic, which cannot import beside that environment's older
+# Run by .venv-litert's python. It imports only torch, litert-torch and resnet_slim.train.models:
+# the rest of resnet_slim needs pydantic, which cannot import beside that environment's older
 # typing-extensions (LITERT_CONFLICT).
 _LITERT_CONVERTER = """
 import sys
@@ -177,7 +183,7 @@ import litert_torch, numpy as np, torch
 from litert_torch.quantize import pt2e_quantizer
 from litert_torch.quantize.quant_config import QuantConfig
 from torchao.quantization.pt2e import quantize_pt2e
-from resnet_slim.models import load_model
+from resnet_slim.train.models import load_model
 
 checkpoint, calibration_file, out_path = sys.argv[1:4]
 model = load_model(checkpoint)[0].eval()
@@ -213,8 +219,8 @@ def export_tflite(checkpoint: str | Path, calibration: np.ndarray, out_path: str
     with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(out_path) as tmp:
         calibration_file = Path(tmp_dir) / "calibration.npy"
         np.save(calibration_file, calibration.astype(np.float32))
-        # PYTHONPATH: the converter imports this checkout's resnet_slim.models; it runs in tmp_dir,
-        # so relative paths (as dvc.yaml passes them) must be made absolute first
+        # PYTHONPATH: the converter imports this checkout's resnet_slim.train.models; it runs in
+        # tmp_dir, so relative paths (as dvc.yaml passes them) must be made absolute first
         result = subprocess.run(
             [
                 str(python),

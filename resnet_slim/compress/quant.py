@@ -15,9 +15,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from resnet_slim.data import check_finite_images
+from resnet_slim.compress.export import INPUT_NAME, make_session
+from resnet_slim.data.loader import check_finite_images
 from resnet_slim.errors import UserError
-from resnet_slim.export import INPUT_NAME, make_session
 from resnet_slim.hardware import has_int8_dot_product
 from resnet_slim.io import atomic_path
 

@@ -2,8 +2,8 @@
 
 Each check reads measured numbers from the benchmark results. A missing model, a missing key,
 a non-number, a NaN or a number outside what can be measured is not "unknown, so pass": it fails
-that check with the reason named. With an evidence chain (`resnet_slim.evidence.verify`), every
-release also gets an `evidence` check: its problems, and the reference's, fail it.
+that check with the reason named. With an evidence chain (`resnet_slim.measure.evidence.verify`),
+every release also gets an `evidence` check: its problems, and the reference's, fail it.
 """
 
 import json
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_slim import evidence as chain_of
 from resnet_slim import stats
-from resnet_slim.evidence import MEASUREMENT_RANGES
+from resnet_slim.gate.metrics import headline_metrics
+from resnet_slim.gate.verdict import vouched_files
 from resnet_slim.io import write_json, write_together
-from resnet_slim.metrics import headline_metrics
+from resnet_slim.measure import evidence as chain_of
+from resnet_slim.measure.evidence import MEASUREMENT_RANGES
 from resnet_slim.params import BenchmarkParams, GateParams, Params
-from resnet_slim.verdict import vouched_files
 
 
 class Evidence:

@@ -9,11 +9,11 @@ import re
 
 import pandas as pd
 
-from resnet_slim.gate import accuracy_sentence, speedup_sentence
+from resnet_slim.gate.gate import accuracy_sentence, speedup_sentence
+from resnet_slim.gate.metrics import best_peer_int8, speedup
 from resnet_slim.io import finite_number
-from resnet_slim.metrics import best_peer_int8, speedup
-from resnet_slim.plots import feasible_region
-from resnet_slim.timing import SLOW_ROUND
+from resnet_slim.measure.timing import SLOW_ROUND
+from resnet_slim.report.plots import feasible_region
 
 QUANT_SUFFIX = re.compile(r"_(qat_int8|ptq_dynamic_int8|ptq_int8|torch_eager_int8)$")
 PLATEAU_EPOCHS, PLATEAU_PP = 3, 0.5  # "plateaued": the last 3 epochs lie within 0.5 pp

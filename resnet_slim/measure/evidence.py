@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from resnet_slim.data import CSV_READ_ERRORS, load_manifest
+from resnet_slim.data.loader import CSV_READ_ERRORS, load_manifest
 from resnet_slim.errors import UserError
 from resnet_slim.io import check_together, sha256_file
 from resnet_slim.params import BaseParams
@@ -38,7 +38,7 @@ MEASUREMENT_RANGES = {
     "size_mb": (1e-6, 1e6),
     "peak_rss_mb": (1e-3, 1e7),
 }
-# The gate range-checks these in its own checks (resnet_slim/gate.py), naming the failed check;
+# The gate range-checks these in its own checks (resnet_slim/gate/gate.py), naming the failed check;
 # the chain checks the judged models' other numbers, where recorded.
 GATED_METRICS = ("top1", "p50_ms", "size_mb")
 
@@ -212,8 +212,10 @@ def rescore_problems(
     `images`: [the normalised test split] once a model has loaded it ([] before), shared."""
     if entry.get("runtime") != "onnxruntime" or name not in table.columns:
         return []  # other runtimes are timed, not re-scored: their rows' top-1 is checked above
-    from resnet_slim.data import normalized_split  # torch / onnxruntime: only when re-scoring
-    from resnet_slim.export import make_session, run_onnx
+    from resnet_slim.compress.export import make_session, run_onnx
+    from resnet_slim.data.loader import (
+        normalized_split,
+    )  # torch / onnxruntime: only when re-scoring
 
     if not images:
         images.append(normalized_split(prepared, "test")[0])

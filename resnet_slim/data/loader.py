@@ -1,6 +1,6 @@
 """Prepared datasets: read the splits `prepare` wrote and feed them to models as batches.
 
-A prepared dataset (resnet_slim/prepare.py) is a directory with `<split>_images.npy` (uint8
+A prepared dataset (resnet_slim/data/prepare.py) is a directory with `<split>_images.npy` (uint8
 N x S x S x 3) and `<split>_labels.npy` (int64) per split, `manifest.csv` (one row per image) and
 `meta.json` (class names, size, normalisation). Splits are opened as read-only memory maps: a batch
 reads only its own rows, and pages already read are handed back (`release_pages`), so a split
@@ -16,10 +16,16 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from resnet_slim.data.pixels import (
+    IMAGES_FILE,
+    LABELS_FILE,
+    map_pixels,
+    release_pages,
+    to_rgb_array,
+)
 from resnet_slim.errors import UserError
 from resnet_slim.io import read_json
 from resnet_slim.limits import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-from resnet_slim.pixels import IMAGES_FILE, LABELS_FILE, map_pixels, release_pages, to_rgb_array
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 

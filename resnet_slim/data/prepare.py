@@ -27,10 +27,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path, write_json
-from resnet_slim.limits import usable_cores
-from resnet_slim.pixels import (
+from resnet_slim.data.pixels import (
     IMAGES_FILE,
     LABELS_FILE,
     SPLITS,
@@ -38,6 +35,9 @@ from resnet_slim.pixels import (
     release_pages,
     to_rgb_array,
 )
+from resnet_slim.errors import UserError
+from resnet_slim.io import atomic_path, write_json
+from resnet_slim.limits import usable_cores
 
 # ImageNet statistics of [0, 1] RGB pixels: what torchvision's and most published CIFAR models were
 # trained with (prepare.normalize: imagenet), so an imported model sees the inputs it expects

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from resnet_slim.export import INPUT_NAME, count_macs, make_session
+from resnet_slim.compress.export import INPUT_NAME, count_macs, make_session
+from resnet_slim.measure.timing import time_ms
 from resnet_slim.stats import ratio_of_rounds
-from resnet_slim.timing import time_ms
 
 QUANTIZED_OPS = {
     "QuantizeLinear",
@@ -67,7 +67,9 @@ def conv_peak_gmacs(
 ) -> dict:
     """Best GMAC/s over conv chains, FP32 and INT8 (QDQ by the same quantizer as the PTQ stage,
     so onnxruntime runs the same fused int8 kernels it runs for the real models)."""
-    from resnet_slim.quant import quantize_static_int8  # onnxruntime.quantization: heavy import
+    from resnet_slim.compress.quant import (
+        quantize_static_int8,
+    )  # onnxruntime.quantization: heavy import
 
     rng = np.random.default_rng(1)
     result = {"threads": threads, "reduce_range": reduce_range, "shapes": []}

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from resnet_slim import distributed
 from resnet_slim.io import atomic_path
+from resnet_slim.train import distributed
 
 FORMAT = b"resnet-slim resume 1\n"
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the workspace: resnet_slim/train/ -> ../../
 
 
 @dataclass

@@ -1,0 +1,5 @@
+"""The decision: which model ships, and the evidence behind it.
+
+`gate` (the release gate's checks), `metrics` (the headline metrics file for DVC, written by
+the gate), `seeds` (seed repeats), `verdict` (reading gate.json strictly, for serving).
+"""

@@ -1,0 +1,6 @@
+"""Measurement: what the exported files do on the target.
+
+`bench` (latency, size, memory, top-1 of each file), `timing` (models timed side by side
+in shuffled rounds), `roofline` (MACs vs the CPU's peak), `targets` (OpenVINO, LiteRT, ...
+builds and their peers), `evidence` (the hashes that tie a measurement to its files and split).
+"""
