@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-litert repro test serve browser clean
+.PHONY: install install-litert repro test test-fast serve browser clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ PYTEST_WORKERS ?= $(shell nproc 2>/dev/null || echo auto)
 test: install install-litert browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) \
 	  --dist loadfile --no-loadscope-reorder
+
+# Everything but the end-to-end `dvc repro` (tests/test_pipeline_e2e.py): the loop while editing.
+test-fast: install install-litert browser
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) \
+	  --dist loadfile --no-loadscope-reorder -m "not e2e"
 
 # The web UI for the gated release model on http://127.0.0.1:8000/, served by waitress with request
 # timeouts and at most 2 uploads decoded at once (SERVE_ARGS="--allow-ungated --max-decodes 4" ...)

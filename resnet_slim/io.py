@@ -1,4 +1,4 @@
-"""Atomic file writes and checkpoints.
+"""Atomic file writes (checkpoints: resnet_slim/checkpoints.py).
 
 Every output goes to a temp path beside its destination and is renamed into place only when
 complete, so a crash, Ctrl-C or SIGTERM never leaves a half-written file for DVC to cache.
@@ -8,18 +8,13 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from resnet_slim.errors import WRITE_ERRNOS, UserError, signals_deferred
-
-if TYPE_CHECKING:  # torch is imported where checkpoints are read or written: `prepare` never
-    import torch  # loads it (its import alone is ~600 MB of RSS with a CUDA build)
 
 # Temp paths of this process's atomic writes still open: a forced exit after SIGTERM removes them
 # (resnet_slim/errors.py). A SIGKILL leaves them; the next write of the same output removes them.
@@ -187,72 +182,6 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise UserError(f"{path}: cannot read {what} ({err.strerror or err})") from None
 
 
-def save_checkpoint(
-    path: str | Path,
-    *,
-    model: "torch.nn.Module",
-    arch: dict,
-    params: dict,
-    metrics: dict,
-    atomic: bool = True,
-) -> None:
-    """Save weights plus everything needed to rebuild the model; no pickled modules.
-
-    `atomic=False` writes `path` directly: for a caller that already writes to a temp path
-    (a member of `write_together`)."""
-    import torch
-
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "arch": arch,
-        "params": params,
-        "metrics": metrics,
-    }
-    if not atomic:
-        torch.save(checkpoint, path)
-        return
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (`weights_only=True`: tensors and plain containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    checkpoint = safe_torch_load(path, what="checkpoint")
-    missing = {"state_dict", "arch"} - set(checkpoint if isinstance(checkpoint, dict) else ())
-    if missing:
-        raise UserError(f"{path}: checkpoint lacks {sorted(missing)}; was it written by this tool?")
-    return checkpoint
-
-
-def safe_torch_load(path: str | Path, *, what: str):
-    """`torch.load(weights_only=True)`: tensors and plain containers only, never pickled code.
-
-    Every failure (truncated file, not a torch file, pickled modules refused) is one UserError.
-    """
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt / unsafe files
-        raise UserError(f"{path}: not a loadable {what} ({_load_failure(err)})") from None
-
-
-def _load_failure(err: Exception) -> str:
-    text = str(err)
-    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
-        detail = " ".join(found.group(1).split()) if found else "unsupported content"
-        return (
-            f"refused by the safe loader, weights_only=True: {detail}; the file holds pickled "
-            f"Python objects or is not a torch file at all"
-        )
-    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else "no detail"
-    return f"{err.__class__.__name__}: {first}; is the file truncated or corrupt?"
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes (read in 1 MiB blocks: model files can be large)."""
     digest = hashlib.sha256()
@@ -362,39 +291,49 @@ def write_together(
         outputs = {
             role: {"path": str(path), "sha256": sha256_file(tmp)} for role, path, tmp in staged
         }
-        replaced: list[Path] = []
-        try:
-            for _, path, tmp in staged:
-                os.replace(tmp, path)
-                replaced.append(path)
-            write_json(record, {**content, "outputs": outputs})
-        except (KeyboardInterrupt, OSError, UserError) as err:
-            if not replaced:
-                raise
-            names = ", ".join(map(str, replaced))
-            if _lists(record, outputs):  # the signal landed after the record's own rename
-                raise InterruptedWrite(
-                    f"interrupted after writing all of {names} and {record}"
-                ) from None
-            what = (
-                f"replaced {names} but not {record}, which still records the previous set, so "
-                f"readers refuse these outputs until the stage re-runs"
-            )
-            if isinstance(err, KeyboardInterrupt):
-                raise InterruptedWrite(f"interrupted: {what}") from None
-            reason = (
-                str(err)
-                if isinstance(err, UserError)
-                else f"{err.filename or record}: {err.strerror}"
-            )
-            # atomic_path's refusal says "no outputs were written": here some were,
-            # `what` says which
-            raise UserError(f"{reason.split('; no outputs were written')[0]}; {what}") from None
+        _rename_then_record([(path, tmp) for _, path, tmp in staged], record, content, outputs)
     finally:
         for _, _, tmp in staged:
             _pending.discard(tmp)
             _remove(tmp)
     return [path for _, path, _ in staged] + [Path(record)]
+
+
+def _rename_then_record(
+    staged: list[tuple[Path, Path]], record: str | Path, content: dict, outputs: dict
+) -> None:
+    """Rename each written member into place, then write `record` last (`write_together`).
+
+    Stopped once a member is replaced, it raises `_torn_set`'s error, which says what was."""
+    replaced: list[Path] = []
+    try:
+        for path, tmp in staged:
+            os.replace(tmp, path)
+            replaced.append(path)
+        write_json(record, {**content, "outputs": outputs})
+    except (KeyboardInterrupt, OSError, UserError) as err:
+        if not replaced:
+            raise
+        raise _torn_set(err, replaced, record, outputs) from None
+
+
+def _torn_set(
+    err: BaseException, replaced: list[Path], record: str | Path, outputs: dict
+) -> BaseException:
+    """The error for a set stopped part-way: which members were replaced, and whether `record`
+    (whose hashes readers check) still lists the previous set."""
+    names = ", ".join(map(str, replaced))
+    if _lists(record, outputs):  # the signal landed after the record's own rename
+        return InterruptedWrite(f"interrupted after writing all of {names} and {record}")
+    what = (
+        f"replaced {names} but not {record}, which still records the previous set, so "
+        f"readers refuse these outputs until the stage re-runs"
+    )
+    if isinstance(err, KeyboardInterrupt):
+        return InterruptedWrite(f"interrupted: {what}")
+    reason = str(err) if isinstance(err, UserError) else f"{err.filename or record}: {err.strerror}"
+    # atomic_path's refusal says "no outputs were written": here some were, `what` says which
+    return UserError(f"{reason.split('; no outputs were written')[0]}; {what}")
 
 
 def check_together(content: dict, *, record: str | Path) -> list[str]:

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from resnet_slim import registry
 from resnet_slim.errors import UserError
 
 # caps on sizes and counts that would otherwise reach allocations (see limits.py)
@@ -112,6 +113,44 @@ class _BoundedLoader(yaml.SafeLoader):
 _INT_TAG = "tag:yaml.org,2002:int"
 
 
+def _where(node: yaml.Node) -> str:
+    return f"line {node.start_mark.line + 1}"
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return [child for pair in node.value for child in pair]  # a mapping's keys and values
+
+
+def _too_deep(path: Path, node: yaml.Node) -> UserError:
+    return UserError(
+        f"{path}: aliases nest lists / mappings more than {MAX_YAML_DEPTH} deep "
+        f"(at {_where(node)}); refusing to read it"
+    )
+
+
+def _check_totals(path: Path, nodes: int, chars: int, node: yaml.Node) -> None:
+    if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+        what = (
+            f"{MAX_YAML_NODES:,} values"
+            if nodes > MAX_YAML_NODES
+            else f"{MAX_YAML_CHARS:,} characters"
+        )
+        raise UserError(
+            f"{path}: aliases (*name) would expand it to more than {what} (by "
+            f"{_where(node)}); refusing to read it"
+        )
+
+
+def _check_scalar(path: Path, node: yaml.ScalarNode) -> None:
+    if node.tag == _INT_TAG and len(node.value) > MAX_YAML_INT_CHARS:
+        raise UserError(
+            f"{path}: an integer of {len(node.value):,} characters at {_where(node)}; "
+            f"no setting takes one longer than {MAX_YAML_INT_CHARS}"
+        )
+
+
 def _check_expanded_size(root: yaml.Node, path: Path) -> None:
     """Refuse a document that aliases (`*name`) would make too large, too deep or endless.
 
@@ -124,64 +163,34 @@ def _check_expanded_size(root: yaml.Node, path: Path) -> None:
     sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (nodes, characters, height)
     active: set[int] = set()  # the nodes on the current path: one met again is a cycle
 
-    def where(node: yaml.Node) -> str:
-        return f"line {node.start_mark.line + 1}"
-
     def visit(node: yaml.Node, depth: int) -> tuple[int, int, int]:
         # `depth`: how deep `node` sits in the expanded document (the root: 1)
         if id(node) in active:
             raise UserError(
-                f"{path}: an alias at or below {where(node)} refers to a node that contains it "
-                f"(a recursive structure); write the values out instead"
+                f"{path}: an alias at or below {_where(node)} refers to a node that contains "
+                f"it (a recursive structure); write the values out instead"
             )
         known = sizes.get(id(node))
         if known is None:
             if depth > MAX_YAML_DEPTH:
-                raise UserError(
-                    f"{path}: aliases nest lists / mappings more than {MAX_YAML_DEPTH} deep "
-                    f"(at {where(node)}); refusing to read it"
-                )
+                raise _too_deep(path, node)
             if isinstance(node, yaml.ScalarNode):
-                if node.tag == _INT_TAG and len(node.value) > MAX_YAML_INT_CHARS:
-                    raise UserError(
-                        f"{path}: an integer of {len(node.value):,} characters at {where(node)}; "
-                        f"no setting takes one longer than {MAX_YAML_INT_CHARS}"
-                    )
+                _check_scalar(path, node)
                 known = (1, len(node.value), 1)
             else:
-                children = (
-                    node.value
-                    if isinstance(node, yaml.SequenceNode)
-                    else [child for pair in node.value for child in pair]
-                )
                 nodes, chars, height = 1, 0, 1
                 active.add(id(node))
-                for child in children:
+                for child in _children(node):
                     child_nodes, child_chars, child_height = visit(child, depth + 1)
                     nodes, chars = nodes + child_nodes, chars + child_chars
                     height = max(height, child_height + 1)
-                    too_big(nodes, chars, child)
+                    _check_totals(path, nodes, chars, child)
                 active.discard(id(node))
                 known = (nodes, chars, height)
             sizes[id(node)] = known
         if depth - 1 + known[2] > MAX_YAML_DEPTH:  # a node reached again deeper down, by alias
-            raise UserError(
-                f"{path}: aliases nest lists / mappings more than {MAX_YAML_DEPTH} deep "
-                f"(at {where(node)}); refusing to read it"
-            )
+            raise _too_deep(path, node)
         return known
-
-    def too_big(nodes: int, chars: int, node: yaml.Node) -> None:
-        if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
-            what = (
-                f"{MAX_YAML_NODES:,} values"
-                if nodes > MAX_YAML_NODES
-                else f"{MAX_YAML_CHARS:,} characters"
-            )
-            raise UserError(
-                f"{path}: aliases (*name) would expand it to more than {what} (by "
-                f"{where(node)}); refusing to read it"
-            )
 
     visit(root, 1)
 
@@ -380,12 +389,12 @@ class TrainParams(Section):
 
 class TeacherParams(TrainParams):
     at = "teacher"
-    arch: Literal["resnet18", "resnet34", "resnet50"]
+    arch: Literal[registry.RESNET_ARCHS]
     width: int = Field(gt=0, le=MAX_WIDTH)
     small_input: bool
     epochs: int = Field(ge=0)  # 0 is allowed here, with `init` (checked below)
     init: NonEmptyStr | None
-    format: Literal["auto", "resnet_slim", "torchvision", "cifar_resnet"]
+    format: Literal[registry.IMPORT_FORMATS]
     replace_head: bool
 
     @field_validator("init")
@@ -407,7 +416,7 @@ class SparsityParams(TrainParams):
 
 class PruneParams(Section):
     at = "prune"
-    method: Literal["bn_slimming", "l1_filter", "magnitude"]
+    method: Literal[registry.PRUNE_METHODS]
     ratio: float = Field(ge=0.0, lt=1.0)
     global_pruning: bool
     keep_residual_streams: bool
@@ -443,12 +452,22 @@ class QatParams(TrainParams):
 
 class StudentArch(Section):
     at = "distill.student"
-    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small"]
+    arch: Literal[registry.STUDENT_ARCHS]
     width: int = Field(gt=0, le=MAX_WIDTH)
     small_input: bool
     init: NonEmptyStr | None
-    format: Literal["auto", "resnet_slim", "torchvision", "cifar_resnet"]
+    format: Literal[registry.IMPORT_FORMATS]
     replace_head: bool
+
+    @model_validator(mode="after")
+    def _quantizable(self):
+        # every run trains the student with QAT (qat@student): refuse now, not after distillation
+        if self.init is None and self.arch not in registry.QAT_ARCHS:
+            raise ValueError(
+                f"arch {self.arch} cannot be QAT-trained, and every run quantizes the student "
+                f"(qat@student): use one of {', '.join(registry.RESNET_ARCHS)}"
+            )
+        return self
 
 
 class DistillParams(TrainParams):
@@ -497,7 +516,7 @@ class ExportParams(Section):
     opset: int = Field(ge=13)
     min_top1_agreement: float = Field(ge=0.0, le=1.0)
     max_abs_diff: float = Field(gt=0.0)
-    targets: list[Literal["onnx", "openvino", "tflite", "mindspore", "tensorrt"]]
+    targets: list[Literal[registry.EXPORT_TARGETS]]
     max_top1_diff_pp: float = Field(ge=0.0)
 
     @field_validator("opset")

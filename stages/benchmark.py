@@ -23,23 +23,25 @@ def main(argv=None) -> int:
     parser.add_argument("--targets-predictions", help="their per-image predictions")
     parser.add_argument("--torch-results", nargs="*", default=[], help="torch_ptq reports")
     args = parser.parse_args(argv)
-    from resnet_slim.measure import bench
+    from resnet_slim.measure import bench_stage
     from resnet_slim.measure.targets import (
         open_target_session,
     )  # OpenVINO / LiteRT rows: timed here too
     from resnet_slim.params import load_params
 
-    written, peak = bench.run_benchmark(
+    params = load_params(args.params)
+    summary, per_image, peak = bench_stage.run_benchmark(
         args.models_dir,
         args.data,
-        load_params(args.params),
-        out=args.out,
-        table=args.table,
-        predictions=args.predictions,
+        params.benchmark,
+        params.ptq,
         targets=args.targets,
         targets_predictions=args.targets_predictions,
         torch_results=args.torch_results,
         open_other=open_target_session,
+    )
+    written = bench_stage.write_benchmark(
+        summary, per_image, out=args.out, table=args.table, predictions=args.predictions
     )
     if peak is not None:
         print(

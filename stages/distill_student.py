@@ -11,8 +11,9 @@ from resnet_slim.errors import run_stage
 
 
 def distill(args, params, device) -> None:
-    from resnet_slim.compress.distill import distill_student
-    from resnet_slim.io import save_checkpoint, write_json
+    from resnet_slim.checkpoints import save_checkpoint
+    from resnet_slim.compress.student import distill_student
+    from resnet_slim.io import write_json
     from resnet_slim.train import distributed
 
     student, arch, metrics = distill_student(
@@ -20,7 +21,8 @@ def distill(args, params, device) -> None:
         cache_path=args.cache,
         prepared_dir=args.data,
         reports=args.reports,
-        params=params,
+        p=params.distill,
+        base=params.base,
         device=device,
     )
     if not distributed.is_main_process():

@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     from resnet_slim.data.loader import load_meta, normalized_split
     from resnet_slim.hardware import hardware_fingerprint
     from resnet_slim.io import atomic_path, write_json
-    from resnet_slim.measure import targets
+    from resnet_slim.measure import target_bench
     from resnet_slim.params import load_params
 
     params = load_params(args.params)
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         params.ptq.calibration_images,
         seed=params.base.seed,
     )
-    rows, artifacts = targets.measure_targets(
+    rows, artifacts = target_bench.measure_targets(
         params.export.targets,
         peers=params.benchmark.peers,
         teacher_onnx=args.teacher_onnx,
@@ -50,11 +50,11 @@ def main(argv=None) -> None:
         bench=params.benchmark,
         check=params.export,
     )
-    predictions = targets.target_predictions_table(rows, labels)
+    predictions = target_bench.target_predictions_table(rows, labels)
     write_json(args.out, {"models": rows, "hardware": hardware_fingerprint()})
     with atomic_path(args.predictions) as tmp:
         predictions.to_csv(tmp, index=False)
-    if problems := targets.remove_failed_release_files(rows, artifacts):
+    if problems := target_bench.remove_failed_release_files(rows, artifacts):
         raise UserError(f"parity check failed ({'; '.join(problems)}); see {args.out}")
 
 

@@ -10,15 +10,17 @@ from resnet_slim.errors import run_stage
 
 
 def factorize(args, params, device) -> None:
-    from resnet_slim.compress.prune import factorize_and_finetune
-    from resnet_slim.io import save_checkpoint, write_json
+    from resnet_slim.checkpoints import save_checkpoint
+    from resnet_slim.compress.lowrank import factorize_and_finetune
+    from resnet_slim.io import write_json
 
     result = factorize_and_finetune(
         teacher_path=args.teacher,
         pruned_path=args.pruned,
         prepared_dir=args.data,
         reports=args.reports,
-        params=params,
+        p=params.lowrank,
+        base=params.base,
         device=device,
     )
     if result is None:

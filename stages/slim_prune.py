@@ -8,14 +8,16 @@ from resnet_slim.errors import run_stage
 
 
 def prune_and_finetune(args, params, device) -> None:
+    from resnet_slim.checkpoints import save_checkpoint
     from resnet_slim.compress.prune import plot_kept_channels, slim_prune_and_finetune
-    from resnet_slim.io import save_checkpoint, write_json
+    from resnet_slim.io import write_json
 
     result = slim_prune_and_finetune(
         teacher_path=args.teacher,
         prepared_dir=args.data,
         reports=args.reports,
-        params=params,
+        p=params.prune,
+        base=params.base,
         device=device,
     )
     if result is None:

@@ -16,20 +16,16 @@ from resnet_slim.errors import run_stage
 
 def train(args, params, device) -> None:
     # imported here: the torchrun launcher process only reads params (saves ~5 s per launch)
-    from resnet_slim.io import (
-        replace_together,
-        save_checkpoint,
-        sha256_file,
-        staging_dir,
-        write_json,
-    )
-    from resnet_slim.train import distributed, engine
+    from resnet_slim.checkpoints import save_checkpoint
+    from resnet_slim.io import replace_together, sha256_file, staging_dir, write_json
+    from resnet_slim.train import distributed
+    from resnet_slim.train.teacher import train_teacher
 
     # the live curves go to a staging folder: a run stopped part-way leaves the previous
     # checkpoint with its own curves, never the stopped run's curves beside the old weights
     with staging_dir(args.live) as live:
-        model, arch, metrics = engine.train_teacher(
-            args.data, params=params, device=device, live_dir=live
+        model, arch, metrics = train_teacher(
+            args.data, p=params.teacher, base=params.base, device=device, live_dir=live
         )
         if not distributed.is_main_process():
             return  # rank 0 writes the outputs, once

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny prepared datasets and tiny models, so every test runs in seconds."""
 
 import os
+import resource
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from resnet_slim.checkpoints import save_checkpoint
 from resnet_slim.data import prepare
 from resnet_slim.train.models import build_model, make_arch
 
@@ -148,3 +152,123 @@ def write_params(path: Path, **overrides) -> Path:
         params.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# helpers for the bad-input tests of several files: tiny params and models, stage mains, and
+# the check that a failed stage wrote nothing
+
+
+def tiny_arch(num_classes: int = 10) -> dict:
+    """The architecture record of `tiny_model`: ResNet-18 at width 8 for small images."""
+    return make_arch(name="resnet18", num_classes=num_classes, width=8, small_input=True)
+
+
+def write_checkpoint(path: Path, num_classes: int = 10) -> Path:
+    """An untrained `tiny_arch` model (seeded weights) saved as this project's checkpoint."""
+    torch.manual_seed(0)
+    save_checkpoint(
+        path,
+        model=build_model(tiny_arch(num_classes)),
+        arch=tiny_arch(num_classes),
+        params={},
+        metrics={},
+    )
+    return path
+
+
+def assert_not_written(*paths: Path) -> None:
+    """The output is absent and no atomic-write temp file (`.<name>.tmp-<pid>`) is left beside
+    it."""
+    for path in paths:
+        assert not path.exists(), f"{path} was written"
+        if path.parent.is_dir():
+            leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.tmp-*"))
+            assert not leftovers, f"temp files left beside {path}: {leftovers}"
+
+
+def no_temp_files(root: Path) -> list[str]:
+    """The atomic-write temp files (`.<name>.tmp-*`) anywhere under root; [] when none."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*.tmp-*"))
+
+
+def stage_main(name: str) -> Callable:
+    """The `main(argv)` of stages/<name>.py, to run a stage in-process (no start-up cost)."""
+    import importlib
+
+    return importlib.import_module(f"stages.{name}").main
+
+
+def tiny_params(path: Path, **overrides) -> Path:
+    """Repo params with tiny training settings (width 8, one epoch), plus overrides."""
+    tiny = {
+        "teacher": {"width": 8, "epochs": 1, "batch_size": 64, "warmup_epochs": 0},
+        "distill": {"epochs": 1, "train_baseline": False},
+        "ptq": {"calibration_images": 16},
+        "qat": {"epochs": 1, "calibration_images": 16},
+    }
+    for section, values in overrides.items():
+        tiny[section] = {**tiny.get(section, {}), **values}
+    return write_params(path, **tiny)
+
+
+def imagefolder_params(path: Path, root: Path, **prepare) -> Path:
+    """tiny_params reading the imagefolder at root (8 px; 20% each for val and test)."""
+    return tiny_params(
+        path,
+        prepare={
+            "source": "imagefolder",
+            "root": str(root),
+            "image_size": 8,
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+            **prepare,
+        },
+    )
+
+
+def imagefolder_with(d: Path, bad: bytes, *, class_dir: bool = False) -> Path:
+    """d/imgs with classes a and b (6 images each) where a/0.png, or with `class_dir` the folder
+    b, is renamed to the raw bytes `bad` (a name that is not UTF-8 or holds a newline)."""
+    root = write_image_tree(d / "imgs", {"a": 6, "b": 6}, size=8)
+    if class_dir:
+        os.rename(bytes(root / "b"), bytes(root) + b"/" + bad)
+    else:
+        os.rename(bytes(root / "a" / "0.png"), bytes(root / "a") + b"/" + bad)
+    return root
+
+
+# benchmark.json numbers for the teacher and the two default release candidates
+GOOD_BENCH = {
+    "teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": 44.0},
+    "student_qat_int8": {"top1": 97.8, "p50_ms": 1.0, "size_mb": 1.0},
+    "pruned_qat_int8": {"top1": 97.9, "p50_ms": 2.0, "size_mb": 3.0},
+}
+
+
+@pytest.fixture
+def prepared_copy(tmp_path, tiny_prepared) -> Path:
+    """A copy of tiny_prepared in this test's tmp_path, for a test to damage."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_prepared, tmp_path / "prepared"))
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory so far, in KB (Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_prepare_stage(
+    tmp_path: Path, params: Path, stage: str = "prepare"
+) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage>` (prepare) in tmp_path, writing tmp_path/prepared."""
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--params", str(params)]
+        + ["--out", str(tmp_path / "prepared")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from resnet_slim.compress import distill
 from resnet_slim.compress.distill import (
     StudentWithProjectors,
     distillation_loss,
@@ -17,6 +18,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.io import sha256_file
 from resnet_slim.train.engine import kd_logit_loss
 from resnet_slim.train.models import build_model, make_arch
+from tests.conftest import write_checkpoint
 
 
 def test_kd_loss_matches_a_hand_computed_value():
@@ -139,3 +141,23 @@ def test_mobilenet_student_distils_and_exports(tmp_path):
     export_onnx(student.eval(), tmp_path / "m.onnx", image_size=16, opset=17)
     out = make_session(tmp_path / "m.onnx").run(None, {"input": images.numpy()})[0]
     assert abs(out - student(images).detach().numpy()).max() < 1e-4
+
+
+def test_teacher_cache_problems(tmp_path, tiny_model):
+    write_checkpoint(tmp_path / "teacher.pt")
+    sha = sha256_file(tmp_path / "teacher.pt")
+    torch.save(tiny_model, tmp_path / "pickled.pt")
+    with pytest.raises(UserError, match="pickled.pt: not a loadable teacher-output cache .refused"):
+        distill.load_teacher_cache(tmp_path / "pickled.pt", teacher_sha256=sha, n_images=4)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="not a teacher-output cache written by the cache_teacher"):
+        distill.load_teacher_cache(tmp_path / "list.pt", teacher_sha256=sha, n_images=4)
+    distill.save_teacher_cache(
+        tmp_path / "cache.pt", {"logits": torch.zeros(4, 10)}, teacher_sha256=sha, n_images=4
+    )
+    with pytest.raises(
+        UserError, match="cache lacks \\['layer3'\\] .distill.feature_stages changed"
+    ):
+        distill.load_teacher_cache(
+            tmp_path / "cache.pt", teacher_sha256=sha, n_images=4, stages=[3]
+        )

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnet_slim.checkpoints import load_checkpoint
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
-from resnet_slim.io import load_checkpoint, sha256_file
+from resnet_slim.io import sha256_file
 from resnet_slim.params import Augment
 from resnet_slim.train import distributed
 from resnet_slim.train.models import load_model
@@ -343,7 +344,7 @@ def run_stage_argv(stage: str, argv: list[str], nproc: int) -> subprocess.Comple
 def trained_teacher(tmp_path_factory, tiny_prepared) -> Path:
     """A width-8 teacher trained in this process (~90 % val top-1), so KD and fine-tuning have
     something to learn from."""
-    from resnet_slim.io import save_checkpoint
+    from resnet_slim.checkpoints import save_checkpoint
     from resnet_slim.params import TrainParams
     from resnet_slim.train import engine
     from resnet_slim.train.models import build_model, make_arch

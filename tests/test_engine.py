@@ -1,12 +1,13 @@
 import pytest
 import torch
 
+from resnet_slim.data import loader as data
 from resnet_slim.data.loader import train_val_loaders
 from resnet_slim.errors import UserError
-from resnet_slim.io import load_checkpoint, save_checkpoint
 from resnet_slim.params import Augment, TrainParams
 from resnet_slim.train import engine
-from resnet_slim.train.models import build_model, channel_record, load_model, make_arch
+from resnet_slim.train.models import build_model, make_arch
+from tests.conftest import tiny_arch
 
 
 def test_fit_learns_and_logs_with_dvclive(tiny_prepared, tmp_path):
@@ -88,37 +89,6 @@ def test_warmup_then_cosine_schedule():
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 0.05
 
 
-def test_checkpoint_round_trip_rebuilds_from_arch(tmp_path, tiny_model):
-    arch = make_arch(name="resnet18", num_classes=10, width=8)
-    save_checkpoint(
-        tmp_path / "m.pt", model=tiny_model, arch=arch, params={"lr": 0.1}, metrics={"top1": 1.0}
-    )
-    checkpoint = load_checkpoint(tmp_path / "m.pt")
-    model = build_model(checkpoint["arch"])
-    model.load_state_dict(checkpoint["state_dict"])
-    x = torch.randn(2, 3, 16, 16)
-    assert torch.equal(model.eval()(x), tiny_model(x))
-    assert channel_record(model) == channel_record(tiny_model)
-
-
-def test_checkpoint_whose_weights_do_not_match_its_arch_is_a_clear_error(tmp_path, tiny_model):
-    wrong_arch = make_arch(name="resnet18", num_classes=10, width=16)
-    save_checkpoint(tmp_path / "m.pt", model=tiny_model, arch=wrong_arch, params={}, metrics={})
-    with pytest.raises(
-        UserError, match="weights do not match the checkpoint's architecture record"
-    ):
-        load_model(tmp_path / "m.pt")
-
-
-def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    torch.save({"state_dict": {}, "arch": {}, "evil": object()}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="not a loadable checkpoint"):
-        load_checkpoint(tmp_path / "evil.pt")
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(UserError, match="not a loadable checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt")
-
-
 def test_torchvision_layout_is_kept_for_the_standard_width():
     import torchvision
 
@@ -127,3 +97,29 @@ def test_torchvision_layout_is_kept_for_the_standard_width():
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in theirs.state_dict().items()
     }
+
+
+def test_training_on_an_empty_split_is_a_clear_error(tmp_path, tiny_prepared):
+    meta = data.load_meta(tiny_prepared)
+    empty = data.BatchLoader(
+        torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.long),
+        meta=meta,
+        batch_size=8,
+    )
+    val = data.BatchLoader(
+        *[getattr(data.load_split(tiny_prepared, "val"), k) for k in ("images", "labels")],
+        meta=meta,
+        batch_size=64,
+    )
+    model = build_model(tiny_arch())
+    with pytest.raises(UserError, match="teacher: the training split is empty"):
+        engine.fit(
+            model,
+            empty,
+            val,
+            TrainParams(epochs=1),
+            loss_fn=engine.cross_entropy(),
+            live_dir=tmp_path / "live",
+            desc="teacher",
+        )

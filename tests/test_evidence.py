@@ -23,7 +23,7 @@ from resnet_slim.compress.export import export_onnx
 from resnet_slim.errors import UserError
 from resnet_slim.io import check_together, sha256_file, write_json, write_together
 from resnet_slim.train.models import build_model, make_arch
-from tests.conftest import GATE_ARGS, REPO, write_params
+from tests.conftest import GATE_ARGS, GOOD_BENCH, REPO, stage_main, tiny_params, write_params
 
 # Loose thresholds: these tests are about the evidence, not about how good the models are.
 GATE = {
@@ -602,3 +602,47 @@ def test_gate_stage_refusal_is_one_error_line(run):
     assert (
         lines[0].startswith("error: gate: release 'release' FAILED") and "720 repeated" in lines[0]
     )
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark numbers without their record (no run at all)
+
+
+def test_gate_refuses_benchmark_results_it_cannot_trace(tmp_path, tiny_prepared):
+    write_json(tmp_path / "bench.json", {"models": GOOD_BENCH})  # numbers without their record
+    (tmp_path / "p.csv").write_text("image,label,teacher,student_qat_int8\n0,1,1,1\n")
+    params = tiny_params(
+        tmp_path / "params.yaml",
+        gate={"release": "student_qat_int8", "acc_drop_statistic": "point"},
+    )
+    assert (
+        stage_main("gate")(
+            [
+                "--params",
+                str(params),
+                "--benchmark",
+                str(tmp_path / "bench.json"),
+                "--predictions",
+                str(tmp_path / "p.csv"),
+                "--data",
+                str(tiny_prepared),
+                "--seeds",
+                str(tmp_path / "none.json"),
+                "--out",
+                str(tmp_path / "gate.json"),
+            ]
+        )
+        == 1
+    )
+    verdict = json.loads((tmp_path / "gate.json").read_text())
+    evidence = next(c for c in verdict["checks"] if c["name"] == "evidence")
+    failed = " ".join(evidence["problems"])
+    assert not verdict["passed"] and not evidence["passed"]
+    for reason in (
+        "1 rows for the 80 test images",
+        "bench.json lists no outputs with their sha256",
+        "teacher: benchmark.json records no file and sha256",
+        "student_qat_int8: benchmark.json records no file and sha256",
+        "test split in " + str(tiny_prepared) + " is not the one",
+    ):
+        assert reason in failed, (reason, failed)

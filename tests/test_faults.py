@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,14 +31,19 @@ import pytest
 import torch
 
 from resnet_slim import errors
+from resnet_slim.checkpoints import save_checkpoint
 from resnet_slim.errors import FORCED_EXIT, UserError
-from resnet_slim.io import atomic_path, save_checkpoint, write_json
+from resnet_slim.io import atomic_path, write_json
 from resnet_slim.train.models import build_model, load_model, make_arch
 from tests.conftest import (
     REPO,
     absent_gate_inputs,
+    assert_not_written,
     assert_one_line_error,
+    no_temp_files,
     prepared_digits,
+    stage_main,
+    tiny_params,
     write_params,
 )
 
@@ -119,7 +125,9 @@ POINTS = {
         "threading:Thread.__init__:1:before:dvclive.live", "dvclive.live"
     ),
     "DVCLive end": Point("dvclive.live:Live.end:1:before", "resnet_slim.train.engine"),
-    "checkpoint temp written": Point("torch:save:1:after:resnet_slim.io", "resnet_slim.io"),
+    "checkpoint temp written": Point(
+        "torch:save:1:after:resnet_slim.checkpoints", "resnet_slim.checkpoints"
+    ),
     # the curves were written to a staging folder; summary.json (recording the checkpoint's
     # sha256) goes into it, then checkpoint and curves are renamed into place with the signal
     # held (io.replace_together): the old set whole, or the new set whole
@@ -129,7 +137,7 @@ POINTS = {
         "os:replace:3:before:resnet_slim.io", "resnet_slim.io", new_set=True
     ),
     "clean-up hangs (watchdog)": Point(
-        "torch:save:1:hang:resnet_slim.io", "resnet_slim.io", hangs=True
+        "torch:save:1:hang:resnet_slim.checkpoints", "resnet_slim.checkpoints", hangs=True
     ),
 }
 
@@ -331,7 +339,10 @@ def test_sigterm_during_a_long_call_into_c_ends_by_the_watchdog(tmp_path):
 def test_sigkill_leftovers_are_ignored_and_removed_by_the_next_run(tmp_path, small_prepared):
     old = seed_old_outputs(tmp_path)
     stopped = run_and_stop(
-        tmp_path, small_prepared, Point("torch:save:1:hang:resnet_slim.io"), sig=signal.SIGKILL
+        tmp_path,
+        small_prepared,
+        Point("torch:save:1:hang:resnet_slim.checkpoints"),
+        sig=signal.SIGKILL,
     )
     assert stopped.returncode == -signal.SIGKILL
     leftovers = temp_leftovers(tmp_path)  # the curves' staging folder and the checkpoint temp
@@ -592,3 +603,44 @@ def test_forced_exit_ends_the_stages_worker_processes_too(tmp_path):
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "clean-up did not finish" in stderr
+
+
+def test_sigterm_mid_training_leaves_no_output_and_a_rerun_completes(tmp_path, tiny_prepared):
+    params = tiny_params(tmp_path / "params.yaml", teacher={"epochs": 500})
+    out = tmp_path / "models" / "teacher.pt"
+    args = [
+        "--params",
+        str(params),
+        "--data",
+        str(tiny_prepared),
+        "--out",
+        str(out),
+        "--live",
+        str(tmp_path / "live"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages" / "train_teacher.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(240, proc.kill)  # readline() below has no timeout of its own
+    watchdog.start()
+    try:
+        first = proc.stdout.readline()  # "teacher epoch 1/500: ..." (printed with flush)
+        assert first.startswith("teacher epoch 1/500"), (first, proc.stderr.read()[-2000:])
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip() == "error: interrupted; no outputs were written"
+    assert_not_written(out, tmp_path / "live" / "summary.json")
+    assert no_temp_files(tmp_path) == []
+    # the same command again (one epoch, to keep the test short) completes over what was left
+    stage_main("train_teacher")(["--params", str(tiny_params(tmp_path / "again.yaml")), *args[2:]])
+    assert load_model(out)[1]["arch"]["width"] == 8
+    assert no_temp_files(tmp_path) == []

@@ -1,9 +1,12 @@
+import json
 import math
 
 import pytest
 
+from resnet_slim.errors import UserError
 from resnet_slim.gate.gate import evaluate_gate
 from resnet_slim.params import GateParams
+from tests.conftest import GOOD_BENCH, absent_gate_inputs, stage_main, tiny_params
 
 GOOD = {
     "teacher": {"top1": 98.0, "p50_ms": 8.0, "size_mb": 44.0},
@@ -157,7 +160,7 @@ def test_fails_closed_on_metrics_no_measurement_can_have(broken, reason):
 
 
 def test_evidence_problems_fail_the_release_and_the_reference_fails_every_candidate():
-    from resnet_slim.gate.gate import Evidence
+    from resnet_slim.gate.checks import Evidence
 
     clean = Evidence(problems=[], model_problems={"teacher": [], "fast": [], "slow": []})
     assert evaluate_gate(CANDIDATES, AUTO, clean)["release"] == "fast"
@@ -199,3 +202,52 @@ def test_gate_names_where_the_reference_came_from():
     assert named["top1_as_imported"] == {"test": 83.2} and "head_replaced" not in named
     assert reference_origin({"val_top1": 98.0}) == {"trained_here": True}
     assert reference_origin(None) == {"trained_here": True}
+
+
+# --------------------------------------------------------------------------------------------
+# the gate stage fails closed on benchmark results it cannot use (stage runs: test_stages.py)
+
+
+@pytest.mark.parametrize(
+    "bench, code, reason",
+    [
+        (
+            {"models": {**GOOD_BENCH, "rel": {"top1": "97.9", "p50_ms": 1.0, "size_mb": 1.0}}},
+            1,
+            "metric rel.top1 is missing or not a number ('97.9')",
+        ),
+        (
+            {"models": {**GOOD_BENCH, "rel": {"top1": math.inf, "p50_ms": 1.0, "size_mb": 1.0}}},
+            1,
+            "metric rel.top1 is inf",
+        ),
+        ({"models": GOOD_BENCH}, 1, "no benchmark results for model 'rel'"),
+        (
+            {"models": {**GOOD_BENCH, "rel": {"top1": 98.0, "p50_ms": 0.0, "size_mb": 1.0}}},
+            1,
+            "metric rel.p50_ms is 0.0, must be > 0",
+        ),
+        ([GOOD_BENCH], 1, "no benchmark results for model 'teacher'"),
+        ("{not json", 2, "benchmark results is not valid JSON"),
+    ],
+    ids=["string", "inf", "release-absent", "zero-latency", "not-a-mapping", "malformed"],
+)
+def test_gate_fails_closed(tmp_path, bench, code, reason):
+    (tmp_path / "bench.json").write_text(bench if isinstance(bench, str) else json.dumps(bench))
+    params = tiny_params(tmp_path / "params.yaml", gate={"release": "rel"})
+    args = [
+        "--params",
+        str(params),
+        "--benchmark",
+        str(tmp_path / "bench.json"),
+        *absent_gate_inputs(tmp_path),
+        "--out",
+        str(tmp_path / "gate.json"),
+    ]
+    if code == 1:
+        assert stage_main("gate")(args) == 1
+    else:
+        with pytest.raises(UserError, match=reason):
+            stage_main("gate")(args)
+    verdict = json.loads((tmp_path / "gate.json").read_text())
+    assert verdict["passed"] is False and any(reason in f for f in verdict["failed"]), verdict

@@ -2,12 +2,13 @@
 inference and top-1, replacing a submodule by name, and ptq.reduce_range's "auto"."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from resnet_slim import hardware, limits
 from resnet_slim.compress.export import torch_logits
 from resnet_slim.compress.quant import resolve_reduce_range
 from resnet_slim.data.loader import normalized_split
@@ -35,10 +36,24 @@ def test_torch_latency_restores_the_thread_count(tiny_model):
     assert stats["p50_ms"] > 0 and torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_usable_cores_is_this_process_affinity():
-    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert limits.usable_cores() == expected
-    assert hardware.hardware_fingerprint()["usable_cores"] == expected
+    """Pinned to one core (taskset, a container's cpuset), a process has one core to use, however
+    many the machine has: checked in a child pinned to core 0 first, then to all of its cores."""
+    probe = (
+        "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+        "from resnet_slim import hardware, limits; "
+        "print(limits.usable_cores(), hardware.hardware_fingerprint()['usable_cores'])"
+    )
+    allowed = sorted(os.sched_getaffinity(0))
+    for cores in ([allowed[0]], allowed):
+        out = subprocess.run(
+            [sys.executable, "-c", probe, ",".join(map(str, cores))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert out == [str(len(cores))] * 2, (cores, out)
 
 
 def test_batched_torch_inference_and_top1_match_the_training_loops_evaluate(

@@ -9,10 +9,10 @@ import torch
 from conftest import write_params
 from torch import nn
 
+from resnet_slim.checkpoints import load_checkpoint, save_checkpoint
 from resnet_slim.compress import lowrank, prune
 from resnet_slim.compress.export import export_onnx, make_session, run_onnx
 from resnet_slim.errors import UserError
-from resnet_slim.io import load_checkpoint, save_checkpoint
 from resnet_slim.train.models import build_model, make_arch
 
 
@@ -181,7 +181,7 @@ def test_params_reject_a_bad_ratio(tmp_path):
 
 
 def test_report_section_compares_with_pruning_from_the_numbers():
-    from resnet_slim.report.sections import lowrank_vs_pruning
+    from resnet_slim.report.methods import lowrank_vs_pruning
 
     assert lowrank_vs_pruning(None, {}, {}) == []  # runs from before the stage
     metrics = {
@@ -210,7 +210,7 @@ def test_report_section_compares_with_pruning_from_the_numbers():
 
 
 def test_report_section_lists_int8_rows_and_falls_back_to_the_prune_counts():
-    from resnet_slim.report.sections import lowrank_vs_pruning
+    from resnet_slim.report.methods import lowrank_vs_pruning
 
     metrics = {
         "params_ratio_target": 0.3,

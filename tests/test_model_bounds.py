@@ -23,17 +23,15 @@ from resnet_slim.data.loader import load_meta, load_split, normalize, normalized
 from resnet_slim.errors import UserError
 from resnet_slim.measure.bench import benchmark_model
 from resnet_slim.params import BenchmarkParams
+from resnet_slim.train import model_bounds as bounds
 from resnet_slim.train import models
-from resnet_slim.train.models import (
+from resnet_slim.train.model_bounds import (
     MAX_ACTIVATION_BYTES,
     MAX_PARAMS,
     arch_size,
-    build_model,
-    channel_record,
     check_arch_size,
-    load_model,
-    make_arch,
 )
+from resnet_slim.train.models import build_model, channel_record, load_model, make_arch
 from tests.conftest import REPO, assert_one_line_error, write_params
 
 TINY = make_arch(name="resnet18", num_classes=10, width=8, small_input=True)
@@ -95,7 +93,7 @@ def _measured(model: torch.nn.Module, image_size: int) -> tuple[int, int]:
 @pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
 def test_the_size_estimate_is_exactly_what_the_builder_builds(arch):
     model = build_model(arch)
-    assert set(models._layer_table(arch)) == set(channel_record(model))  # every conv / BN / linear
+    assert set(bounds._layer_table(arch)) == set(channel_record(model))  # every conv / BN / linear
     for image_size in (8, 19):  # an odd size: every stride-2 layer rounds up
         assert arch_size(arch, image_size) == _measured(model, image_size)
 
@@ -105,7 +103,7 @@ def test_real_models_pass_and_the_design_sizes_are_assumed():
     params, activations = arch_size(resnet50)  # at 224 px: the ImageNet stem's design size
     assert params == 25_557_032  # torchvision's resnet50
     assert 30e6 < activations < 100e6
-    widest = make_arch(name="resnet50", num_classes=1000, width=models.MAX_WIDTH, small_input=False)
+    widest = make_arch(name="resnet50", num_classes=1000, width=bounds.MAX_WIDTH, small_input=False)
     for arch, size in [
         (resnet50, 224),
         (make_arch(name="cifar_resnet", depth=110, num_classes=100, width=16), 32),
@@ -133,7 +131,7 @@ def _everywhere(arch: dict, channels: int) -> dict:
     return {**arch, "channels": record}
 
 
-HUGE = _everywhere(TINY, models.MAX_CHANNELS)
+HUGE = _everywhere(TINY, bounds.MAX_CHANNELS)
 
 
 def test_a_record_with_8192_channels_everywhere_is_refused_before_building(monkeypatch):
@@ -156,7 +154,7 @@ def test_tensor_valued_sizes_are_read_as_numbers():
 
 
 def test_activations_are_bounded_at_the_data_image_size():
-    widest_small = make_arch(name="resnet50", num_classes=10, width=models.MAX_WIDTH)
+    widest_small = make_arch(name="resnet50", num_classes=10, width=bounds.MAX_WIDTH)
     check_arch_size(widest_small, image_size=32)
     with pytest.raises(UserError, match=r"layer outputs for one 512x512 image take [\d.]+ GB"):
         check_arch_size(widest_small, image_size=512)

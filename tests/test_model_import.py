@@ -12,21 +12,15 @@ import torch
 import torchvision
 from torch import nn
 
+from resnet_slim.checkpoints import load_checkpoint
 from resnet_slim.compress import prune
 from resnet_slim.data import loader as data
 from resnet_slim.data import pixels, prepare
 from resnet_slim.errors import UserError
-from resnet_slim.io import load_checkpoint
 from resnet_slim.params import parse_params
+from resnet_slim.train.architectures import CifarResNet, option_a_weight
 from resnet_slim.train.model_import import import_model
-from resnet_slim.train.models import (
-    CifarResNet,
-    build_model,
-    channel_record,
-    load_model,
-    make_arch,
-    option_a_weight,
-)
+from resnet_slim.train.models import build_model, channel_record, load_model, make_arch
 from tests.conftest import REPO, write_params
 
 SHARED = REPO.parent / "shared"
@@ -108,7 +102,7 @@ def test_auto_format_finds_family_depth_width_and_stem(tmp_path, arch):
 
 
 def test_project_checkpoint_imports_as_resnet_slim(tmp_path):
-    from resnet_slim.io import save_checkpoint
+    from resnet_slim.checkpoints import save_checkpoint
 
     arch = make_arch(name="cifar_resnet", depth=20, num_classes=4, width=8)
     model = randomize_bn(build_model(arch))

@@ -66,7 +66,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
 
     hooks = dest.parent / "hooks"
     hooks.mkdir()
-    hook = child_env(hooks, "resnet_slim.train.resume:save:1:kill:resnet_slim.train.engine")
+    hook = child_env(hooks, "resnet_slim.train.resume:save:1:kill:resnet_slim.train.resume")
     # the hook imports the copy's own library (as the resumed run will), not this checkout's
     env = dvc_env(
         PYTHONPATH=f"{hooks / 'hooks'}{os.pathsep}{dest}",

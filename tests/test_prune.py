@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from resnet_slim.checkpoints import load_checkpoint, save_checkpoint
 from resnet_slim.compress import prune
 from resnet_slim.compress.export import count_macs_params, export_onnx, make_session, run_onnx
 from resnet_slim.data.loader import BatchLoader
 from resnet_slim.errors import UserError
-from resnet_slim.io import load_checkpoint, save_checkpoint
 from resnet_slim.params import TrainParams
 from resnet_slim.train import engine
 from resnet_slim.train.engine import kd_logit_loss

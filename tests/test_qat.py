@@ -13,10 +13,10 @@ from onnx import numpy_helper
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.nn.intrinsic import quantized as nniq
 
-from resnet_slim.compress import onnx_int8, qat
+from resnet_slim.checkpoints import load_checkpoint, save_checkpoint
+from resnet_slim.compress import onnx_int8, qat, qat_export
 from resnet_slim.compress.export import export_onnx, make_session, run_onnx
 from resnet_slim.errors import UserError
-from resnet_slim.io import load_checkpoint, save_checkpoint
 from resnet_slim.measure.bench import torch_latency_ms
 from resnet_slim.train import engine
 from resnet_slim.train.models import build_model, channel_record, make_arch
@@ -54,7 +54,7 @@ def calibrated(model: torch.nn.Module) -> torch.nn.Module:
 def exported(tmp_path_factory):
     q = calibrated(fp32_model())
     path = tmp_path_factory.mktemp("qat") / "qat.onnx"
-    qat.export_qat_onnx(q, path, image_size=SIZE)
+    qat_export.export_qat_onnx(q, path, image_size=SIZE)
     return q, path
 
 
@@ -140,7 +140,7 @@ def test_export_check_records_the_numbers_and_names_a_failed_test(tmp_path, expo
         images(64, seed=7),
         torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(7)),
     )
-    metrics = qat.export_qat_checked(
+    metrics = qat_export.export_qat_checked(
         q,
         tmp_path / "q.onnx",
         x,
@@ -192,7 +192,7 @@ def test_pruned_architecture_quantizes_and_exports(tmp_path):
     fp32 = fp32_model(channels)
     assert fp32.layer3[0].conv1.out_channels == 24
     q = calibrated(fp32)
-    qat.export_qat_onnx(q, tmp_path / "pruned.onnx", image_size=SIZE)
+    qat_export.export_qat_onnx(q, tmp_path / "pruned.onnx", image_size=SIZE)
     report = onnx_int8.int8_kernel_report(tmp_path / "pruned.onnx")
     assert report["all_convs_int8"] and report["int8_convs"] == N_CONVS
     x = images(128, seed=4)
@@ -208,7 +208,7 @@ def test_empty_calibration_and_uncalibrated_export_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="calibration set is empty"):
         qat.calibrate(q, torch.empty(0, 3, SIZE, SIZE))
     with pytest.raises(UserError, match="calibrate"):
-        qat.export_qat_onnx(q, tmp_path / "x.onnx", image_size=SIZE)
+        qat_export.export_qat_onnx(q, tmp_path / "x.onnx", image_size=SIZE)
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(UserError, match="empty"):
         qat.eager_ptq_int8(fp32_model(), torch.empty(0, 3, SIZE, SIZE))

@@ -754,8 +754,8 @@ def test_pareto_labels_do_not_overlap():
 
 
 def test_report_names_an_imported_teachers_origin():
+    from resnet_slim.report.baselines import teacher_origin
     from resnet_slim.report.render import render_markdown
-    from resnet_slim.report.sections import teacher_origin
 
     origin = {
         "file": "models/imported/r56.th",

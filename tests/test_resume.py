@@ -353,7 +353,7 @@ def killed_after_save(workdir: Path, name: str, save: int) -> None:
     """Run the stage; SIGKILL it right after its `save`-th resume checkpoint was written."""
     from tests.test_faults import child_env
 
-    env = child_env(workdir, f"resnet_slim.train.resume:save:{save}:kill:resnet_slim.train.engine")
+    env = child_env(workdir, f"resnet_slim.train.resume:save:{save}:kill:resnet_slim.train.resume")
     result = run_stage_command(workdir, name, env=env)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 

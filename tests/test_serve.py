@@ -30,7 +30,7 @@ import werkzeug.formparser
 from PIL import Image
 from torch import nn
 
-from resnet_slim import serve
+from resnet_slim import serve, serve_app, serve_release
 from resnet_slim.compress.export import export_onnx, make_session, run_onnx
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
@@ -136,7 +136,7 @@ def pipeline_root(tmp_path_factory, tiny_prepared) -> Path:
     return root
 
 
-def load(root: Path, **overrides) -> serve.Release:
+def load(root: Path, **overrides) -> serve_release.Release:
     paths = {
         "gate": Path("reports/gate.json"),
         "benchmark": Path("reports/benchmark.json"),
@@ -146,7 +146,7 @@ def load(root: Path, **overrides) -> serve.Release:
 
 
 @pytest.fixture(scope="module")
-def release(pipeline_root) -> serve.Release:
+def release(pipeline_root) -> serve_release.Release:
     return load(pipeline_root)
 
 
@@ -238,7 +238,7 @@ def test_larger_images_are_resized_like_prepare(client, tiny_prepared):
     assert big["predictions"][0]["class"] == small["predictions"][0]["class"]
 
 
-@pytest.mark.parametrize("image_format", serve.UPLOAD_FORMATS)
+@pytest.mark.parametrize("image_format", serve_app.UPLOAD_FORMATS)
 def test_every_accepted_format_is_served(client, tiny_prepared, image_format):
     pixels = np.array(data.load_split(tiny_prepared, "test").images[0])
     buffer = io.BytesIO()
@@ -472,7 +472,7 @@ def test_a_body_shorter_than_its_content_length_holds_no_thread_and_times_out(
 def test_decoding_is_bounded_and_a_long_wait_gets_503(release, tiny_prepared, monkeypatch):
     active, most = [0], [0]
     lock = threading.Lock()
-    decode = serve.decode_upload
+    decode = serve_app.decode_upload
 
     def slow_decode(payload, *, max_pixels):
         with lock:
@@ -483,7 +483,7 @@ def test_decoding_is_bounded_and_a_long_wait_gets_503(release, tiny_prepared, mo
             active[0] -= 1
         return decode(payload, max_pixels=max_pixels)
 
-    monkeypatch.setattr(serve, "decode_upload", slow_decode)
+    monkeypatch.setattr(serve_app, "decode_upload", slow_decode)
     upload = digit_png(tiny_prepared, 0)
     with (
         running_server(serve.create_app(release, max_decodes=2), threads=6) as url,
@@ -491,7 +491,7 @@ def test_decoding_is_bounded_and_a_long_wait_gets_503(release, tiny_prepared, mo
     ):
         answers = list(pool.map(lambda _: post_over_http(url, "d.png", upload), range(6)))
     assert [status for status, _ in answers] == [200] * 6 and most[0] == 2
-    monkeypatch.setattr(serve, "DECODE_WAIT_S", 0.1)  # now the third waits too long
+    monkeypatch.setattr(serve_app, "DECODE_WAIT_S", 0.1)  # now the third waits too long
     with (
         running_server(serve.create_app(release, max_decodes=1), threads=3) as url,
         ThreadPoolExecutor(3) as pool,

@@ -30,7 +30,7 @@ from test_serve import (  # noqa: F401  (pipeline_root and release are fixtures,
 )
 from torch import nn
 
-from resnet_slim import serve
+from resnet_slim import serve, serve_app
 from resnet_slim.compress.export import export_onnx
 from resnet_slim.data import loader as data
 from resnet_slim.io import write_json
@@ -247,10 +247,10 @@ def test_too_many_form_fields_are_named_not_called_too_large(release, tiny_prepa
     response = upload_with(5_000)
     assert response.status_code == 413
     error = response.get_json()["error"]
-    assert error.startswith(f"too many form fields: at most {serve.MAX_FORM_PARTS}"), error
+    assert error.startswith(f"too many form fields: at most {serve_app.MAX_FORM_PARTS}"), error
     assert "MB" not in error
-    assert upload_with(serve.MAX_FORM_PARTS).status_code == 413  # one part more than allowed
-    assert upload_with(serve.MAX_FORM_PARTS - 1).status_code == 200  # the image is a part
+    assert upload_with(serve_app.MAX_FORM_PARTS).status_code == 413  # one part more than allowed
+    assert upload_with(serve_app.MAX_FORM_PARTS - 1).status_code == 200  # the image is a part
 
 
 def closed_by_server(sock: socket.socket) -> bool:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from resnet_slim import stats
-from resnet_slim.gate.gate import Evidence, evaluate_gate
+from resnet_slim.gate.checks import Evidence
+from resnet_slim.gate.gate import evaluate_gate
 from resnet_slim.gate.metrics import headline_metrics
 from resnet_slim.params import GateParams
 

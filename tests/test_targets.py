@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_slim.checkpoints import save_checkpoint
 from resnet_slim.compress.export import export_onnx, torch_logits
 from resnet_slim.compress.quant import calibration_images, quantize_static_int8
 from resnet_slim.data.loader import normalized_split
 from resnet_slim.errors import UserError
-from resnet_slim.io import save_checkpoint
 from resnet_slim.limits import usable_cores
-from resnet_slim.measure import targets
+from resnet_slim.measure import target_bench, targets
 from resnet_slim.params import BenchmarkParams, ExportParams, load_params
 from resnet_slim.train.models import make_arch
 from tests.conftest import write_params
@@ -69,10 +69,13 @@ def test_openvino_fp32_matches_onnx_and_pytorch(tmp_path, tiny_onnx, tiny_model,
     xml = targets.export_openvino(tiny_onnx, tmp_path / "ov")
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
     assert 'element_type="f16"' not in xml.read_text()  # FP32 weights, not compressed to FP16
-    row, logits = targets.benchmark_openvino(xml, images, labels, FAST)
+    row, logits = target_bench.benchmark_openvino(xml, images, labels, FAST)
     assert_row(row, "openvino")
-    for reference in (targets.onnx_logits(tiny_onnx, images), torch_logits(tiny_model, images)):
-        parity = targets.check_target_parity(
+    for reference in (
+        target_bench.onnx_logits(tiny_onnx, images),
+        torch_logits(tiny_model, images),
+    ):
+        parity = target_bench.check_target_parity(
             logits, reference, labels, ExportParams(), int8=False, reference="onnx"
         )
         assert (
@@ -84,10 +87,10 @@ def test_nncf_int8_and_openvino_of_a_qdq_file(tmp_path, tiny_onnx, test_split, c
     images, labels = test_split
     xml = targets.quantize_openvino_nncf(tiny_onnx, calibration, tmp_path / "nncf")
     assert 'element_type="i8"' in xml.read_text()  # NNCF stored int8 weights in the IR
-    row, logits = targets.benchmark_openvino(xml, images, labels, FAST)
+    row, logits = target_bench.benchmark_openvino(xml, images, labels, FAST)
     assert_row(row, "openvino")
-    reference = targets.onnx_logits(tiny_onnx, images)
-    parity = targets.check_target_parity(
+    reference = target_bench.onnx_logits(tiny_onnx, images)
+    parity = target_bench.check_target_parity(
         logits, reference, labels, ExportParams(), int8=True, reference="onnx"
     )
     assert parity["top1_agreement"] > 0.8 and np.isfinite(parity["top1_diff_pp"])
@@ -96,8 +99,8 @@ def test_nncf_int8_and_openvino_of_a_qdq_file(tmp_path, tiny_onnx, test_split, c
     quantize_static_int8(tiny_onnx, qdq, calibration)
     qdq_xml = targets.export_openvino(qdq, tmp_path / "q")
     assert 'element_type="i8"' in qdq_xml.read_text()
-    _, qdq_logits = targets.benchmark_openvino(qdq_xml, images, labels, FAST)
-    assert (qdq_logits.argmax(1) == targets.onnx_logits(qdq, images).argmax(1)).mean() > 0.8
+    _, qdq_logits = target_bench.benchmark_openvino(qdq_xml, images, labels, FAST)
+    assert (qdq_logits.argmax(1) == target_bench.onnx_logits(qdq, images).argmax(1)).mean() > 0.8
 
 
 def test_parity_thresholds_for_fp32_and_int8_targets():
@@ -105,24 +108,24 @@ def test_parity_thresholds_for_fp32_and_int8_targets():
     reference = np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]], np.float32)
     flipped = reference.copy()
     flipped[0] = [0.0, 2.0]  # one of four images changes class: -25 pp
-    fp32 = targets.check_target_parity(
+    fp32 = target_bench.check_target_parity(
         reference + 1e-5, reference, labels, ExportParams(), int8=False, reference="r"
     )
     assert fp32["passed"] and fp32["problems"] == []
-    bad = targets.check_target_parity(
+    bad = target_bench.check_target_parity(
         flipped, reference, labels, ExportParams(), int8=False, reference="r"
     )
     assert not bad["passed"] and "agreement" in bad["problems"][0]
-    int8 = targets.check_target_parity(
+    int8 = target_bench.check_target_parity(
         flipped, reference, labels, ExportParams(max_top1_diff_pp=1.0), int8=True, reference="r"
     )
     assert (
         not int8["passed"] and int8["top1_diff_pp"] == -25.0 and "-25.00 pp" in int8["problems"][0]
     )
     loose = ExportParams(max_top1_diff_pp=30.0)
-    assert targets.check_target_parity(flipped, reference, labels, loose, int8=True, reference="r")[
-        "passed"
-    ]
+    assert target_bench.check_target_parity(
+        flipped, reference, labels, loose, int8=True, reference="r"
+    )["passed"]
 
 
 @pytest.mark.parametrize("module", ["openvino", "nncf"])
@@ -130,7 +133,7 @@ def test_missing_openvino_or_nncf_is_an_unavailable_row(
     monkeypatch, tmp_path, tiny_onnx, test_split, calibration, module
 ):
     monkeypatch.setitem(sys.modules, module, None)  # what `import openvino` sees when not installed
-    row = targets.measure_target(
+    row = target_bench.measure_target(
         lambda: targets.quantize_openvino_nncf(tiny_onnx, calibration, tmp_path / "x"),
         lambda path: pytest.fail("measured an unavailable target"),
         lambda: None,
@@ -298,9 +301,9 @@ def test_tflite_int8_export_matches_pytorch(
         metrics={},
     )
     path = targets.export_tflite(checkpoint, calibration, Path("models") / "m.tflite")
-    row, logits = targets.benchmark_tflite(path, images, labels, FAST)
+    row, logits = target_bench.benchmark_tflite(path, images, labels, FAST)
     assert_row(row, "litert")
-    parity = targets.check_target_parity(
+    parity = target_bench.check_target_parity(
         logits,
         torch_logits(tiny_model, images),
         labels,

@@ -1,5 +1,6 @@
 import pandas as pd
 
+from resnet_slim.data import loader as data
 from resnet_slim.data.loader import load_manifest, load_meta
 from resnet_slim.data.validate import validate_manifest
 
@@ -52,3 +53,18 @@ def test_class_imbalance_bounds_come_from_params(tiny_prepared):
         manifest, load_meta(tiny_prepared)["class_names"], min_class_share=0.2, max_class_share=0.5
     )
     assert not report["success"] and any("share" in f for f in report["failed"])
+
+
+def test_validation_flags_an_image_with_two_labels(tiny_prepared):
+    from resnet_slim.data.validate import validate_manifest
+
+    manifest = data.load_manifest(tiny_prepared)
+    twin = manifest.iloc[[0]].assign(id="copy", label=(manifest.label[0] + 1) % 10)
+    twin["class_name"] = str(twin.label.iloc[0])
+    report = validate_manifest(
+        pd.concat([manifest, twin], ignore_index=True),
+        [str(d) for d in range(10)],
+        min_class_share=0.0,
+        max_class_share=1.0,
+    )
+    assert not report["success"] and any("column=n_labels" in f for f in report["failed"])

@@ -13,21 +13,21 @@ augmented batch instead (exact, slower).
 
 On several processes (resnet_slim/train/distributed.py) the cache is computed shard by shard and put
 back in order on rank 0, and the student trains under DDP like every other model.
+
+The distill_student stage's work (the student built, trained with and without the teacher, and
+measured) is `student.distill_student`.
 """
 
-import copy
-import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from resnet_slim import stats
+from resnet_slim.checkpoints import safe_torch_load
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
-from resnet_slim.io import atomic_path, safe_torch_load, sha256_file
+from resnet_slim.io import atomic_path
 from resnet_slim.train import distributed, engine
 
 
@@ -200,192 +200,3 @@ def distillation_loss(
         return loss, logits
 
     return loss_fn
-
-
-def train_student(
-    initial: nn.Module,
-    loss_fn,
-    train_targets: tuple,
-    *,
-    prepared_dir: str | Path,
-    meta: dict,
-    params,
-    device: torch.device,
-    desc: str,
-    live_dir: str | Path,
-    projections: dict[str, tuple[int, int]],
-) -> tuple[nn.Module, float]:
-    """Train a copy of `initial` (plus projectors) with the shared loop on this process's shard of
-    the training split; (the plain CPU student, its test top-1)."""
-    p, base = params.distill, params.base
-    rank, world_size = distributed.rank(), distributed.world_size()
-    train = data.load_split(prepared_dir, "train")
-    train_loader = data.BatchLoader(
-        train.images,
-        *train_targets,
-        meta=meta,
-        batch_size=p.batch_size // world_size,
-        shuffle=True,
-        augment=base.augment,
-        seed=base.seed,
-        rank=rank,
-        world_size=world_size,
-    )
-    model, _ = engine.fit_on(
-        device,
-        StudentWithProjectors(copy.deepcopy(initial), projections),
-        train_loader,
-        engine.eval_loader(prepared_dir, "val", meta),
-        p,
-        sync_bn=base.sync_bn,
-        loss_fn=loss_fn,
-        live_dir=live_dir,
-        desc=desc,
-    )
-    test_loader = engine.eval_loader(prepared_dir, "test", meta)
-    return model.student, engine.evaluate(model.student, test_loader)["top1"]
-
-
-def correct_on_test(model: nn.Module, prepared_dir: str | Path, meta: dict) -> np.ndarray:
-    """Per-image correctness of `model` on the whole test split, in this process alone."""
-    test = data.load_split(prepared_dir, "test")
-    loader = data.BatchLoader(test.images, test.labels, meta=meta, batch_size=256, pad=False)
-    logits, labels = engine.predict(model, loader)
-    return (logits.argmax(1) == labels).numpy()
-
-
-def distill_student(
-    *,
-    teacher_path: str | Path,
-    cache_path: str | Path,
-    prepared_dir: str | Path,
-    reports: str | Path,
-    params,
-    device: torch.device,
-) -> tuple[nn.Module, dict, dict]:
-    """The distill_student stage's work: (student, its architecture record, metrics).
-
-    The student learns from the teacher (cached outputs, or the teacher run on each batch) and,
-    with distill.train_baseline, the same student trains without it to measure what KD adds.
-    Every process returns the same; the caller writes on rank 0. Warnings print on rank 0.
-    """
-    from resnet_slim.compress.export import count_macs_params  # onnx: only when counting
-    from resnet_slim.train.model_import import import_model, untracked_note
-    from resnet_slim.train.models import build_model, load_model, make_arch
-
-    p, base, stages = params.distill, params.base, params.distill.stages_in_use
-    threads = distributed.threads_per_process(base.threads)
-    main_process = distributed.is_main_process()
-    meta = data.load_meta(prepared_dir)
-    labels = data.load_split(prepared_dir, "train").labels
-    num_classes, size = len(meta["class_names"]), meta["image_size"]
-    teacher, _ = load_model(teacher_path, num_classes=num_classes)
-    origin = None
-    # the student's initial weights: the same seed on every rank, so every rank builds the same
-    # student (and evaluates the same one as imported); DDP then starts from rank 0's anyway
-    engine.seed_everything(base.seed, threads)
-    if p.student.init is None:
-        arch = make_arch(
-            name=p.student.arch,
-            num_classes=num_classes,
-            width=p.student.width,
-            small_input=p.student.small_input,
-        )
-        initial = build_model(arch)
-    else:
-        initial, arch, origin = import_model(
-            p.student.init,
-            p.student.format,
-            num_classes=num_classes,
-            replace_head=p.student.replace_head,
-            key="distill.student",
-        )
-        if (note := untracked_note(origin)) and main_process:
-            print(f"distill_student: warning: {note}", file=sys.stderr, flush=True)
-    teacher_macs, teacher_params = count_macs_params(teacher, size)
-    student_params = count_macs_params(initial, size)[1]
-    teacher_channels = stage_channels(teacher, size, stages, who="teacher")
-    student_channels = stage_channels(initial, size, stages, who="student")
-    projections = (
-        {k: (student_channels[k], teacher_channels[k]) for k in teacher_channels}
-        if p.feature_weight > 0
-        else {}
-    )
-
-    if p.cache_teacher:
-        cache = load_teacher_cache(
-            cache_path,
-            teacher_sha256=sha256_file(teacher_path),
-            n_images=len(labels),
-            stages=stages,
-        )
-        targets = (labels, cache["logits"], *[cache[f"layer{k}"] for k in stages])
-        loss_fn = distillation_loss(
-            alpha=p.alpha, temperature=p.temperature, feature_weight=p.feature_weight, stages=stages
-        )
-    else:
-        targets = (labels,)
-        # run on every batch, on the student's device; not trained, so no DDP
-        loss_fn = distillation_loss(
-            alpha=p.alpha,
-            temperature=p.temperature,
-            feature_weight=p.feature_weight,
-            teacher=teacher.to(device).eval(),
-            stages=stages,
-        )
-    # warned only now that every input is known good, so an input error stays one stderr line
-    if student_params > teacher_params and main_process:
-        print(
-            f"distill_student: warning: the student ({student_params:,} parameters) is larger "
-            f"than the teacher ({teacher_params:,}); distilling into it will not compress",
-            file=sys.stderr,
-        )
-    common = dict(prepared_dir=prepared_dir, meta=meta, params=params, device=device)
-    engine.seed_everything(base.seed, threads)
-    student, kd_top1 = train_student(
-        initial,
-        loss_fn,
-        targets,
-        desc="distill",
-        live_dir=f"{reports}/kd",
-        projections=projections,
-        **common,
-    )
-    metrics = {
-        "student_top1_kd": kd_top1,
-        "alpha": p.alpha,
-        "temperature": p.temperature,
-        "feature_weight": p.feature_weight,
-        "cache_teacher": p.cache_teacher,
-    }
-    if p.train_baseline:
-        engine.seed_everything(base.seed, threads)
-        baseline, metrics["student_top1_no_kd"] = train_student(
-            initial,
-            engine.cross_entropy(p.label_smoothing),
-            (labels,),
-            desc="student without teacher",
-            live_dir=f"{reports}/no_kd",
-            projections={},
-            **common,
-        )
-        metrics["kd_gain_pp"] = kd_top1 - metrics["student_top1_no_kd"]
-        if main_process:  # paired over the same test images: is the gain more than noise?
-            gain = stats.paired_drop(
-                correct_on_test(student, prepared_dir, meta),
-                correct_on_test(baseline, prepared_dir, meta),
-            )
-            metrics["kd_gain_ci_pp"] = [gain["ci_low"], gain["ci_high"]]
-            metrics["kd_mcnemar_p"] = gain["mcnemar"]["p_value"]
-    if origin is not None:
-        test_loader = engine.eval_loader(prepared_dir, "test", meta)
-        origin["top1_as_imported"] = engine.evaluate(initial, test_loader)["top1"]
-        metrics["student_origin"] = origin
-    macs, n_params = count_macs_params(student, size)
-    metrics.update(
-        macs=macs,
-        params=n_params,
-        macs_vs_teacher=macs / teacher_macs,
-        params_vs_teacher=n_params / teacher_params,
-    )
-    return student, arch, metrics

@@ -151,16 +151,7 @@ def make_session(
             f"{path}: the graph has control flow ({', '.join(ops[:5])}); a feed-forward "
             f"classifier has none (and a loop may never end), so it is not run"
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    # parse the file as ONNX, as checked above, whatever its name (never as an ORT-format model)
-    options.add_session_config_entry("session.load_model_format", "ONNX")
-    if optimized_model_path is not None:
-        options.optimized_model_filepath = str(optimized_model_path)
+    options = _session_options(threads, optimized_model_path)
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -178,6 +169,23 @@ def make_session(
     if image_input and (len(shape) != 4 or shape[1] != 3):
         raise UserError(f"{path}: expected one NCHW input with 3 channels, got shape {shape}")
     return session
+
+
+def _session_options(threads: int, optimized_model_path: str | Path | None) -> ort.SessionOptions:
+    """Full graph optimisation, `threads` intra-op threads and one inter-op, sequential, quiet:
+    the same settings for every session, so latencies compare."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # parse the file as ONNX, as checked by make_session, whatever its name (never as an
+    # ORT-format model)
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return options
 
 
 def check_input_size(session: ort.InferenceSession, image_size: int, path: str | Path) -> None:

@@ -6,13 +6,20 @@ second U_r·sqrt(S_r), so both factors have similar ranges (kinder to INT8 later
 split the same way. Ranks come from one global energy threshold (the share of Σσ² each layer
 keeps), found by bisection so the whole model meets a parameter budget — the like-for-like
 comparison with channel pruning — and rounded up to multiples of `round_to` (int8 kernels).
+
+The lowrank stage's work, factorizing the teacher and fine-tuning it, is `factorize_and_finetune`.
 """
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from resnet_slim.compress.prune import count_nonzero
 from resnet_slim.errors import UserError
-from resnet_slim.train.models import low_rank_pair, replace_submodule
+from resnet_slim.params import BaseParams, LowrankParams
+from resnet_slim.train import distributed, engine
+from resnet_slim.train.models import load_model, low_rank_pair, replace_submodule
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
@@ -25,7 +32,8 @@ def factorizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     A layer that a split would not shrink (a small classifier, say) is dropped later, by rank."""
     layers = {}
     for name, module in model.named_modules():
-        # a fixed layer (a CIFAR ResNet's option-A shortcut, models.option_a_weight) stays exact
+        # a fixed layer (a CIFAR ResNet's option-A shortcut, architectures.option_a_weight) stays
+        # exact
         if (
             isinstance(module, nn.Conv2d)
             and module.groups == 1
@@ -134,3 +142,118 @@ def factorize_svd(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
             pair[1].bias.copy_(module.bias)
         replace_submodule(model, name, pair)
     return model
+
+
+# ---------------------------------------------------------------- the stage's work
+
+
+def factorize_and_finetune(
+    *,
+    teacher_path: str | Path,
+    pruned_path: str | Path,
+    prepared_dir: str | Path,
+    reports: str | Path,
+    p: LowrankParams,
+    base: BaseParams,
+    device: torch.device,
+) -> tuple[nn.Module, dict, dict] | None:
+    """The lowrank stage's work: SVD-factorize the teacher to lowrank.params_ratio of its
+    parameters (match_pruned: the pruned model's share), then fine-tune on `device`, DVCLive logs
+    under `reports`.
+
+    Returns (plain CPU model, its architecture record, metrics) on rank 0 and None on the other
+    ranks, which write nothing.
+    """
+    engine.seed_everything(base.seed, distributed.threads_per_process(base.threads))
+    train_loader, val_loader, test_loader, meta = engine.rank_loaders(
+        prepared_dir, batch_size=p.finetune.batch_size, base=base
+    )
+    num_classes, size = len(meta["class_names"]), meta["image_size"]
+    teacher, checkpoint = load_model(teacher_path, num_classes=num_classes)
+    model, _ = load_model(teacher_path, num_classes=num_classes)  # factorized in place
+    target, pruned = _params_target(p.params_ratio, teacher, pruned_path, num_classes)
+    # Every process gets the same ranks and factors: each loaded the same teacher file, and the
+    # SVD of the same matrices on the same CPU is deterministic (fit_on's DDP wrap then checks
+    # the shapes across ranks and broadcasts rank 0's values).
+    ranks = choose_ranks(model, params_ratio=target, round_to=p.round_to)
+    factorize_svd(model, ranks)
+
+    top1 = {
+        "before": engine.evaluate(teacher, test_loader)["top1"],
+        "after_factorization": engine.evaluate(model, test_loader)["top1"],
+    }
+    model, history = _finetune(
+        model, train_loader, val_loader, p, base=base, device=device, reports=reports
+    )
+    top1["after_finetune"] = engine.evaluate(model, test_loader)["top1"]
+    if not distributed.is_main_process():
+        return None
+    metrics = _lowrank_metrics(
+        teacher, model, pruned, size, p, target=target, ranks=ranks, top1=top1, history=history
+    )
+    return model, {**checkpoint["arch"], "lowrank": ranks}, metrics
+
+
+def _params_target(
+    params_ratio, teacher: nn.Module, pruned_path: str | Path, num_classes: int
+) -> tuple[float, nn.Module | None]:
+    """(the parameter share to reach, the pruned model when that share is match_pruned's).
+
+    Non-zero counts: also right for a model pruned unstructured (magnitude)."""
+    if params_ratio != "match_pruned":
+        return params_ratio, None
+    pruned, _ = load_model(pruned_path, num_classes=num_classes)
+    return count_nonzero(pruned) / count_nonzero(teacher), pruned
+
+
+def _finetune(model, train_loader, val_loader, p, *, base, device, reports):
+    """(fine-tuned plain CPU model, history): recovers what factorization lost, on `device`."""
+    return engine.fit_on(
+        device,
+        model,
+        train_loader,
+        val_loader,
+        p.finetune,
+        sync_bn=base.sync_bn,
+        desc="lowrank finetune",
+        loss_fn=engine.cross_entropy(p.finetune.label_smoothing),
+        live_dir=f"{reports}/finetune",
+    )
+
+
+def _lowrank_metrics(
+    teacher: nn.Module,
+    model: nn.Module,
+    pruned: nn.Module | None,
+    size: int,
+    p,
+    *,
+    target: float,
+    ranks: dict[str, int],
+    top1: dict,
+    history: list[dict],
+) -> dict:
+    """The stage's metrics: accuracy at each step, and MACs / parameters against the teacher (and
+    the pruned model it was matched to), for the report's like-for-like comparison."""
+    from resnet_slim.compress.export import (
+        count_macs_params,
+    )  # onnx: the training stages need it only here
+
+    counts = {
+        "teacher": count_macs_params(teacher, size),
+        "lowrank": count_macs_params(model, size),
+    }
+    if pruned is not None:
+        counts["pruned"] = count_macs_params(pruned, size)
+    metrics = {
+        "params_ratio_target": target,
+        "round_to": p.round_to,
+        "ranks": ranks,
+        "top1_test": top1,
+        "val_top1": history[-1]["val_top1"],
+        "params": {k: v[1] for k, v in counts.items()},
+        "macs": {k: v[0] for k, v in counts.items()},
+    }
+    for key in ("params", "macs"):
+        metrics[key]["ratio"] = metrics[key]["lowrank"] / metrics[key]["teacher"]
+    return metrics

@@ -35,7 +35,31 @@ INT8_CONVS = {"QLinearConv", "NhwcQLinearConv", "ConvInteger"}
 def store_int8(graph: onnx.GraphProto) -> None:
     """Turn QuantizeLinear of constant weights into int8 initializers, give every Conv/Gemm fed by
     DequantizeLinear an int32 bias, drop the float copies, make per-tensor scales scalars."""
-    qdq = ("QuantizeLinear", "DequantizeLinear")
+    values = _constant_values(graph)
+    producer = {out: n for n in graph.node for out in n.output}
+    new, bias_nodes = {}, []
+    for node in list(graph.node):
+        if node.op_type == "QuantizeLinear" and node.input[0] in values:  # a weight (axis 0)
+            w, scale, zp = (values[name] for name in node.input)
+            new[node.output[0]] = _quantized_weight(w, scale, zp)
+            graph.node.remove(node)
+        elif node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in values:
+            x_dq, w_dq = (producer.get(name) for name in node.input[:2])
+            if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
+                continue
+            tensors, bias_node = _int32_bias(node, values, x_dq, w_dq)
+            new.update(tensors)
+            bias_nodes.append(bias_node)
+    for node in bias_nodes:
+        graph.node.insert(0, node)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new.items())
+    _drop_unused_nodes(graph)
+    _tidy_initializers(graph)
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """{name: array} of every initializer and Constant output; as a side effect, nodes read
+    Identity-shared initializers directly (the exporter shares equal ones through Identity)."""
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     values.update(
         {
@@ -44,7 +68,6 @@ def store_int8(graph: onnx.GraphProto) -> None:
             if n.op_type == "Constant"
         }
     )
-    # the exporter shares equal initializers through Identity nodes: read them directly
     alias = {
         n.output[0]: n.input[0]
         for n in graph.node
@@ -52,58 +75,62 @@ def store_int8(graph: onnx.GraphProto) -> None:
     }
     for node in graph.node:
         node.input[:] = [alias.get(name, name) for name in node.input]
-    producer = {out: n for n in graph.node for out in n.output}
-    new, bias_nodes = {}, []
-    for node in list(graph.node):
-        if node.op_type == "QuantizeLinear" and node.input[0] in values:  # a weight (axis 0)
-            w, scale, zp = (values[name] for name in node.input)
-            shape = [-1] + [1] * (w.ndim - 1) if scale.size > 1 else [1] * w.ndim
-            q = np.rint(w / scale.reshape(shape)) + zp.reshape(shape)
-            info = np.iinfo(zp.dtype)
-            new[node.output[0]] = q.clip(info.min, info.max).astype(zp.dtype)
-            graph.node.remove(node)
-        elif node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in values:
-            x_dq, w_dq = (producer.get(name) for name in node.input[:2])
-            if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
-                continue
-            bias = values[node.input[2]]
-            scale = np.broadcast_to(values[x_dq.input[1]] * values[w_dq.input[1]], bias.shape)
-            q = np.rint(bias / scale)
-            if np.abs(q).max(initial=0) > 2**31 - 1:  # a (near-)zero weight channel with a bias
-                warnings.warn(
-                    f"{node.name}: int32 bias clipped; check the exported accuracy", stacklevel=1
-                )
-            name = f"{node.output[0]}_bias"  # per node: equal float biases may share one tensor
-            new.update(
-                {
-                    f"{name}_int32": q.clip(1 - 2**31, 2**31 - 1).astype(np.int32),
-                    f"{name}_scale": scale.astype(np.float32),
-                    f"{name}_zero_point": np.zeros(bias.shape, np.int32),
-                }
-            )
-            bias_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{name}_int32", f"{name}_scale", f"{name}_zero_point"],
-                    [f"{name}_dq"],
-                    axis=0,
-                )
-            )
-            node.input[2] = f"{name}_dq"
-    for node in bias_nodes:
-        graph.node.insert(0, node)
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new.items())
+    return values
+
+
+def _quantized_weight(w: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """QuantizeLinear of a constant weight, evaluated once (per-channel scales on axis 0)."""
+    shape = [-1] + [1] * (w.ndim - 1) if scale.size > 1 else [1] * w.ndim
+    q = np.rint(w / scale.reshape(shape)) + zp.reshape(shape)
+    info = np.iinfo(zp.dtype)
+    return q.clip(info.min, info.max).astype(zp.dtype)
+
+
+def _int32_bias(
+    node: onnx.NodeProto, values: dict, x_dq: onnx.NodeProto, w_dq: onnx.NodeProto
+) -> tuple[dict[str, np.ndarray], onnx.NodeProto]:
+    """(the int32 bias, its scale and zero point, by name; the DequantizeLinear feeding it to
+    `node`, whose bias input is rewired to it). Scale = input scale x weight scale, as ORT's own
+    QDQ quantizer writes it, so the conv runs as one int8 kernel."""
+    bias = values[node.input[2]]
+    scale = np.broadcast_to(values[x_dq.input[1]] * values[w_dq.input[1]], bias.shape)
+    q = np.rint(bias / scale)
+    if np.abs(q).max(initial=0) > 2**31 - 1:  # a (near-)zero weight channel with a bias
+        warnings.warn(f"{node.name}: int32 bias clipped; check the exported accuracy", stacklevel=1)
+    name = f"{node.output[0]}_bias"  # per node: equal float biases may share one tensor
+    tensors = {
+        f"{name}_int32": q.clip(1 - 2**31, 2**31 - 1).astype(np.int32),
+        f"{name}_scale": scale.astype(np.float32),
+        f"{name}_zero_point": np.zeros(bias.shape, np.int32),
+    }
+    dq = helper.make_node(
+        "DequantizeLinear",
+        [f"{name}_int32", f"{name}_scale", f"{name}_zero_point"],
+        [f"{name}_dq"],
+        axis=0,
+    )
+    node.input[2] = f"{name}_dq"
+    return tensors, dq
+
+
+def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
+    """Remove Constant and Identity nodes nothing reads any more (the float weight copies)."""
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type in ("Constant", "Identity")]:
         if node.output[0] not in used:
             graph.node.remove(node)
+
+
+def _tidy_initializers(graph: onnx.GraphProto) -> None:
+    """Drop initializers nothing reads; make the per-tensor scales and zero points that only Q/DQ
+    nodes read scalars, as ORT's QLinearAdd (the fused residual add) wants them."""
+    qdq = ("QuantizeLinear", "DequantizeLinear")
     used = {name for n in graph.node for name in n.input}
     others = {name for n in graph.node if n.op_type not in qdq for name in n.input}
     for tensor in list(graph.initializer):
         if tensor.name not in used:
             graph.initializer.remove(tensor)
         elif tensor.name not in others and list(tensor.dims) == [1]:
-            # ORT's QLinearAdd (the fused residual add) wants scalar scales and zero points
             tensor.CopyFrom(
                 numpy_helper.from_array(numpy_helper.to_array(tensor).reshape(()), tensor.name)
             )

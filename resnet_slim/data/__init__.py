@@ -1,6 +1,7 @@
 """Data: from image files to prepared splits and batches.
 
-`prepare` (sources, given or random splits, streamed decoding, the prepared split files),
-`pixels` (the image preprocessing and split file format, shared with serving), `loader`
-(memory-mapped splits, augmented batches), `validate` (the Great Expectations suite).
+`prepare` (duplicates, given or random splits, the prepared split files), `sources` (digits,
+imagefolder and CIFAR-10 read as one raw dataset), `decode` (streamed decoding of image files in
+worker processes), `pixels` (the image preprocessing and split file format, shared with serving),
+`loader` (memory-mapped splits, augmented batches), `validate` (the Great Expectations suite).
 """

@@ -38,8 +38,8 @@ MEASUREMENT_RANGES = {
     "size_mb": (1e-6, 1e6),
     "peak_rss_mb": (1e-3, 1e7),
 }
-# The gate range-checks these in its own checks (resnet_slim/gate/gate.py), naming the failed check;
-# the chain checks the judged models' other numbers, where recorded.
+# The gate range-checks these in its own checks (resnet_slim/gate/checks.py), naming the failed
+# check; the chain checks the judged models' other numbers, where recorded.
 GATED_METRICS = ("top1", "p50_ms", "size_mb")
 
 
@@ -146,44 +146,17 @@ def verify(
     prepared: str | Path,
 ) -> Chain:
     """Check benchmark.json's record against the files on disk for the models `names`."""
-    chain, table, test = Chain(), None, None
+    chain = Chain()
     bench = bench if isinstance(bench, dict) else {}
-    try:  # first: its own problem is the reason the accuracy check names
-        table = read_predictions(predictions)
-    except UserError as err:
-        chain.problems.append(str(err))
-        chain.predictions_broken = Path(predictions).is_file()
-    try:
-        if (
-            not isinstance(bench.get("test_split"), dict)
-            or bench["test_split"].get("sha256") != test_split_record(prepared)["sha256"]
-        ):
-            chain.problems.append(
-                f"the test split in {prepared} is not the one {benchmark} was "
-                f"measured on (sha256 of {'/'.join(SPLIT_FILES)} differs or is not "
-                f"recorded); re-run the benchmark"
-            )
-        test = test_images(prepared)
-        chain.n_test = len(test)
-    except UserError as err:
-        chain.problems.append(str(err))
+    table = _read_table(chain, predictions)  # first: its own problem is the one the check names
+    test = _read_test_split(chain, bench, benchmark, prepared)
     if table is not None and test is not None:
         problem = coverage_problem(table, test, predictions)
         if problem:
             chain.problems.append(problem)
             chain.predictions_broken = True
     chain.problems += check_together(bench, record=benchmark)
-    outputs = bench.get("outputs") if isinstance(bench.get("outputs"), dict) else {}
-    recorded = outputs.get("predictions") if isinstance(outputs.get("predictions"), dict) else None
-    if (
-        recorded is not None
-        and Path(predictions).is_file()
-        and Path(predictions).resolve() != Path(str(recorded.get("path"))).resolve()
-        and sha256_file(predictions) != recorded.get("sha256")
-    ):
-        chain.problems.append(
-            f"{predictions} is not the predictions file {benchmark} was written with"
-        )
+    chain.problems += replaced_predictions(bench, benchmark, predictions)
     models = bench.get("models") if isinstance(bench.get("models"), dict) else {}
     images = []  # the normalised test split, loaded once by the first model re-scored
     for name in dict.fromkeys(names):
@@ -202,6 +175,53 @@ def verify(
             c: table[c].to_numpy() == labels for c in table.columns if c not in ("image", "label")
         }
     return chain
+
+
+def _read_table(chain: Chain, predictions: str | Path) -> pd.DataFrame | None:
+    """The predictions table, or None with its problem recorded (broken if the file is there)."""
+    try:
+        return read_predictions(predictions)
+    except UserError as err:
+        chain.problems.append(str(err))
+        chain.predictions_broken = Path(predictions).is_file()
+        return None
+
+
+def _read_test_split(
+    chain: Chain, bench: dict, benchmark: str | Path, prepared: str | Path
+) -> pd.DataFrame | None:
+    """The manifest's test split (its size recorded in the chain), or None with the problem; a
+    split other than the one benchmark.json was measured on is a problem too."""
+    try:
+        if (
+            not isinstance(bench.get("test_split"), dict)
+            or bench["test_split"].get("sha256") != test_split_record(prepared)["sha256"]
+        ):
+            chain.problems.append(
+                f"the test split in {prepared} is not the one {benchmark} was "
+                f"measured on (sha256 of {'/'.join(SPLIT_FILES)} differs or is not "
+                f"recorded); re-run the benchmark"
+            )
+        test = test_images(prepared)
+        chain.n_test = len(test)
+        return test
+    except UserError as err:
+        chain.problems.append(str(err))
+        return None
+
+
+def replaced_predictions(bench: dict, benchmark: str | Path, predictions: str | Path) -> list[str]:
+    """A problem when the predictions file is not the one benchmark.json recorded writing."""
+    outputs = bench.get("outputs") if isinstance(bench.get("outputs"), dict) else {}
+    recorded = outputs.get("predictions") if isinstance(outputs.get("predictions"), dict) else None
+    if (
+        recorded is not None
+        and Path(predictions).is_file()
+        and Path(predictions).resolve() != Path(str(recorded.get("path"))).resolve()
+        and sha256_file(predictions) != recorded.get("sha256")
+    ):
+        return [f"{predictions} is not the predictions file {benchmark} was written with"]
+    return []
 
 
 def rescore_problems(
@@ -234,22 +254,39 @@ def model_problems(
     name: str, entry: dict, table: pd.DataFrame | None, n_test: int | None
 ) -> list[str]:
     """One model's row against its file (sha256, size) and against the predictions (top-1, n)."""
-    problems = []
+    problems = file_problems(name, entry) + range_problems(name, entry)
+    if n_test is not None and entry.get("n_test") != n_test:
+        problems.append(
+            f"{name}: n_test {entry.get('n_test')!r} but the test split has {n_test} images"
+        )
+    if table is None:
+        return problems
+    return problems + top1_problems(name, entry, table)
+
+
+def file_problems(name: str, entry: dict) -> list[str]:
+    """The model file must be the one measured: recorded, present, same sha256 (and size)."""
     file, digest = entry.get("file"), entry.get("sha256")
     if not isinstance(file, str) or not isinstance(digest, str):
-        problems.append(f"{name}: benchmark.json records no file and sha256 (re-run the benchmark)")
-    elif not Path(file).is_file():
-        problems.append(f"{name}: {file} is missing")
-    elif sha256_file(file) != digest:
-        problems.append(
+        return [f"{name}: benchmark.json records no file and sha256 (re-run the benchmark)"]
+    if not Path(file).is_file():
+        return [f"{name}: {file} is missing"]
+    if sha256_file(file) != digest:
+        return [
             f"{name}: {file} changed since it was benchmarked (sha256 differs); re-run "
             f"the benchmark"
-        )
-    elif (
+        ]
+    if (
         entry.get("runtime") == "onnxruntime"
         and entry.get("size_mb") != Path(file).stat().st_size / 1e6
     ):
-        problems.append(f"{name}: size_mb {entry.get('size_mb')!r} is not the size of {file}")
+        return [f"{name}: size_mb {entry.get('size_mb')!r} is not the size of {file}"]
+    return []
+
+
+def range_problems(name: str, entry: dict) -> list[str]:
+    """Recorded numbers outside what a measurement can be (the gated ones: in the gate's checks)."""
+    problems = []
     for key, (low, high) in MEASUREMENT_RANGES.items():
         value = entry.get(key)
         if (
@@ -264,25 +301,24 @@ def model_problems(
             problems.append(
                 f"{name}: {key} {value!r} is not a measurement (outside [{low:g}, {high:g}])"
             )
-    if n_test is not None and entry.get("n_test") != n_test:
-        problems.append(
-            f"{name}: n_test {entry.get('n_test')!r} but the test split has {n_test} images"
-        )
-    if table is None:
-        return problems
+    return problems
+
+
+def top1_problems(name: str, entry: dict, table: pd.DataFrame) -> list[str]:
+    """The recorded top-1 must be what the model's per-image predictions give."""
     if name not in table.columns:
-        return problems + [f"{name}: no per-image predictions"]
+        return [f"{name}: no per-image predictions"]
     top1, recorded = 100.0 * float((table[name] == table["label"]).mean()), entry.get("top1")
     if (
         isinstance(recorded, (int, float))
         and not isinstance(recorded, bool)
         and not abs(top1 - recorded) <= TOP1_TOLERANCE_PP
     ):
-        problems.append(
+        return [
             f"{name}: benchmark.json says top-1 {recorded:.4g}% but its predictions "
             f"give {top1:.4f}%"
-        )
-    return problems
+        ]
+    return []
 
 
 def seed_evidence(

@@ -84,46 +84,12 @@ def pareto_png(models: dict, release: str | None, region: tuple[float, float] | 
 def pareto_figure(models: dict, release: str | None, region: tuple[float, float] | None):
     """The Pareto figure: each model with its top-1 CI bar, the frontier, the gate's region."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    points = {
-        n: (finite_number(m.get("p50_ms")), finite_number(m.get("top1"))) for n, m in models.items()
-    }
-    points = {n: p for n, p in points.items() if p[0] is not None and p[1] is not None and p[0] > 0}
+    points = pareto_points(models)
     if points:
-        xs = [p[0] for p in points.values()] + ([region[1]] if region and region[1] > 0 else [])
-        ys = [p[1] for p in points.values()] + ([region[0]] if region else [])
-        ax.set_xscale("log")
-        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
-        pad = max(0.5, (max(ys) - min(ys)) * 0.08)
-        ax.set_ylim(min(ys) - pad, max(ys) + pad)
+        _fit_axes(ax, points, region)
     if region is not None and points:
-        (left, _), (low, top) = ax.get_xlim(), ax.get_ylim()
-        ax.fill_between(
-            [left, region[1]],
-            max(region[0], low),
-            top,
-            color="tab:green",
-            alpha=0.12,
-            label=f"gate: top-1 ≥ {region[0]:.2f}%, p50 ≤ {region[1]:.3g} ms",
-        )
-        ax.axvline(region[1], color="tab:green", lw=0.8, ls="--")
-        ax.axhline(region[0], color="tab:green", lw=0.8, ls="--")
-    for name, (x, y) in points.items():
-        low, high = (
-            finite_number(models[name].get("top1_ci_low")),
-            finite_number(models[name].get("top1_ci_high")),
-        )
-        if low is not None and high is not None and low <= y <= high:  # 95% CI of the top-1
-            ax.errorbar(
-                x,
-                y,
-                yerr=[[y - low], [high - y]],
-                fmt="none",
-                ecolor="tab:gray",
-                elinewidth=0.8,
-                capsize=2,
-                alpha=0.7,
-                zorder=2,
-            )
+        _shade_region(ax, region)
+    _top1_ci_bars(ax, models, points)
     frontier = pareto_frontier(points)
     if len(frontier) > 1:
         ax.step(
@@ -136,6 +102,73 @@ def pareto_figure(models: dict, release: str | None, region: tuple[float, float]
             zorder=2,
             label="Pareto frontier",
         )
+    place_labels(fig, ax, _scatter_models(ax, models, points, release))
+    ax.set_xlabel("p50 latency, batch 1 (ms, log scale)")
+    ax.set_ylabel("top-1 on the test split (%)")
+    ax.set_title("Accuracy vs latency (shaded: what the gate accepts, size check not shown)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def pareto_points(models: dict) -> dict[str, tuple[float, float]]:
+    """Model -> (p50 ms, top-1 %) for every model with both numbers (p50 > 0: a log axis)."""
+    points = {
+        n: (finite_number(m.get("p50_ms")), finite_number(m.get("top1"))) for n, m in models.items()
+    }
+    return {n: p for n, p in points.items() if p[0] is not None and p[1] is not None and p[0] > 0}
+
+
+def _fit_axes(ax, points: dict, region: tuple[float, float] | None) -> None:
+    """Log latency axis; both axes span every point and the region's corner, with a margin."""
+    xs = [p[0] for p in points.values()] + ([region[1]] if region and region[1] > 0 else [])
+    ys = [p[1] for p in points.values()] + ([region[0]] if region else [])
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+    pad = max(0.5, (max(ys) - min(ys)) * 0.08)
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+
+
+def _shade_region(ax, region: tuple[float, float]) -> None:
+    """Shade what the gate accepts: at least the lowest top-1, at most the highest p50."""
+    (left, _), (low, top) = ax.get_xlim(), ax.get_ylim()
+    ax.fill_between(
+        [left, region[1]],
+        max(region[0], low),
+        top,
+        color="tab:green",
+        alpha=0.12,
+        label=f"gate: top-1 ≥ {region[0]:.2f}%, p50 ≤ {region[1]:.3g} ms",
+    )
+    ax.axvline(region[1], color="tab:green", lw=0.8, ls="--")
+    ax.axhline(region[0], color="tab:green", lw=0.8, ls="--")
+
+
+def _top1_ci_bars(ax, models: dict, points: dict) -> None:
+    """The 95% CI of each model's top-1 as a grey bar, where it brackets the point."""
+    for name, (x, y) in points.items():
+        low, high = (
+            finite_number(models[name].get("top1_ci_low")),
+            finite_number(models[name].get("top1_ci_high")),
+        )
+        if low is not None and high is not None and low <= y <= high:
+            ax.errorbar(
+                x,
+                y,
+                yerr=[[y - low], [high - y]],
+                fmt="none",
+                ecolor="tab:gray",
+                elinewidth=0.8,
+                capsize=2,
+                alpha=0.7,
+                zorder=2,
+            )
+
+
+def _scatter_models(ax, models: dict, points: dict, release: str | None) -> list:
+    """A marker per model, fastest first (the release a red star, PyTorch rows hollow); returns
+    the labels to place."""
     labels = []
     for name, (x, y) in sorted(points.items(), key=lambda item: item[1][0]):
         torch_row = models[name].get("runtime") == "pytorch"
@@ -151,14 +184,7 @@ def pareto_figure(models: dict, release: str | None, region: tuple[float, float]
                 edgecolors="tab:gray" if torch_row else "tab:blue",
             )
         labels.append((name + (" (PyTorch)" if torch_row else ""), (x, y)))
-    place_labels(fig, ax, labels)
-    ax.set_xlabel("p50 latency, batch 1 (ms, log scale)")
-    ax.set_ylabel("top-1 on the test split (%)")
-    ax.set_title("Accuracy vs latency (shaded: what the gate accepts, size check not shown)")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
-    return fig
+    return labels
 
 
 def size_png(models: dict, release: str | None) -> bytes:

@@ -2,8 +2,9 @@
 
 `load_inputs` gathers what the pipeline wrote (only benchmark.json is required; each other input
 is optional and its section then says "not run"), `build_report` turns it into blocks
-(report_sections.py), `make_plots` draws the figures (plots.py) and `write_report` writes all of
-it atomically. The HTML embeds the figures as base64 PNGs and references nothing outside itself.
+(sections.py, baselines.py, methods.py, measured.py), `make_plots` draws the figures (plots.py)
+and `write_report` writes all of it atomically. The HTML embeds the figures as base64 PNGs and
+references nothing outside itself.
 """
 
 import csv
@@ -15,7 +16,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.gate.verdict import read_verdict
 from resnet_slim.io import finite_number, read_json, replace_together
 from resnet_slim.params import parse_params, read_params_file
-from resnet_slim.report import plots
+from resnet_slim.report import baselines, measured, methods, plots
 from resnet_slim.report import sections as sec
 from resnet_slim.report.render import render_html, render_markdown
 
@@ -60,26 +61,9 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
     reports = Path(reports)
     benchmark = Path(benchmark or reports / "benchmark.json")
     bench = read_json(benchmark, what="benchmark results")
-    models = bench.get("models") if isinstance(bench, dict) else None
-    if not isinstance(models, dict) or not any(isinstance(m, dict) for m in models.values()):
-        raise UserError(f"{benchmark}: benchmark results list no models")
-    models = {n: m for n, m in models.items() if isinstance(m, dict)}
-    for path in sorted((reports / "torch_ptq").glob("*.json")):
-        r, name = optional_json(path), f"{path.stem}_torch_eager_int8"
-        if isinstance(r, dict) and name not in models:
-            models[name] = _torch_row(path, r)
-    params_path = Path(params_path)
-    params_text, params = "", {}
-    if params_path.is_file():  # shown in the report: refused as every other stage refuses it
-        params = read_params_file(params_path)
-        parse_params(params, source=str(params_path))
-        params_text = params_path.read_text(encoding="utf-8")
+    models = benchmark_rows(bench, benchmark, reports)
+    params, params_text = checked_params(Path(params_path))
     gate_path = reports / "gate.json"
-    curves = {}
-    for tsv in sorted(reports.glob("**/plots/metrics/val_top1.tsv")):
-        label = tsv.parents[2].relative_to(reports).as_posix().removesuffix("/live")
-        if pairs := plots.read_curve(tsv):
-            curves[label] = pairs
     hardware, roofline, timing = bench.get("hardware"), bench.get("roofline"), bench.get("timing")
     return {
         "models": models,
@@ -90,6 +74,42 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
         if isinstance(bench.get("unavailable_targets"), dict)
         else {},
         "gate": read_verdict(gate_path) if gate_path.is_file() else None,
+        **stage_reports(reports),
+        "curves": training_curves(reports),
+        "params": params if isinstance(params, dict) else {},
+        "params_text": params_text,
+    }
+
+
+def benchmark_rows(bench, benchmark: Path, reports: Path) -> dict:
+    """benchmark.json's model rows (refused without one), plus a row per torch_ptq report that
+    an older benchmark.json does not carry yet."""
+    models = bench.get("models") if isinstance(bench, dict) else None
+    if not isinstance(models, dict) or not any(isinstance(m, dict) for m in models.values()):
+        raise UserError(f"{benchmark}: benchmark results list no models")
+    models = {n: m for n, m in models.items() if isinstance(m, dict)}
+    for path in sorted((reports / "torch_ptq").glob("*.json")):
+        r, name = optional_json(path), f"{path.stem}_torch_eager_int8"
+        if isinstance(r, dict) and name not in models:
+            models[name] = _torch_row(path, r)
+    return models
+
+
+def checked_params(params_path: Path) -> tuple[dict, str]:
+    """(params, its text) for the report's parameters section; ({}, "") without a file.
+
+    Shown in the report, so refused as every other stage refuses it."""
+    params_text, params = "", {}
+    if params_path.is_file():
+        params = read_params_file(params_path)
+        parse_params(params, source=str(params_path))
+        params_text = params_path.read_text(encoding="utf-8")
+    return params, params_text
+
+
+def stage_reports(reports: Path) -> dict:
+    """The optional per-stage reports, each None (or empty) when its stage did not run."""
+    return {
         "seeds": optional_json(reports / "seeds.json"),
         "prune": optional_json(reports / "prune" / "metrics.json"),
         "channels": optional_json(reports / "prune" / "channels.json", list),
@@ -101,16 +121,23 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
         },
         "export": {p.stem: optional_json(p) for p in sorted((reports / "export").glob("*.json"))},
         "teacher": optional_json(reports / "teacher" / "summary.json"),
-        "curves": curves,
-        "params": params if isinstance(params, dict) else {},
-        "params_text": params_text,
     }
+
+
+def training_curves(reports: Path) -> dict:
+    """Run label -> (step, validation top-1) pairs from every DVCLive log under `reports`."""
+    curves = {}
+    for tsv in sorted(reports.glob("**/plots/metrics/val_top1.tsv")):
+        label = tsv.parents[2].relative_to(reports).as_posix().removesuffix("/live")
+        if pairs := plots.read_curve(tsv):
+            curves[label] = pairs
+    return curves
 
 
 def build_report(inputs: dict) -> list:
     """All sections, in reading order, as render blocks."""
     s = sec.gate_settings(inputs)
-    blocks = sec.headline(inputs) + sec.comparison(inputs)
+    blocks = sec.headline(inputs) + baselines.comparison(inputs)
     blocks += [
         (
             "img",
@@ -120,18 +147,20 @@ def build_report(inputs: dict) -> list:
         ),
         ("img", "size.png", "File size per model"),
     ]
-    blocks += sec.teacher_origin(inputs["teacher"])
-    blocks += sec.checklist(inputs) + sec.deployment_targets(
+    blocks += baselines.teacher_origin(inputs["teacher"])
+    blocks += sec.checklist(inputs) + baselines.deployment_targets(
         inputs["models"], inputs["unavailable_targets"]
     )
-    blocks += sec.seed_repeats(inputs["seeds"])
-    blocks += sec.timing_noise(inputs["models"], inputs["timing"], s)
-    blocks += sec.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
-    blocks += sec.pruning(inputs["prune"])
-    blocks += sec.lowrank_vs_pruning(inputs["lowrank"], inputs["prune"], inputs["models"])
-    blocks += sec.distillation(inputs["distill"])
-    blocks += sec.quantization(inputs["qat"]) + sec.training(inputs["teacher"], inputs["curves"])
-    blocks += sec.hardware(inputs["hardware"]) + sec.params_section(inputs["params_text"])
+    blocks += measured.seed_repeats(inputs["seeds"])
+    blocks += measured.timing_noise(inputs["models"], inputs["timing"], s)
+    blocks += measured.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
+    blocks += methods.pruning(inputs["prune"])
+    blocks += methods.lowrank_vs_pruning(inputs["lowrank"], inputs["prune"], inputs["models"])
+    blocks += methods.distillation(inputs["distill"])
+    blocks += methods.quantization(inputs["qat"]) + methods.training(
+        inputs["teacher"], inputs["curves"]
+    )
+    blocks += measured.hardware(inputs["hardware"]) + sec.params_section(inputs["params_text"])
     return blocks
 
 

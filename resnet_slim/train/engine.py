@@ -14,7 +14,6 @@ its device and hands back a plain CPU model: what every training stage uses.
 
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,8 @@ from tqdm import tqdm
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.params import BaseParams, TrainParams
-from resnet_slim.train import distributed
+from resnet_slim.train import distributed, resume
+from resnet_slim.train.epoch_log import log_epoch, open_live, print_epoch
 
 LossFn = Callable[[nn.Module, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
 
@@ -280,14 +280,62 @@ def fit(
 ) -> list[dict]:
     """Train for `p.epochs`, evaluating on `val_loader` after each epoch; log with DVCLive.
 
-    Returns the per-epoch history. The caller saves the final model (atomically). Under DDP,
+    Returns the per-epoch history; the caller saves the final model (atomically). Under DDP,
     `model` is the wrapped model, the loaders are this rank's shards, and only rank 0 logs.
-    `channels_last` trains in NHWC, ~30% faster on CPU for the full-width teacher (ResNet-18,
-    32 px, 2 cores); not for pruned models (odd channel counts crashed oneDNN's NHWC kernels in
-    a test) and not under DDP (its gradient buckets are laid out when the model is wrapped).
-    """
-    from dvclive import Live
+    `channels_last`: train in NHWC where it helps (see `_start_channels_last`)."""
+    _check_not_empty(train_loader, val_loader, desc=desc)
+    channels_last = _start_channels_last(model, channels_last)
+    optimizer, scheduler = make_optimizer(model, p, len(train_loader))
+    history: list[dict] = []
+    saving = resume.epoch_checkpoints(
+        model, optimizer, scheduler, history, train_loader, val_loader, desc=desc
+    )
+    live = open_live(live_dir, history)
+    for epoch in range(len(history), p.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(model, epoch)
+        row, images_per_s = _train_and_validate(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            after_backward=after_backward,
+            epoch=epoch,
+            desc=desc,
+        )
+        history.append(row)
+        if saving is not None:
+            saving(epoch + 1)
+        log_epoch(live, row)
+        print_epoch(live, row, epochs=p.epochs, images_per_s=images_per_s, desc=desc)
+    if live is not None:
+        live.end()
+    if channels_last:
+        _end_channels_last(model, optimizer)
+    return history
 
+
+def _start_channels_last(model: nn.Module, requested: bool) -> bool:
+    """Whether `fit` trains in NHWC, converting `model` in place if so: ~30% faster on CPU for
+    the full-width teacher (ResNet-18, 32 px, 2 cores); not for pruned models (odd channel counts
+    crashed oneDNN's NHWC kernels in a test) and not under DDP (its gradient buckets are laid out
+    when the model is wrapped)."""
+    channels_last = requested and distributed.world_size() == 1
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: parameters stay the same objects
+    return channels_last
+
+
+def _end_channels_last(model: nn.Module, optimizer) -> None:
+    """Back to NCHW, as the model came (export and pruning expect it)."""
+    optimizer.zero_grad(set_to_none=True)  # no NHWC gradients left on NCHW weights
+    model.to(memory_format=torch.contiguous_format)  # leaves as it came (export, pruning)
+
+
+def _check_not_empty(train_loader, val_loader, *, desc: str) -> None:
+    """An empty split is one clear error before any work, not a division by zero after it."""
     # summed over ranks: a rank may hold no validation batch while the split is not empty
     batches = distributed.all_reduce_sum([len(train_loader), len(val_loader)])
     for name, count in zip(("training", "validation"), batches, strict=True):
@@ -296,189 +344,42 @@ def fit(
                 f"{desc}: the {name} split is empty; re-run the prepare stage with "
                 f"more images (nothing was saved)"
             )
-    channels_last = channels_last and distributed.world_size() == 1
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # in place: parameters stay the same objects
-    optimizer, scheduler = make_optimizer(model, p, len(train_loader))
-    history: list[dict] = []
-    saving = _resume(model, optimizer, scheduler, history, train_loader, val_loader, desc=desc)
-    # dvcyaml=False: metrics/plots are declared in the repo's dvc.yaml, not generated per run.
-    # Under DDP only rank 0 logs (live is None on the others). Not `with Live(...)`: its __exit__
-    # calls `Live.end()` after an error or SIGTERM too, and `end()` waits on a queue whose worker
-    # thread a signal during `next_step()` may have kept from starting, forever (issue 20). Each
-    # `next_step()` has written the metrics so far, so a failed run skips `end()`.
-    live = (
-        Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-        if distributed.is_main_process()
-        else None
+
+
+def _train_and_validate(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    optimizer,
+    scheduler,
+    loss_fn: LossFn,
+    *,
+    after_backward: Callable[[nn.Module], None] | None,
+    epoch: int,
+    desc: str,
+) -> tuple[dict, float]:
+    """One epoch: train, then evaluate the model every rank now holds. Returns the history row
+    and the training speed (images per second, all ranks together)."""
+    started = time.perf_counter()
+    train = train_one_epoch(
+        model,
+        train_loader,
+        optimizer,
+        loss_fn,
+        scheduler=scheduler,
+        after_backward=after_backward,
+        epoch=epoch,
+        desc=desc,
     )
-    for row in history:  # a resumed run's curves continue: the finished epochs are logged again
-        _log_epoch(live, row)
-    for epoch in range(len(history), p.epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(model, epoch)
-        started = time.perf_counter()
-        train = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            loss_fn,
-            scheduler=scheduler,
-            after_backward=after_backward,
-            epoch=epoch,
-            desc=desc,
-        )
-        images_per_s = train["images"] / (time.perf_counter() - started)  # all ranks together
-        distributed.sync_buffers(model)  # every rank evaluates (and rank 0 saves) one model
-        val = evaluate(distributed.unwrap(model), val_loader)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train["loss"],
-            "train_top1": train["top1"],
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(row)
-        if saving is not None:
-            saving(epoch + 1)
-        _log_epoch(live, row)
-        if live is not None:
-            print(
-                f"{desc} epoch {epoch + 1}/{p.epochs}: train loss {train['loss']:.4f} top-1 "
-                f"{train['top1']:.2f}% | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}%"
-                f" | {images_per_s:.0f} img/s",
-                flush=True,
-            )
-    if live is not None:
-        live.end()
-    if channels_last:
-        optimizer.zero_grad(set_to_none=True)  # no NHWC gradients left on NCHW weights
-        model.to(memory_format=torch.contiguous_format)  # leaves as it came (export, pruning)
-    return history
-
-
-def _log_epoch(live, row: dict) -> None:
-    if live is None:
-        return
-    for key, value in row.items():
-        if key != "epoch":
-            live.log_metric(key, value)
-    live.next_step()
-
-
-def _resume(model, optimizer, scheduler, history, train_loader, val_loader, *, desc):
-    """Inside a stage's `resume.checkpoints`: load this phase's checkpoint when it was written by
-    the same work (weights, optimizer, scheduler, history and random state restored in place),
-    and return the function that writes one after each epoch; None outside one."""
-    from resnet_slim.train import resume
-
-    session = resume.current()
-    if session is None:
-        return None
-    plain = distributed.unwrap(model)
-    key = resume.fit_key(
-        session, desc=desc, model=plain, train_loader=train_loader, val_loader=val_loader
-    )
-    path = resume.checkpoint_path(session, desc)
-    checkpoint, why = resume.load(path, key)
-    # every rank resumes or none does: ranks that disagree on the epoch would deadlock DDP
-    ranks_resuming = distributed.all_reduce_sum([int(checkpoint is not None)])[0]
-    if checkpoint is not None and ranks_resuming != distributed.world_size():
-        checkpoint, why = None, "another process's checkpoint is missing or was discarded"
-    if why is not None:
-        resume.discard(path, why, desc)
-    if checkpoint is not None:
-        plain.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history.extend(checkpoint["history"])
-        resume.set_random_state(checkpoint["random"], train_loader)
-        if distributed.is_main_process():
-            print(f"{desc}: resumed after epoch {len(history)} from {path}", flush=True)
-
-    def save_epoch(epochs_done: int) -> None:
-        resume.save(
-            path,
-            {
-                "key": key,
-                "epochs_done": epochs_done,
-                "model": plain.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": list(history),
-                "random": resume.random_state(train_loader),
-            },
-        )
-
-    return save_epoch
-
-
-def train_teacher(
-    prepared_dir: str | Path, *, params, device: torch.device, live_dir: str | Path
-) -> tuple[nn.Module, dict, dict]:
-    """The train_teacher stage's work: (plain CPU teacher, architecture record, metrics).
-
-    A model built from teacher.arch/width, or with teacher.init one imported from a file,
-    evaluated as imported and adapted for teacher.epochs (0: used as is). Every process returns
-    the same; the caller writes on rank 0.
-    """
-    from resnet_slim.train.models import build_model, make_arch
-
-    p, base = params.teacher, params.base
-    # the same seed on every rank: every rank builds (and evaluates as imported) the same model
-    seed_everything(base.seed, distributed.threads_per_process(base.threads))
-    train_loader, val_loader, test_loader, meta = rank_loaders(
-        prepared_dir, batch_size=p.batch_size, base=base
-    )
-    splits = {"val": val_loader, "test": test_loader}
-    num_classes = len(meta["class_names"])
-    if p.init is None:
-        arch = make_arch(
-            name=p.arch, num_classes=num_classes, width=p.width, small_input=p.small_input
-        )
-        model, origin = build_model(arch), None
-    else:
-        from resnet_slim.train.model_import import import_model, untracked_note
-
-        model, arch, origin = import_model(
-            p.init, p.format, num_classes=num_classes, replace_head=p.replace_head
-        )
-        if (note := untracked_note(origin)) and distributed.is_main_process():
-            print(f"teacher: warning: {note}", file=sys.stderr, flush=True)
-        model = model.to(device)
-        origin["top1_as_imported"] = top1 = top1_by_split(model, splits)
-        if distributed.is_main_process():
-            print(
-                f"teacher: imported {origin['family']} ({origin['format']}) from {p.init}: "
-                f"top-1 val {top1['val']:.2f}%, test {top1['test']:.2f}% as imported "
-                f"(teacher.arch/width/small_input come from the file)",
-                flush=True,
-            )
-    history = []
-    if p.epochs > 0:  # 0 only with teacher.init: the imported model is used as it is
-        model, history = fit_on(
-            device,
-            model,
-            train_loader,
-            val_loader,
-            p,
-            sync_bn=base.sync_bn,
-            loss_fn=cross_entropy(p.label_smoothing),
-            live_dir=live_dir,
-            desc="teacher",
-            channels_last=True,
-        )
-    metrics = {
-        "val_top1": history[-1]["val_top1"] if history else origin["top1_as_imported"]["val"],
-        "epochs": p.epochs,
-        "val_top1_curve": [round(h["val_top1"], 3) for h in history],
+    images_per_s = train["images"] / (time.perf_counter() - started)  # all ranks together
+    distributed.sync_buffers(model)  # every rank evaluates (and rank 0 saves) one model
+    val = evaluate(distributed.unwrap(model), val_loader)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": train["loss"],
+        "train_top1": train["top1"],
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "lr": optimizer.param_groups[0]["lr"],
     }
-    if origin is not None:
-        origin["top1_after_adaptation"] = top1_by_split(model, splits) if history else None
-        metrics["origin"] = origin
-    return (
-        distributed.plain_cpu(model),
-        arch,
-        metrics,
-    )  # a plain CPU checkpoint, whatever trained it
+    return row, images_per_s

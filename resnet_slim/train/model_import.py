@@ -1,11 +1,12 @@
 """Bring your own trained model: read a ResNet checkpoint from elsewhere as this project's model.
 
 Formats:
-* `resnet_slim`: this project's checkpoints (`{"state_dict", "arch", ...}`, resnet_slim/io.py).
-* `torchvision`: a state dict of torchvision's resnet18/34/50 (any class count, any stem: a 7x7/2
+* `resnet_slim`: this project's checkpoints (`{"state_dict", "arch", ...}`,
+resnet_slim/checkpoints.py). * `torchvision`: a state dict of torchvision's resnet18/34/50 (any
+class count, any stem: a 7x7/2
   conv + max-pool for ImageNet or the 3x3/1 small-input stem; read from conv1's kernel size).
-* `cifar_resnet`: He et al.'s CIFAR ResNets 20/32/44/56/110 (models.CifarResNet; the depth is
-  read from the number of blocks in the keys).
+* `cifar_resnet`: He et al.'s CIFAR ResNets 20/32/44/56/110 (architectures.CifarResNet; the depth
+  is read from the number of blocks in the keys).
 * `auto`: whichever of the above the file's keys match.
 
 A state dict may be bare or wrapped as `{"state_dict": ...}`, with or without DataParallel's
@@ -19,17 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resnet_slim.checkpoints import safe_torch_load
 from resnet_slim.errors import UserError
-from resnet_slim.io import safe_torch_load, sha256_file
-from resnet_slim.train.models import (
-    ARCHS,
-    CIFAR_DEPTHS,
-    build_model,
-    freeze_shortcuts,
-    make_arch,
-    replace_submodule,
-    shortcut_convs,
-)
+from resnet_slim.io import sha256_file
+from resnet_slim.train.architectures import ARCHS, CIFAR_DEPTHS, freeze_shortcuts, shortcut_convs
+from resnet_slim.train.models import build_model, make_arch, replace_submodule
 
 FORMATS = ("auto", "resnet_slim", "torchvision", "cifar_resnet")
 # dvc.yaml makes this folder a dependency of the stages that import models: a file brought there
@@ -59,6 +54,24 @@ def import_model(
         raise UserError(f"{key}.format {fmt!r} is unknown; choose one of {list(FORMATS)}")
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
+    model, arch, found = _read_model(path, fmt, key=key)
+    classes_in_file = arch["num_classes"]
+    arch = _fit_head(path, model, arch, num_classes, replace_head=replace_head, key=key)
+    origin = {
+        "file": str(path),
+        "format": found,
+        "sha256": sha256_file(path),
+        "family": describe(arch),
+        "classes_in_file": classes_in_file,
+        "head_replaced": replace_head,
+        "tracked_by_dvc": is_tracked(path),
+    }
+    return model, arch, origin
+
+
+def _read_model(path: Path, fmt: str, *, key: str) -> tuple[nn.Module, dict, str]:
+    """(model, architecture record, the format found) of the file: a project checkpoint when it
+    has one's keys and `fmt` allows it, else a foreign state dict of the families `fmt` allows."""
     loaded = safe_torch_load(path, what="model file")
     if (
         isinstance(loaded, dict)
@@ -66,14 +79,20 @@ def import_model(
         and "state_dict" in loaded
         and fmt in ("auto", "resnet_slim")
     ):
-        model, arch, found = _project_checkpoint(path, loaded), dict(loaded["arch"]), "resnet_slim"
-    elif fmt == "resnet_slim":
+        return _project_checkpoint(path, loaded), dict(loaded["arch"]), "resnet_slim"
+    if fmt == "resnet_slim":
         raise UserError(
             f"{path}: not a resnet_slim checkpoint (no 'arch' and 'state_dict'); "
             f"set {key}.format to auto, torchvision or cifar_resnet"
         )
-    else:
-        model, arch, found = _foreign_state_dict(path, _state_dict_of(path, loaded), fmt)
+    return _foreign_state_dict(path, _state_dict_of(path, loaded), fmt)
+
+
+def _fit_head(
+    path: Path, model: nn.Module, arch: dict, num_classes: int, *, replace_head: bool, key: str
+) -> dict:
+    """The record once the classifier matches the data's `num_classes`: another count is an error
+    unless `replace_head`, which puts a fresh classifier in `model`."""
     classes_in_file = arch["num_classes"]
     if classes_in_file != num_classes and not replace_head:
         raise UserError(
@@ -89,16 +108,7 @@ def import_model(
             out_in = arch["channels"].get(model.classifier_name)
             if out_in is not None:
                 arch["channels"][model.classifier_name] = [num_classes, out_in[1]]
-    origin = {
-        "file": str(path),
-        "format": found,
-        "sha256": sha256_file(path),
-        "family": describe(arch),
-        "classes_in_file": classes_in_file,
-        "head_replaced": replace_head,
-        "tracked_by_dvc": is_tracked(path),
-    }
-    return model, arch, origin
+    return arch
 
 
 def is_tracked(path: Path) -> bool:

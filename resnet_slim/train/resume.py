@@ -193,6 +193,55 @@ def _key_difference(saved: dict, key: dict) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- the loop's checkpoints
+
+
+def epoch_checkpoints(
+    model, optimizer, scheduler, history, train_loader, val_loader, *, desc: str
+) -> Callable[[int], None] | None:
+    """Inside a stage's `checkpoints`: load this phase's checkpoint when it was written by
+    the same work (weights, optimizer, scheduler, history and random state restored in place),
+    and return the function that writes one after each epoch; None outside one. `model` may be
+    DDP-wrapped; the plain model inside is what is saved."""
+    session = current()
+    if session is None:
+        return None
+    plain = distributed.unwrap(model)
+    key = fit_key(session, desc=desc, model=plain, train_loader=train_loader, val_loader=val_loader)
+    path = checkpoint_path(session, desc)
+    checkpoint, why = load(path, key)
+    # every rank resumes or none does: ranks that disagree on the epoch would deadlock DDP
+    ranks_resuming = distributed.all_reduce_sum([int(checkpoint is not None)])[0]
+    if checkpoint is not None and ranks_resuming != distributed.world_size():
+        checkpoint, why = None, "another process's checkpoint is missing or was discarded"
+    if why is not None:
+        discard(path, why, desc)
+    if checkpoint is not None:
+        plain.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history.extend(checkpoint["history"])
+        set_random_state(checkpoint["random"], train_loader)
+        if distributed.is_main_process():
+            print(f"{desc}: resumed after epoch {len(history)} from {path}", flush=True)
+
+    def save_epoch(epochs_done: int) -> None:
+        save(
+            path,
+            {
+                "key": key,
+                "epochs_done": epochs_done,
+                "model": plain.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": list(history),
+                "random": random_state(train_loader),
+            },
+        )
+
+    return save_epoch
+
+
 # ---------------------------------------------------------------- random state
 
 
