@@ -9,9 +9,10 @@ per part:
 - `data/`: prepare, sources, decode, pixels, loader, validate
 - `train/`: models, architectures, model_bounds, engine, epoch_log, distributed, resume, teacher,
   model_import
-- `compress/`: prune, channel_removal, lowrank, distill, student, qat, qat_export, quant, onnx_int8,
-  export
-- `measure/`: bench, bench_stage, timing, roofline, targets, target_bench, evidence
+- `compress/`: prune, channel_removal, depth, latency_model, latency_prune, lowrank, distill,
+  student, qat, qat_export, quant, onnx_int8, export
+- `measure/`: bench, bench_stage, timing, latency_table, latency_check,
+  roofline, targets, target_bench, evidence
 - `gate/`: gate, checks, metrics, seeds, verdict
 - `report/`: report, sections, baselines, methods, measured, cells, render, plots, snapshot,
   experiments

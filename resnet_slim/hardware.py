@@ -50,3 +50,28 @@ def hardware_fingerprint() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+
+
+def int8_out_multiple(flags: set[str] | None = None) -> int:
+    """The output-channel multiple onnxruntime's fast symmetric INT8 conv needs on this CPU.
+
+    MLAS `convsym.cpp` (`MlasConvSymPackWSize`) packs output channels in blocks of 4 on AVX-512
+    and of 8 on AVX2 / AVX-VNNI; a conv that does not fit falls back to im2col + QGEMM, which at
+    CIFAR sizes is 2x slower for the same MACs (../shared/FACTS.md).
+    """
+    flags = cpu_info()[1] if flags is None else flags
+    return 4 if {"avx512f", "avx512bw"} <= flags else 8
+
+
+def fast_int8_conv(in_channels: int, out_channels: int, flags: set[str] | None = None) -> bool:
+    """Whether onnxruntime runs this conv (weight zero-point 0, as our QDQ builds have) with its
+    fast symmetric INT8 kernel: in % 4 == 0, out % 4 or 8 (see int8_out_multiple), out >= 16."""
+    multiple = int8_out_multiple(flags)
+    return in_channels % 4 == 0 and out_channels % multiple == 0 and out_channels >= 16
+
+
+def fast_int8_widths(widest: int, flags: set[str] | None = None) -> list[int]:
+    """Every channel count up to `widest` that is a fast INT8 conv's output and the next conv's
+    input: the widths a latency-aware pruner may choose from (empty below 16)."""
+    multiple = int8_out_multiple(flags)
+    return [w for w in range(16, widest + 1, multiple) if fast_int8_conv(w, w, flags)]

@@ -414,9 +414,18 @@ class SparsityParams(TrainParams):
     l1_lambda: float = Field(ge=0.0)
 
 
+class LatencyPruneParams(Section):
+    at = "prune.latency"
+    structure: Literal[registry.LATENCY_STRUCTURES]
+    speedup: float = Field(gt=1.0, le=1000.0)
+    width_steps: int = Field(ge=1, le=64)
+    cost_images: int = Field(gt=0, le=100_000)
+
+
 class PruneParams(Section):
     at = "prune"
     method: Literal[registry.PRUNE_METHODS]
+    latency: LatencyPruneParams
     ratio: float = Field(ge=0.0, lt=1.0)
     global_pruning: bool
     keep_residual_streams: bool

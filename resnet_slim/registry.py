@@ -15,9 +15,13 @@ QAT_ARCHS = RESNET_ARCHS + ("cifar_resnet",)
 # what a model file given as teacher.init / distill.student.init holds
 IMPORT_FORMATS = ("auto", "resnet_slim", "torchvision", "cifar_resnet")
 
-# prune.method: channel methods remove whole channels; magnitude zeroes single weights
+# prune.method: channel methods remove whole channels; magnitude zeroes single weights; latency
+# removes blocks and channels to a measured latency budget
 CHANNEL_PRUNE_METHODS = ("bn_slimming", "l1_filter")
-PRUNE_METHODS = CHANNEL_PRUNE_METHODS + ("magnitude",)
+PRUNE_METHODS = CHANNEL_PRUNE_METHODS + ("magnitude", "latency")
+# what a latency-aware plan may change (compress/latency_prune.py): remove whole residual blocks,
+# narrow their insides, or both
+LATENCY_STRUCTURES = ("depth", "width", "depth_width")
 
 # the INT8 builds of a model, named `<model>_<suffix>` in benchmark.json and the report
 INT8_SUFFIXES = ("qat_int8", "ptq_dynamic_int8", "ptq_int8", "torch_eager_int8")

@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", help="export_targets results (other runtimes, peer baselines)")
     parser.add_argument("--targets-predictions", help="their per-image predictions")
     parser.add_argument("--torch-results", nargs="*", default=[], help="torch_ptq reports")
+    parser.add_argument("--latency-table", help="check its predictions against the measurements")
     args = parser.parse_args(argv)
+    from resnet_slim.io import read_json
     from resnet_slim.measure import bench_stage
     from resnet_slim.measure.targets import (
         open_target_session,
@@ -39,10 +41,22 @@ def main(argv=None) -> int:
         targets_predictions=args.targets_predictions,
         torch_results=args.torch_results,
         open_other=open_target_session,
+        latency_table=(
+            read_json(args.latency_table, "latency table") if args.latency_table else None
+        ),
     )
     written = bench_stage.write_benchmark(
         summary, per_image, out=args.out, table=args.table, predictions=args.predictions
     )
+    if "latency_model" in summary:
+        check = summary["latency_model"]
+        worst = check["max_abs_error"]
+        print(
+            f"benchmark: latency table predictions within {100 * worst:.1f} % of the measured p50 "
+            f"({len(check['errors'])} models)"
+            if worst is not None
+            else "benchmark: no model the latency table describes"
+        )
     if peak is not None:
         print(
             f"benchmark: conv peak {peak['fp32_gmacs']:.1f} GMAC/s FP32, "

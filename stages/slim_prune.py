@@ -10,8 +10,9 @@ from resnet_slim.errors import run_stage
 def prune_and_finetune(args, params, device) -> None:
     from resnet_slim.checkpoints import save_checkpoint
     from resnet_slim.compress.prune import plot_kept_channels, slim_prune_and_finetune
-    from resnet_slim.io import write_json
+    from resnet_slim.io import read_json, write_json
 
+    latency = params.prune.method == "latency"
     result = slim_prune_and_finetune(
         teacher_path=args.teacher,
         prepared_dir=args.data,
@@ -19,6 +20,11 @@ def prune_and_finetune(args, params, device) -> None:
         p=params.prune,
         base=params.base,
         device=device,
+        latency_table=(
+            read_json(args.latency_table, "latency table")
+            if latency and args.latency_table
+            else None
+        ),
     )
     if result is None:
         return  # not rank 0: rank 0 writes the outputs, once
@@ -39,6 +45,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     for path in ("--teacher", "--data", "--out", "--reports"):  # dvc.yaml passes every path
         parser.add_argument(path, required=True)
+    parser.add_argument("--latency-table", default=None, help="for prune.method latency")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     from resnet_slim.params import load_params

@@ -305,6 +305,23 @@ def test_failed_gate_is_shown_as_failed(run_dir):
     assert re.search(r"^- ✗ p50 speed-up .*latency_speedup 1\.5 x is not >= 2\.0", md, re.M)
     assert re.search(r"^\| ✗ \| latency \|", md, re.M)
     assert "no candidate passed every check" in md
+    # a failed model is never named or starred as the release
+    assert "report: no release (the gate failed `student_qat_int8`)" in md
+    assert "report: release" not in md and "report: release" not in page
+
+
+def test_a_failed_gate_stars_no_release_in_the_figures(run_dir, monkeypatch):
+    from resnet_slim.report import plots, report
+
+    starred = []
+    monkeypatch.setattr(
+        plots, "pareto_png", lambda m, release, region: starred.append(release) or b"png"
+    )
+    monkeypatch.setattr(plots, "size_png", lambda m, release: starred.append(release) or b"png")
+    for passed in (True, False):
+        write(run_dir / "reports" / "gate.json", gate_json(passed=passed))
+        make(run_dir)
+    assert starred == ["student_qat_int8", "student_qat_int8", None, None]
 
 
 def test_missing_optional_inputs_say_not_run(tmp_path):

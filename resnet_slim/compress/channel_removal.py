@@ -77,6 +77,29 @@ def prune_channels(
     return pruned
 
 
+def narrow_blocks(model: nn.Module, widths: dict[str, int], *, image_size: int) -> nn.Module:
+    """A copy of `model` whose named residual blocks keep `widths[name]` inner channels (conv1's
+    outputs = conv2's inputs), the ones with the largest bn1 |γ| (network slimming's rank; a
+    latency-aware plan chose the widths, compress/latency_prune.py). `model` is not modified."""
+    narrowed = copy.deepcopy(model).eval()
+    graph = tp.DependencyGraph().build_dependency(
+        narrowed, example_inputs=torch.zeros(1, 3, image_size, image_size)
+    )
+    for name, width in widths.items():
+        block = narrowed.get_submodule(name)
+        have = block.conv1.out_channels
+        if not 1 <= width <= have:
+            raise UserError(f"{name}: cannot keep {width} of its {have} inner channels")
+        lowest = torch.argsort(block.bn1.weight.detach().abs(), stable=True)[: have - width]
+        if len(lowest):
+            graph.get_pruning_group(
+                block.conv1, tp.prune_conv_out_channels, idxs=lowest.tolist()
+            ).prune()
+    freeze_shortcuts(narrowed)  # torch-pruning re-creates the sliced weights as trainable
+    narrowed.train(model.training)
+    return narrowed
+
+
 def _check_channel_args(*, method: str, ratio: float, round_to: int | None, image_size: int):
     """Refuse settings that cannot describe a channel removal, before any copy or trace."""
     if method not in CHANNEL_METHODS:

@@ -174,9 +174,11 @@ def slim_prune_and_finetune(
     p: PruneParams,
     base: BaseParams,
     device: torch.device,
+    latency_table: dict | None = None,
 ) -> tuple[nn.Module, dict, dict, list[dict]] | None:
     """The slim_prune stage's work: sparsity training (bn_slimming), channel removal (or magnitude
-    zeroing), fine-tuning (KD with prune.kd_alpha > 0) on `device`, DVCLive logs under `reports`.
+    zeroing, or with method latency a plan to a budget priced by `latency_table`), fine-tuning (KD
+    with prune.kd_alpha > 0) on `device`, DVCLive logs under `reports`.
 
     Returns (pruned plain CPU model, its architecture record, metrics, kept-channel rows) on rank
     0 and None on the other ranks, which write nothing (and so skip the MAC counts).
@@ -199,15 +201,28 @@ def slim_prune_and_finetune(
     if p.method == "bn_slimming" and p.sparsity.epochs > 0:
         model = _sparsity_phase(model, p, where)
         top1["after_sparsity"] = engine.evaluate(model, test_loader)["top1"]
-    pruned, keep_zeros = _removal_phase(model, p, image_size=size)
+    if p.method == "latency":
+        pruned, arch, plan = _latency_phase(
+            model, checkpoint["arch"], p, latency_table, where, size
+        )
+        keep_zeros = None
+    else:
+        (pruned, keep_zeros), arch, plan = _removal_phase(model, p, image_size=size), None, None
     top1["after_removal"] = engine.evaluate(pruned, test_loader)["top1"]
     pruned, history = _finetune_phase(pruned, teacher, p, keep_zeros, where)
     top1["after_finetune"] = engine.evaluate(pruned, test_loader)["top1"]
     if not distributed.is_main_process():
         return None
     val_top1["after_finetune"] = history[-1]["val_top1"]
-    metrics, rows = _pruning_metrics(teacher.cpu(), pruned, p, size, top1=top1, val_top1=val_top1)
-    return pruned, {**checkpoint["arch"], "channels": channel_record(pruned)}, metrics, rows
+    metrics, rows = _pruning_metrics(
+        teacher.cpu(), pruned, p, size, top1=top1, val_top1=val_top1, plan=plan
+    )
+    return (
+        pruned,
+        {**(arch or checkpoint["arch"]), "channels": channel_record(pruned)},
+        metrics,
+        rows,
+    )
 
 
 def _fit_phase(
@@ -265,6 +280,26 @@ def _removal_phase(model: nn.Module, p, *, image_size: int) -> tuple[nn.Module, 
     return pruned, None
 
 
+def _latency_phase(model, arch, p, table, where, size) -> tuple[nn.Module, dict, dict]:
+    """(pruned model, its record, the plan): blocks removed / narrowed to the latency budget,
+    each choice priced on the first prune.latency.cost_images validation images."""
+    from resnet_slim.compress.latency_prune import prune_to_latency
+
+    if table is None:
+        raise UserError("prune.method latency needs the latency table (the latency_table stage)")
+    images, labels = data.normalized_split(where["prepared_dir"], "val")
+    count = p.latency.cost_images
+    return prune_to_latency(
+        model,
+        arch,
+        table=table,
+        p=p.latency,
+        image_size=size,
+        images=images[:count],
+        labels=labels[:count],
+    )
+
+
 def _finetune_phase(
     pruned: nn.Module, teacher: nn.Module, p, keep_zeros, where: dict
 ) -> tuple[nn.Module, list[dict]]:
@@ -285,16 +320,17 @@ def _finetune_phase(
 
 
 def _pruning_metrics(
-    teacher: nn.Module, pruned: nn.Module, p, size: int, *, top1: dict, val_top1: dict
+    teacher: nn.Module, pruned: nn.Module, p, size: int, *, top1: dict, val_top1: dict, plan
 ) -> tuple[dict, list[dict]]:
     """(the stage's metrics, kept-channel rows): accuracy at each phase and what the pruned model
-    costs against the teacher (MACs, parameters, non-zeros, channels)."""
+    costs against the teacher (MACs, parameters, non-zeros, channels; with method latency the
+    plan: its budget, predictions and what became of each block)."""
     from resnet_slim.compress.export import (
         count_macs_params,
     )  # onnx: the training stages need it only here
 
     (t_macs, t_params), (s_macs, s_params) = (count_macs_params(m, size) for m in (teacher, pruned))
-    rows = kept_channels(channel_record(teacher), channel_record(pruned))
+    rows = kept_channels(channel_record(teacher), _by_teacher_names(channel_record(pruned), plan))
     metrics = {
         "method": p.method,
         "ratio": p.ratio,
@@ -305,4 +341,23 @@ def _pruning_metrics(
         "nonzero_params": {"teacher": count_nonzero(teacher), "pruned": count_nonzero(pruned)},
         "channels_kept": sum(r["after"] for r in rows) / sum(r["before"] for r in rows),
     }
+    if plan is not None:
+        metrics["latency_plan"] = plan
+        metrics["blocks_removed"] = sum(b["width"] is None for b in plan["blocks"].values())
     return metrics, rows
+
+
+def _by_teacher_names(record: dict, plan: dict | None) -> dict:
+    """A pruned model's channel record keyed by the teacher's layer names: after blocks were
+    removed the survivors are renumbered (the plan maps them), a removed block's layers are 0."""
+    if plan is None:
+        return record
+    renamed = {}
+    for block, entry in plan["blocks"].items():
+        for layer in ("conv1", "bn1", "conv2", "bn2", "downsample.0", "downsample.1"):
+            new = entry["new_name"]
+            if new is None:
+                renamed[f"{block}.{layer}"] = [0, 0]
+            elif f"{new}.{layer}" in record:
+                renamed[f"{block}.{layer}"] = record[f"{new}.{layer}"]
+    return {**{k: v for k, v in record.items() if not k.startswith("layer")}, **renamed}

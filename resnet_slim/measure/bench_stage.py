@@ -21,6 +21,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.hardware import hardware_fingerprint
 from resnet_slim.io import read_json, sha256_file, write_together
 from resnet_slim.limits import usable_cores
+from resnet_slim.measure.latency_check import check_predictions
 from resnet_slim.measure.bench import accuracy_ci_from_counts, benchmark_model
 from resnet_slim.measure.evidence import test_ids, test_split_record
 from resnet_slim.measure.roofline import add_efficiency
@@ -287,8 +288,10 @@ def run_benchmark(
     targets_predictions=None,
     torch_results=(),
     open_other=None,
+    latency_table: dict | None = None,
 ) -> tuple[list, dict | None]:
-    """The benchmark stage's work: measure every model of benchmark.models on the test split.
+    """The benchmark stage's work: measure every model of benchmark.models on the test split
+    (and, given the latency table, check its prediction for every model it describes).
 
     Returns (the benchmark.json content, the per-image predictions, the roofline's conv peak or
     None); the stage writes them with `write_benchmark`."""
@@ -314,6 +317,10 @@ def run_benchmark(
         "hardware": hardware_fingerprint(),
     }
     peak = add_roofline(summary, p, ptq) if p.roofline else None
+    if latency_table is not None:
+        summary["latency_model"] = check_predictions(
+            rows, models_dir, latency_table, image_size=load_meta(data_dir)["image_size"]
+        )
     if test_split_record(data_dir) != split:
         raise UserError(
             f"{data_dir}: the test split changed while it was being benchmarked; re-run"

@@ -177,6 +177,8 @@ def make_plots(inputs: dict) -> dict[str, bytes]:
     """File name -> PNG (and pareto.csv) bytes; figures without data are left out."""
     s = sec.gate_settings(inputs)
     models, release = inputs["models"], s["release"]
+    if not (isinstance(inputs["gate"], dict) and inputs["gate"].get("passed") is True):
+        release = None  # a model the gate failed is never starred as the release
     out = {}
     if rows := pareto_rows(models):
         out["pareto.png"] = plots.pareto_png(models, release, sec.region_for(inputs))

@@ -67,8 +67,14 @@ def headline(inputs: dict) -> list:
     enforce = (
         "" if gate.get("enforce", True) else " (gate.enforce is false: recorded, not enforced)"
     )
+    # a model that failed is never named the release: it is the gate's best candidate, failed
+    title = (
+        f"resnet-slim report: release `{s['release']}`"
+        if gate.get("passed") is True
+        else f"resnet-slim report: no release (the gate failed `{s['release']}`)"
+    )
     blocks = [
-        ("h1", f"resnet-slim report: release `{s['release']}`"),
+        ("h1", title),
         (
             "p",
             f"**Gate {verdict}**{enforce}: `{s['release']}` against the FP32 `{s['reference']}`.",

@@ -6,7 +6,13 @@ With `width=64, small_input=False` the module tree and state_dict keys are exact
 family (depth 6n+2) with the key names of the common CIFAR checkpoints (conv1, bn1, layer1..3,
 linear), so those load unchanged too (resnet_slim/train/model_import.py). Models are built from
 their architecture records by resnet_slim/train/models.py.
+
+Both ResNets take `blocks`, the residual blocks per stage left by depth pruning
+(resnet_slim/compress/depth.py): without it each stage has the architecture's own count, so the
+module tree is unchanged; with it a stage keeps its first `blocks[i]` blocks, numbered from 0.
 """
+
+import operator
 
 import torch
 import torchvision
@@ -23,8 +29,52 @@ ARCHS = {
 }
 
 
+def check_blocks(blocks, own: list[int], what: str) -> list[int]:
+    """`blocks` (residual blocks per stage after depth pruning) as ints; `own` when None.
+
+    Each stage keeps 1..its own count: the first block carries the stage's stride and shortcut,
+    and depth pruning only ever removes blocks, so more than the architecture has is no record of
+    this tool (and would be an unbounded model). Anything else is one UserError.
+    """
+    if blocks is None:
+        return list(own)
+    if not isinstance(blocks, (list, tuple)):
+        raise UserError(
+            f"blocks of a {what} must be a list of {len(own)} per-stage block counts, "
+            f"got a {type(blocks).__name__}"
+        )
+    if len(blocks) != len(own):
+        raise UserError(
+            f"blocks of a {what} must list {len(own)} per-stage block counts, got {len(blocks)}"
+        )
+    counts = []
+    for stage, (value, limit) in enumerate(zip(blocks, own, strict=True), start=1):
+        count = _block_count(value)
+        if count is None or not 1 <= count <= limit:
+            raise UserError(
+                f"blocks of a {what}: stage {stage} has {repr(value)[:40]} blocks; each stage "
+                f"keeps 1..its own count {list(own)}"
+            )
+        counts.append(count)
+    return counts
+
+
+def _block_count(value) -> int | None:
+    """`value` as a whole number if it is one (int, 0-d integer tensor), else None; never a bool."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 class ResNet(nn.Module):
-    """torchvision's ResNet (He et al. 2015, arXiv:1512.03385) with stage widths w, 2w, 4w, 8w."""
+    """torchvision's ResNet (He et al. 2015, arXiv:1512.03385) with stage widths w, 2w, 4w, 8w.
+
+    `layers` is the architecture's blocks per stage; `blocks`, if given, the fewer left by depth
+    pruning (`check_blocks`).
+    """
 
     classifier_name = "fc"  # the layer whose outputs are the classes (never pruned, replaceable)
 
@@ -36,8 +86,10 @@ class ResNet(nn.Module):
         num_classes: int,
         width: int = 64,
         small_input: bool = False,
+        blocks: list[int] | None = None,
     ):
         super().__init__()
+        layers = check_blocks(blocks, layers, f"ResNet with {list(layers)} blocks")
         self.inplanes = width
         if small_input:
             # CIFAR-style stem: a 7x7/2 conv plus max-pool would shrink 32 px to 8 px at once.
@@ -125,25 +177,29 @@ class CifarResNet(ResNet):
 
     A ResNet subclass so every stage that takes a ResNet (pruning, QAT, distillation) takes it;
     it has three stages, not four. Checkpoints without shortcut weights (the paper's option A has
-    no parameters) get the fixed option-A weights filled in when loaded.
+    no parameters) get the fixed option-A weights filled in when loaded. After depth pruning,
+    `depth` stays the original network's and `blocks` holds the per-stage counts left.
     """
 
     classifier_name = "linear"
 
-    def __init__(self, *, depth: int, num_classes: int, width: int = 16):
+    def __init__(
+        self, *, depth: int, num_classes: int, width: int = 16, blocks: list[int] | None = None
+    ):
         nn.Module.__init__(self)
         if depth not in CIFAR_DEPTHS:
             raise UserError(
                 f"cifar_resnet depth must be one of {list(CIFAR_DEPTHS)} (6n+2), got {depth}"
             )
-        blocks = (depth - 2) // 6
+        own = [(depth - 2) // 6] * 3
+        counts = check_blocks(blocks, own, f"cifar_resnet of depth {depth}")
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(width, blocks, stride=1)
-        self.layer2 = self._make_layer(width * 2, blocks, stride=2)
-        self.layer3 = self._make_layer(width * 4, blocks, stride=2)
+        self.layer1 = self._make_layer(width, counts[0], stride=1)
+        self.layer2 = self._make_layer(width * 2, counts[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, counts[2], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(width * 4, num_classes)
         for m in self.modules():

@@ -11,7 +11,7 @@ from torchvision.models.resnet import Bottleneck
 
 from resnet_slim.errors import UserError
 from resnet_slim.limits import MAX_WIDTH
-from resnet_slim.train.architectures import ARCHS, CIFAR_DEPTHS
+from resnet_slim.train.architectures import ARCHS, CIFAR_DEPTHS, check_blocks
 
 # A checkpoint is untrusted input: sizes it claims are checked before anything is allocated
 # (a claimed width of 200000 would otherwise ask for ~1.4 TB).
@@ -68,9 +68,9 @@ def _shrink(size: int, stride: int) -> int:
 
 def _resnet_layers(arch: dict, size: int) -> dict[str, _Layer]:
     """torchvision's ResNet as ResNet.__init__ builds it (block, stem and width from `arch`)."""
-    block, blocks = ARCHS[arch["name"]]
+    block = ARCHS[arch["name"]][0]
     width, classes = _as_count(arch["width"]), _as_count(arch["num_classes"])
-    small = arch["small_input"]
+    small, blocks = arch["small_input"], record_blocks(arch)
     if width is None or classes is None:
         return {}
     expansion = block.expansion
@@ -114,7 +114,7 @@ def _resnet_layers(arch: dict, size: int) -> dict[str, _Layer]:
 def _cifar_layers(arch: dict, size: int) -> dict[str, _Layer]:
     """CifarResNet as its __init__ builds it: three stages, option-A shortcut convs, `linear`."""
     depth, width = _as_count(arch["depth"]), _as_count(arch["width"])
-    classes = _as_count(arch["num_classes"])
+    classes, blocks = _as_count(arch["num_classes"]), record_blocks(arch)
     if depth not in CIFAR_DEPTHS or width is None or classes is None:
         return {}  # CifarResNet / build_model say what is wrong
     table = {
@@ -122,9 +122,9 @@ def _cifar_layers(arch: dict, size: int) -> dict[str, _Layer]:
         "bn1": _Layer("bn", width, width),
     }
     inplanes = width
-    for stage, stride in enumerate((1, 2, 2), start=1):
+    for stage, (count, stride) in enumerate(zip(blocks, (1, 2, 2), strict=True), start=1):
         planes = width * 2 ** (stage - 1)
-        for index in range((depth - 2) // 6):
+        for index in range(count):
             prefix, step = f"layer{stage}.{index}", stride if index == 0 else 1
             size = _shrink(size, step)
             pixels = size * size
@@ -139,6 +139,34 @@ def _cifar_layers(arch: dict, size: int) -> dict[str, _Layer]:
             inplanes = planes
     table["linear"] = _Layer("linear", inplanes, classes, bias=True)
     return table
+
+
+def record_blocks(arch: dict) -> list[int] | None:
+    """Residual blocks per stage of a ResNet record: its `blocks` (left by depth pruning) or, when
+    absent or None, the architecture's own counts. None for a record the ResNet builders do not
+    take (an unknown name, a bad depth: build_model says what is wrong). A bad `blocks`, or one on
+    a network without residual stages, is one UserError."""
+    name, blocks = arch.get("name"), arch.get("blocks")
+    if name == "cifar_resnet":
+        depth = _as_count(arch.get("depth"))
+        if depth not in CIFAR_DEPTHS:
+            return None
+        own, what = [(depth - 2) // 6] * 3, f"cifar_resnet of depth {depth}"
+    elif isinstance(name, str) and name in ARCHS:
+        own, what = ARCHS[name][1], name
+    else:
+        if blocks is not None and name == "mobilenet_v3_small":
+            raise UserError(
+                f"bad architecture record: a {name} has no residual stages to keep blocks of, "
+                f"yet it records blocks; the checkpoint is corrupt or not from this tool"
+            )
+        return None
+    try:
+        return check_blocks(blocks, own, what)
+    except UserError as err:
+        raise UserError(
+            f"bad architecture record: {err}; the checkpoint is corrupt or not from this tool"
+        ) from None
 
 
 def _mobilenet_layers(arch: dict, size: int) -> dict[str, _Layer]:
@@ -259,10 +287,11 @@ def arch_size(arch: dict, image_size: int | None = None) -> tuple[int, int] | No
 
 def check_arch_size(arch: dict, *, image_size: int | None = None) -> None:
     """One UserError if an architecture record claims sizes beyond what any allowed model has:
-    one value (a width, a class count, a layer's channels) or the whole model (its parameter
-    count, its activations for one `image_size` image)."""
+    one value (a width, a class count, a layer's channels, a stage's blocks) or the whole model
+    (its parameter count, its activations for one `image_size` image)."""
     if not isinstance(arch, dict):
         return  # build_model names what is wrong with it
+    record_blocks(arch)  # a bad per-stage block count, before it sizes anything
     claims = {
         "width": (arch.get("width"), MAX_WIDTH),
         "num_classes": (arch.get("num_classes"), MAX_CLASSES),

@@ -3,8 +3,10 @@
 A checkpoint never pickles modules: it stores a plain-data architecture record (`make_arch`), and
 `build_model(checkpoint["arch"])` rebuilds the network (resnet_slim/train/architectures.py) that
 `load_state_dict` fills. A pruned network is the same architecture plus per-layer channel counts
-(`arch["channels"]`), a factorized one plus per-layer ranks (`arch["lowrank"]`). Every record is
-bounded before anything is built (resnet_slim/train/model_bounds.py).
+(`arch["channels"]`), a factorized one plus per-layer ranks (`arch["lowrank"]`), a depth-pruned
+ResNet plus its residual blocks per stage (`arch["blocks"]`, resnet_slim/compress/depth.py; absent
+or None: the architecture's own). Every record is bounded before anything is built
+(resnet_slim/train/model_bounds.py).
 """
 
 from typing import Protocol, runtime_checkable
@@ -77,7 +79,7 @@ def make_arch(
 
 
 def build_model(arch: dict, *, image_size: int | None = None) -> nn.Module:
-    """Rebuild a model from its architecture record (pruned channel counts included).
+    """Rebuild a model from its architecture record (pruned blocks and channel counts included).
 
     The record is checked first (`check_arch_size`, at `image_size` when the caller knows the
     data's), so a corrupt or hostile one is one line, never a huge allocation."""
@@ -91,7 +93,10 @@ def build_model(arch: dict, *, image_size: int | None = None) -> nn.Module:
             )
         elif arch["name"] == "cifar_resnet":
             model = CifarResNet(
-                depth=arch["depth"], num_classes=arch["num_classes"], width=arch["width"]
+                depth=arch["depth"],
+                num_classes=arch["num_classes"],
+                width=arch["width"],
+                blocks=arch.get("blocks"),
             )
         else:
             block, layers = ARCHS[arch["name"]]
@@ -101,6 +106,7 @@ def build_model(arch: dict, *, image_size: int | None = None) -> nn.Module:
                 num_classes=arch["num_classes"],
                 width=arch["width"],
                 small_input=arch["small_input"],
+                blocks=arch.get("blocks"),
             )
         if arch.get("channels"):
             resize_to_channels(model, arch["channels"])
