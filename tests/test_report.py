@@ -311,7 +311,7 @@ def test_failed_gate_is_shown_as_failed(run_dir):
 
 
 def test_a_failed_gate_stars_no_release_in_the_figures(run_dir, monkeypatch):
-    from resnet_slim.report import plots, report
+    from resnet_slim.report import plots
 
     starred = []
     monkeypatch.setattr(

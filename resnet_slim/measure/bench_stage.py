@@ -21,9 +21,9 @@ from resnet_slim.errors import UserError
 from resnet_slim.hardware import hardware_fingerprint
 from resnet_slim.io import read_json, sha256_file, write_together
 from resnet_slim.limits import usable_cores
-from resnet_slim.measure.latency_check import check_predictions
 from resnet_slim.measure.bench import accuracy_ci_from_counts, benchmark_model
 from resnet_slim.measure.evidence import test_ids, test_split_record
+from resnet_slim.measure.latency_check import check_predictions
 from resnet_slim.measure.roofline import add_efficiency
 from resnet_slim.measure.timing import rounds_summary, time_in_rounds
 from resnet_slim.params import BenchmarkParams, PtqParams
