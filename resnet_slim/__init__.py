@@ -11,7 +11,7 @@ per part:
   model_import
 - `compress/`: prune, channel_removal, depth, latency_model, latency_prune, lowrank, distill,
   student, qat, qat_export, quant, onnx_int8, export
-- `measure/`: bench, bench_stage, timing, latency_table, latency_check,
+- `measure/`: bench, bench_stage, timing, latency_units, latency_table, latency_check,
   roofline, targets, target_bench, evidence
 - `gate/`: gate, checks, metrics, seeds, verdict
 - `report/`: report, sections, baselines, methods, measured, cells, render, plots, snapshot,

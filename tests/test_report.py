@@ -827,3 +827,38 @@ def test_the_report_opens_no_model_file(run_dir):
     inputs["models"]["student_qat_int8"]["opset"] = 13  # the file on disk says 17
     md = render_markdown(report.build_report(inputs), "plots", {})
     assert "opset 13, onnxruntime" in md and "opset 17, onnxruntime" not in md
+
+
+def test_report_shows_the_latency_plan_and_the_tables_prediction_errors(run_dir):
+    r = run_dir / "reports"
+    bench = json.loads((r / "benchmark.json").read_text())
+    bench["models"]["pruned_qat_int8"].update(predicted_ms=1.26, prediction_error=0.05)
+    bench["models"]["teacher"].update(predicted_ms=6.4, prediction_error=-0.2)
+    bench["latency_model"] = {
+        "same_machine": False,
+        "errors": {"pruned_qat_int8": 0.05, "teacher": -0.2},
+        "not_predicted": {"lowrank": "latency table has no unit 'x'"},
+        "max_abs_error": 0.2,
+        "max_error_allowed": 0.15,
+        "all_within": False,
+    }
+    write(r / "benchmark.json", bench)
+    prune = json.loads((r / "prune" / "metrics.json").read_text())
+    plan = {
+        "structure": "depth_width",
+        "speedup": 4.8,
+        "budget_int8_ms": 0.45,
+        "teacher_predicted_ms": {"fp32": 2.16, "int8": 0.91},
+        "pruned_predicted_int8_ms": 0.44,
+        "blocks": {  # as JSON stores it: widths as string keys
+            "layer1.1": {"width": None, "ms": {"16": 0.04}},
+            "layer2.3": {"width": 20, "ms": {"20": 0.025, "32": 0.029}},
+            "layer3.0": {"width": 64, "ms": {"40": 0.017, "64": 0.022}},
+        },
+    }
+    write(r / "prune" / "metrics.json", {**prune, "method": "latency", "latency_plan": plan})
+    md, _ = make(run_dir)
+    assert "budget, FP32 / 4.8, is 0.450 ms INT8 and the plan predicts 0.440 ms" in md
+    assert "1 of 3 residual blocks removed (layer1.1); 1 narrowed (layer2.3 32→20" in md
+    assert "worst error 20.0% (trusted within ±15%: ✗)" in md and "re-run latency_table" in md
+    assert "| pruned_qat_int8 |" in md and "+5.0%" in md and "Not predicted: `lowrank`" in md

@@ -35,24 +35,12 @@ def block_widths(spec: dict, *, steps: int, flags: set[str] | None = None) -> li
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    losses = [
-        nn.functional.cross_entropy(
-            model(images[i : i + 256]), labels[i : i + 256], reduction="sum"
-        )
-        for i in range(0, len(images), 256)
-    ]
-    return float(torch.stack(losses).sum()) / len(images)
-
-
-@torch.no_grad()
 def narrowing_costs(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, widths: dict[str, list[int]]
 ) -> dict[str, dict[int, float]]:
     """{block: {width: validation loss increase}} when only that block keeps `width` inner channels
     (its lowest bn1 |γ| ones silenced: γ = β = 0 gives ReLU(0) = 0, exactly a removed channel)."""
-    model.eval()
-    base = _mean_loss(model, images, labels)
+    base = depth.mean_loss(model, images, labels)
     costs = {}
     for name, choices in widths.items():
         bn = model.get_submodule(name).bn1
@@ -63,7 +51,7 @@ def narrowing_costs(
             for width in choices:
                 silenced = order[: bn.num_features - width]
                 bn.weight[silenced], bn.bias[silenced] = 0.0, 0.0
-                costs[name][width] = _mean_loss(model, images, labels) - base
+                costs[name][width] = depth.mean_loss(model, images, labels) - base
                 bn.weight.copy_(saved[0])
                 bn.bias.copy_(saved[1])
         finally:

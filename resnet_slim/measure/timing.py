@@ -100,3 +100,18 @@ def latency_ms(session, image: np.ndarray, *, warmup: int, runs: int) -> dict:
     """Batch-1 latency percentiles of one onnxruntime (or session-like) model, timed alone."""
     feed = {session.get_inputs()[0].name: image}
     return percentiles_ms(time_ms(lambda: session.run(None, feed), warmup=warmup, runs=runs))
+
+
+def round_medians_ms(
+    calls: dict, *, warmup: int, runs: int, repeats: int, round_warmup: int, seed: int
+) -> dict:
+    """{name: the median of each round} for calls timed side by side in shuffled rounds."""
+    times, _ = time_in_rounds(
+        calls,
+        rounds=repeats,
+        runs_per_round=runs,
+        warmup=warmup,
+        round_warmup=round_warmup,
+        seed=seed,
+    )
+    return {name: round_medians(values) for name, values in times.items()}

@@ -1,5 +1,6 @@
 """The report's sections on how the numbers were measured: timing rounds and the host's noise,
-seed-to-seed spread, how close each model runs to this CPU's limit, and the hardware itself.
+seed-to-seed spread, how close each model runs to this CPU's limit, how well the latency table
+predicts each model, and the hardware itself.
 Blocks as in sections.py.
 """
 
@@ -7,7 +8,7 @@ import pandas as pd
 
 from resnet_slim.io import finite_number
 from resnet_slim.measure.timing import SLOW_ROUND
-from resnet_slim.report.cells import interval, num, plus_minus
+from resnet_slim.report.cells import interval, mark, num, plus_minus
 
 
 def timing_noise(models: dict, timing: dict | None, s: dict) -> list:
@@ -137,6 +138,37 @@ def hardware_limit(models: dict, roofline: dict | None, release: str | None) -> 
             f"{num(rel.get('peak_fraction'), '{:.0%}')} of the {rel.get('peak_kind')} limit."
         )
     return blocks + [("p", text), ("table", pd.DataFrame(rows))]
+
+
+def latency_predictions(models: dict, check: dict | None) -> list:
+    """The latency table's prediction of each model against its measured p50 (benchmark.json's
+    "latency_model"): the pruner's prices are only as good as this."""
+    if not isinstance(check, dict):
+        return []  # a benchmark without a latency table
+    rows = [
+        {
+            "model": n,
+            "predicted ms": finite_number(m.get("predicted_ms")),
+            "measured p50 ms": finite_number(m.get("p50_ms")),
+            "error": num(m.get("prediction_error"), "{:+.1%}"),
+        }
+        for n, m in models.items()
+        if finite_number(m.get("predicted_ms")) is not None
+    ]
+    worst, allowed = check.get("max_abs_error"), check.get("max_error_allowed")
+    text = (
+        "Each model's batch-1 latency as the latency table (`reports/latency_table.json`) "
+        "predicts it from its residual blocks, beside the measured p50: worst error "
+        f"{num(worst, '{:.1%}')} (trusted within ±{num(allowed, '{:.0%}')}: "
+        f"{mark(check.get('all_within'))})."
+    )
+    if check.get("same_machine") is False:
+        text += " **The table was measured on another CPU or onnxruntime: re-run latency_table.**"
+    skipped = check.get("not_predicted") or {}
+    if skipped:
+        text += " Not predicted: " + "; ".join(f"`{n}` ({why})" for n, why in skipped.items())
+    blocks = [("h2", "Latency model: predicted vs measured"), ("p", text)]
+    return blocks + ([("table", pd.DataFrame(rows))] if rows else [])
 
 
 def hardware(hw: dict) -> list:

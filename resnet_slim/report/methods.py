@@ -30,7 +30,35 @@ def pruning(prune) -> list:
     blocks += [("table", pd.DataFrame(rows))] if rows else []
     blocks += [("p", "Test top-1: " + " → ".join(steps) + ".")] if steps else []
     blocks.append(_what_pruning_buys(prune))
+    blocks += _latency_plan(prune.get("latency_plan"))
     return blocks + [("img", "channels.png", "Channels kept per layer")]
+
+
+def _latency_plan(plan) -> list:
+    """prune.method latency: the budget, what the plan predicts, and what became of each block."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("blocks"), dict):
+        return []
+    teacher = plan.get("teacher_predicted_ms") or {}
+    blocks = plan["blocks"]
+    removed = [n for n, b in blocks.items() if b.get("width") is None]
+    narrowed = [
+        f"{n} {max(map(int, b['ms']))}→{b['width']}"
+        for n, b in blocks.items()
+        if b.get("width") is not None and b.get("ms") and b["width"] < max(map(int, b["ms"]))
+    ]
+    text = (
+        f"Pruned to a latency budget ({plan.get('structure')}): the teacher's predicted time is "
+        f"{num(teacher.get('fp32'), '{:.3f}')} ms FP32 / {num(teacher.get('int8'), '{:.3f}')} ms "
+        f"INT8; the budget, FP32 / {plan.get('speedup')}, is "
+        f"{num(plan.get('budget_int8_ms'), '{:.3f}')} ms INT8 and the plan predicts "
+        f"{num(plan.get('pruned_predicted_int8_ms'), '{:.3f}')} ms. "
+        f"{len(removed)} of {len(blocks)} residual blocks removed"
+        + (f" ({', '.join(removed)})" if removed else "")
+        + f"; {len(narrowed)} narrowed"
+        + (f" ({', '.join(narrowed)} inner channels)" if narrowed else "")
+        + ". Each choice was the least validation-loss increase per millisecond saved."
+    )
+    return [("p", text)]
 
 
 def _pruning_rows(prune: dict) -> list[dict]:
@@ -70,6 +98,12 @@ def _pruning_steps(prune: dict) -> list[str]:
 
 def _what_pruning_buys(prune: dict) -> tuple:
     """Magnitude pruning saves no latency or file size; channel pruning shrinks the dense model."""
+    if prune.get("method") == "latency":
+        return (
+            "p",
+            "Whole residual blocks and inner channels are removed where the measured latency "
+            "table says they cost time, at widths onnxruntime's fast INT8 kernels run.",
+        )
     if prune.get("method") == "magnitude":
         return (
             "p",

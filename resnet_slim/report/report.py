@@ -70,6 +70,9 @@ def load_inputs(reports: Path, params_path: Path, benchmark: Path | None = None)
         "hardware": hardware if isinstance(hardware, dict) else {},
         "roofline": roofline if isinstance(roofline, dict) else None,
         "timing": timing if isinstance(timing, dict) else None,
+        "latency_model": bench.get("latency_model")
+        if isinstance(bench.get("latency_model"), dict)
+        else None,
         "unavailable_targets": bench.get("unavailable_targets")
         if isinstance(bench.get("unavailable_targets"), dict)
         else {},
@@ -154,6 +157,7 @@ def build_report(inputs: dict) -> list:
     blocks += measured.seed_repeats(inputs["seeds"])
     blocks += measured.timing_noise(inputs["models"], inputs["timing"], s)
     blocks += measured.hardware_limit(inputs["models"], inputs["roofline"], s["release"])
+    blocks += measured.latency_predictions(inputs["models"], inputs["latency_model"])
     blocks += methods.pruning(inputs["prune"])
     blocks += methods.lowrank_vs_pruning(inputs["lowrank"], inputs["prune"], inputs["models"])
     blocks += methods.distillation(inputs["distill"])
