@@ -167,6 +167,8 @@ def test_slim_prune_with_method_latency_meets_its_budget(tmp_path, tiny_prepared
 
     plan = json.loads((reports / "metrics.json").read_text())["latency_plan"]
     assert plan["pruned_predicted_int8_ms"] <= plan["budget_int8_ms"]
+    measured = json.loads(table_path.read_text())["teacher_measured_ms"]
+    assert plan["budget_int8_ms"] == pytest.approx(measured["fp32"] / 2.0)  # the measured teacher
     checkpoint = load_checkpoint(tmp_path / "pruned.pt")
     pruned = build_model(checkpoint["arch"], image_size=8)
     pruned.load_state_dict(checkpoint["state_dict"])

@@ -849,6 +849,7 @@ def test_report_shows_the_latency_plan_and_the_tables_prediction_errors(run_dir)
         "speedup": 4.8,
         "budget_int8_ms": 0.45,
         "teacher_predicted_ms": {"fp32": 2.16, "int8": 0.91},
+        "teacher_measured_ms": {"fp32": 2.25, "int8": 0.93},
         "pruned_predicted_int8_ms": 0.44,
         "blocks": {  # as JSON stores it: widths as string keys
             "layer1.1": {"width": None, "ms": {"16": 0.04}},
@@ -858,7 +859,8 @@ def test_report_shows_the_latency_plan_and_the_tables_prediction_errors(run_dir)
     }
     write(r / "prune" / "metrics.json", {**prune, "method": "latency", "latency_plan": plan})
     md, _ = make(run_dir)
-    assert "budget, FP32 / 4.8, is 0.450 ms INT8 and the plan predicts 0.440 ms" in md
+    assert "teacher FP32 2.250 ms measured (2.160 predicted), INT8 0.910 ms predicted" in md
+    assert "budget FP32 / 4.8 = 0.450 ms INT8, the plan predicts 0.440 ms" in md
     assert "1 of 3 residual blocks removed (layer1.1); 1 narrowed (layer2.3 32→20" in md
     assert "worst error 20.0% (trusted within ±15%: ✗)" in md and "re-run latency_table" in md
     assert "| pruned_qat_int8 |" in md and "+5.0%" in md and "Not predicted: `lowrank`" in md

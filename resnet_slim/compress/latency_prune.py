@@ -159,11 +159,13 @@ def prune_to_latency(
     labels: torch.Tensor,
 ) -> tuple[nn.Module, dict, dict]:
     """(pruned model, its architecture record, the plan's record) for the budget
-    `teacher FP32 predicted / p.speedup`, removing blocks and / or narrowing them (p.structure),
-    priced on `images` (validation). `model` is not modified."""
+    `teacher FP32 / p.speedup` (the teacher's measured FP32 time when the table has it, the
+    predicted one otherwise: the gate compares with the measured teacher), removing blocks and /
+    or narrowing them (p.structure), priced on `images` (validation). `model` is not modified."""
     units = model_units(model, image_size)
     teacher_ms = {rt: predict_ms(units, table, rt) for rt in ("fp32", "int8")}
-    budget = teacher_ms["fp32"] / p.speedup
+    measured = table.get("teacher_measured_ms") or {}
+    budget = (measured.get("fp32") or teacher_ms["fp32"]) / p.speedup
     options, fixed = _block_options(model, image_size, table, p, images, labels)
     plan = plan_to_budget(
         options,
@@ -184,6 +186,7 @@ def prune_to_latency(
     record = {
         "budget_int8_ms": budget,
         "teacher_predicted_ms": teacher_ms,
+        "teacher_measured_ms": measured or None,
         "pruned_predicted_int8_ms": predict_ms(model_units(pruned, image_size), table, "int8"),
         "structure": p.structure,
         "speedup": p.speedup,

@@ -46,11 +46,16 @@ def _latency_plan(plan) -> list:
         for n, b in blocks.items()
         if b.get("width") is not None and b.get("ms") and b["width"] < max(map(int, b["ms"]))
     ]
+    measured = (plan.get("teacher_measured_ms") or {}).get("fp32")
+    reference = (
+        f"{num(measured, '{:.3f}')} ms measured ({num(teacher.get('fp32'), '{:.3f}')} predicted)"
+        if finite_number(measured) is not None
+        else f"{num(teacher.get('fp32'), '{:.3f}')} ms predicted"
+    )
     text = (
-        f"Pruned to a latency budget ({plan.get('structure')}): the teacher's predicted time is "
-        f"{num(teacher.get('fp32'), '{:.3f}')} ms FP32 / {num(teacher.get('int8'), '{:.3f}')} ms "
-        f"INT8; the budget, FP32 / {plan.get('speedup')}, is "
-        f"{num(plan.get('budget_int8_ms'), '{:.3f}')} ms INT8 and the plan predicts "
+        f"Pruned to a latency budget ({plan.get('structure')}): teacher FP32 {reference}, INT8 "
+        f"{num(teacher.get('int8'), '{:.3f}')} ms predicted; budget FP32 / {plan.get('speedup')} "
+        f"= {num(plan.get('budget_int8_ms'), '{:.3f}')} ms INT8, the plan predicts "
         f"{num(plan.get('pruned_predicted_int8_ms'), '{:.3f}')} ms. "
         f"{len(removed)} of {len(blocks)} residual blocks removed"
         + (f" ({', '.join(removed)})" if removed else "")
