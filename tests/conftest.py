@@ -35,6 +35,18 @@ def dvc_env(**extra: str) -> dict:
     return {**os.environ, "PATH": path, **identity, **extra}
 
 
+def random_bn_statistics(model):
+    """`model` in eval mode with random BN scales, shifts and statistics (not the init's 1 / 0), so
+    pruning criteria and removals have something to tell apart; drawn from torch's global RNG."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0.0, 0.1)
+            module.running_mean.normal_(0.0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
 def prepared_digits(folder: Path, *, per_class: int, held_out: float) -> Path:
     """Digits at 8 px, `per_class` per class, `held_out` each for val and test, written by the
     library as a real prepared dataset directory."""

@@ -20,7 +20,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.train import model_bounds as bounds
 from resnet_slim.train.architectures import shortcut_convs
 from resnet_slim.train.models import build_model, channel_record, load_model, make_arch
-from tests.conftest import write_checkpoint
+from tests.conftest import random_bn_statistics, write_checkpoint
 
 CIFAR = make_arch(name="cifar_resnet", depth=20, num_classes=10, width=4)
 RESNET18 = make_arch(name="resnet18", num_classes=10, width=8, small_input=True)
@@ -31,14 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained_like(arch: dict, seed: int = 0) -> nn.Module:
     """`build_model(arch)` in eval mode with random BN scales and statistics (not the init's)."""
     torch.manual_seed(seed)
-    model = build_model(arch)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.1)
-            module.running_mean.normal_(0.0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return random_bn_statistics(build_model(arch))
 
 
 def data(n: int = 24, size: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

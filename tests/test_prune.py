@@ -17,7 +17,7 @@ from resnet_slim.params import TrainParams
 from resnet_slim.train import engine
 from resnet_slim.train.engine import kd_logit_loss
 from resnet_slim.train.models import build_model, channel_record, make_arch
-from tests.conftest import write_params
+from tests.conftest import random_bn_statistics, write_params
 
 SIZE = 16
 
@@ -28,14 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(name: str = "resnet18", seed: int = 0) -> nn.Module:
     """A width-8 ResNet in eval mode with random BN statistics and scales (not the init's 1/0)."""
     torch.manual_seed(seed)
-    model = build_model(make_arch(name=name, num_classes=10, width=8))
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.1)
-            module.running_mean.normal_(0.0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return random_bn_statistics(build_model(make_arch(name=name, num_classes=10, width=8)))
 
 
 def conv_out_channels(model: nn.Module) -> dict[str, int]:

@@ -49,7 +49,7 @@ def check_blocks(blocks, own: list[int], what: str) -> list[int]:
         )
     counts = []
     for stage, (value, limit) in enumerate(zip(blocks, own, strict=True), start=1):
-        count = _block_count(value)
+        count = as_count(value)
         if count is None or not 1 <= count <= limit:
             raise UserError(
                 f"blocks of a {what}: stage {stage} has {repr(value)[:40]} blocks; each stage "
@@ -59,7 +59,7 @@ def check_blocks(blocks, own: list[int], what: str) -> list[int]:
     return counts
 
 
-def _block_count(value) -> int | None:
+def as_count(value) -> int | None:
     """`value` as a whole number if it is one (int, 0-d integer tensor), else None; never a bool."""
     if isinstance(value, bool):
         return None

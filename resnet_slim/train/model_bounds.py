@@ -5,13 +5,11 @@ parameters and activations) are checked by cheap arithmetic over the layers the 
 create, before anything is allocated: `check_arch_size`, which `models.build_model` runs first.
 """
 
-import operator
-
 from torchvision.models.resnet import Bottleneck
 
 from resnet_slim.errors import UserError
 from resnet_slim.limits import MAX_WIDTH
-from resnet_slim.train.architectures import ARCHS, CIFAR_DEPTHS, check_blocks
+from resnet_slim.train.architectures import ARCHS, CIFAR_DEPTHS, as_count, check_blocks
 
 # A checkpoint is untrusted input: sizes it claims are checked before anything is allocated
 # (a claimed width of 200000 would otherwise ask for ~1.4 TB).
@@ -29,16 +27,6 @@ MAX_PARAMS = 500_000_000
 MAX_ACTIVATION_BYTES = 4 * 2**30
 # The image size assumed where a caller does not know the data's: each stem's design size
 SMALL_INPUT_SIZE, LARGE_INPUT_SIZE = 32, 224
-
-
-def _as_count(value) -> int | None:
-    """`value` as a whole number if it is one (int, 0-d integer tensor), else None; never a bool."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 class _Layer:
@@ -69,7 +57,7 @@ def _shrink(size: int, stride: int) -> int:
 def _resnet_layers(arch: dict, size: int) -> dict[str, _Layer]:
     """torchvision's ResNet as ResNet.__init__ builds it (block, stem and width from `arch`)."""
     block = ARCHS[arch["name"]][0]
-    width, classes = _as_count(arch["width"]), _as_count(arch["num_classes"])
+    width, classes = as_count(arch["width"]), as_count(arch["num_classes"])
     small, blocks = arch["small_input"], record_blocks(arch)
     if width is None or classes is None:
         return {}
@@ -113,8 +101,8 @@ def _resnet_layers(arch: dict, size: int) -> dict[str, _Layer]:
 
 def _cifar_layers(arch: dict, size: int) -> dict[str, _Layer]:
     """CifarResNet as its __init__ builds it: three stages, option-A shortcut convs, `linear`."""
-    depth, width = _as_count(arch["depth"]), _as_count(arch["width"])
-    classes, blocks = _as_count(arch["num_classes"]), record_blocks(arch)
+    depth, width = as_count(arch["depth"]), as_count(arch["width"])
+    classes, blocks = as_count(arch["num_classes"]), record_blocks(arch)
     if depth not in CIFAR_DEPTHS or width is None or classes is None:
         return {}  # CifarResNet / build_model say what is wrong
     table = {
@@ -148,7 +136,7 @@ def record_blocks(arch: dict) -> list[int] | None:
     a network without residual stages, is one UserError."""
     name, blocks = arch.get("name"), arch.get("blocks")
     if name == "cifar_resnet":
-        depth = _as_count(arch.get("depth"))
+        depth = as_count(arch.get("depth"))
         if depth not in CIFAR_DEPTHS:
             return None
         own, what = [(depth - 2) // 6] * 3, f"cifar_resnet of depth {depth}"
@@ -174,7 +162,7 @@ def _mobilenet_layers(arch: dict, size: int) -> dict[str, _Layer]:
     from torchvision.models._utils import _make_divisible
     from torchvision.models.mobilenetv3 import _mobilenet_v3_conf
 
-    width, classes = _as_count(arch["width"]), _as_count(arch["num_classes"])
+    width, classes = as_count(arch["width"]), as_count(arch["num_classes"])
     small = arch["small_input"]
     if width is None or classes is None or width < 1:
         return {}
@@ -224,11 +212,11 @@ def _resized(table: dict[str, _Layer], channels) -> None:
         if layer is None or not isinstance(counts, (list, tuple)) or not counts:
             continue
         if layer.kind == "bn":
-            features = _as_count(counts[0])
+            features = as_count(counts[0])
             if features is not None:
                 layer.cin = layer.cout = features
         elif len(counts) == 2:
-            out, cin = _as_count(counts[0]), _as_count(counts[1])
+            out, cin = as_count(counts[0]), as_count(counts[1])
             if out is not None and cin is not None:
                 layer.cout, layer.cin = out, cin
 
@@ -236,7 +224,7 @@ def _resized(table: dict[str, _Layer], channels) -> None:
 def _factorized(table: dict[str, _Layer], ranks) -> None:
     """Split layers as factorized_structure does: k x k to `rank`, then 1x1 back."""
     for name, value in ranks.items() if isinstance(ranks, dict) else []:
-        layer, rank = table.get(name), _as_count(value)
+        layer, rank = table.get(name), as_count(value)
         if layer is None or layer.kind == "bn" or rank is None or layer.groups != 1:
             continue
         del table[name]  # now a Sequential: naming it again is refused by the builder
@@ -308,7 +296,7 @@ def check_arch_size(arch: dict, *, image_size: int | None = None) -> None:
     for layer, rank in lowrank.items() if isinstance(lowrank, dict) else []:
         claims[f"lowrank[{layer!r}]"] = (rank, MAX_CHANNELS)
     for key, (value, limit) in claims.items():
-        count = _as_count(value)
+        count = as_count(value)
         if count is not None and not 0 < count <= limit:
             raise UserError(
                 f"bad architecture record: it claims {key} = {count}, outside "
