@@ -21,8 +21,8 @@ REPORT_FILES = [
     "metrics.json",
     "predictions.csv",
 ]
-# written only when the run exported deployment targets (export.targets)
-OPTIONAL_FILES = ["targets.json", "targets_predictions.csv"]
+# written only when the run made them (export.targets; the latency_table stage)
+OPTIONAL_FILES = ["targets.json", "targets_predictions.csv", "latency_table.json"]
 # training curves worth keeping: (source under reports/, name in the snapshot)
 CURVES = [
     ("teacher/plots/metrics/val_top1.tsv", "curves/teacher_val_top1.tsv"),
