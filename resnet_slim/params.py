@@ -420,6 +420,7 @@ class LatencyPruneParams(Section):
     speedup: float = Field(gt=1.0, le=1000.0)
     width_steps: int = Field(ge=1, le=64)
     cost_images: int = Field(gt=0, le=100_000)
+    rounds: int = Field(ge=1, le=20)
 
 
 class PruneParams(Section):

@@ -124,3 +124,57 @@ def test_narrow_blocks_keeps_the_largest_gammas_and_their_weights():
     assert model.layer2[2].conv1.out_channels == 32  # the input model is untouched
     with pytest.raises(UserError, match="cannot keep 40 of its 32"):
         narrow_blocks(model, {"layer2.2": 40}, image_size=8)
+
+
+def _mac_table(model) -> dict:
+    """A table pricing every unit the pruner may produce by its MACs (1 ms per 10 M), so a plan is
+    a deterministic function of the model."""
+    from resnet_slim.compress.latency_model import table_units_for, unit_key
+
+    units = {}
+    for spec in table_units_for(model, 8, lambda s: block_widths(s, steps=4)):
+        size = spec["size"] // spec.get("stride", 1)
+        macs = 9 * (
+            spec.get("in", 3) * spec.get("mid", 16) + spec.get("mid", 16) * spec.get("out", 16)
+        )
+        ms = max(macs * size * size / 1e7, 1e-3)
+        units[unit_key(spec)] = {"spec": spec, "int8_ms": ms, "fp32_ms": 2 * ms}
+    return {"units": units, "constant_ms": {"int8": 0.01, "fp32": 0.01}}
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_rounds_reprice_the_pruned_model_and_meet_the_budget(monkeypatch, rounds):
+    from resnet_slim.compress import latency_prune
+    from resnet_slim.params import LatencyPruneParams
+    from resnet_slim.train.models import build_model, make_arch
+
+    model = _tiny_resnet()
+    arch = make_arch(name="cifar_resnet", num_classes=10, depth=20, width=16)
+    table = _mac_table(model)
+    priced = []
+    original = latency_prune._block_options
+
+    def spy(current, *args):
+        priced.append(sum(1 for s in current.modules() if s.__class__.__name__ == "BasicBlock"))
+        return original(current, *args)
+
+    monkeypatch.setattr(latency_prune, "_block_options", spy)
+    p = LatencyPruneParams(
+        structure="depth_width", speedup=4.0, width_steps=4, cost_images=32, rounds=rounds
+    )
+    images, labels = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    pruned, pruned_arch, plan = latency_prune.prune_to_latency(
+        model, arch, table=table, p=p, image_size=8, images=images, labels=labels
+    )
+    assert len(priced) == rounds and priced[0] == 9
+    if rounds > 1:
+        assert priced[-1] < 9  # later rounds priced the model as already pruned
+    assert plan["pruned_predicted_int8_ms"] <= plan["budget_int8_ms"]
+    assert set(plan["blocks"]) == {f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)}
+    for name, block in plan["blocks"].items():
+        changed = block["width"] is None or block["width"] < max(block["narrowing_costs"])
+        assert (block["round"] in range(1, rounds + 1)) == changed, name
+        assert (block["new_name"] is None) == (block["width"] is None)
+    rebuilt = build_model(pruned_arch, image_size=8)
+    rebuilt.load_state_dict(pruned.state_dict())  # the record describes the pruned model
+    assert rebuilt(images[:2]).shape == (2, 10)

@@ -22,6 +22,7 @@ from resnet_slim.compress.latency_model import block_spec_at, model_units, predi
 from resnet_slim.errors import UserError
 from resnet_slim.hardware import fast_int8_widths
 from resnet_slim.params import LatencyPruneParams
+from resnet_slim.train.models import channel_record
 
 
 def block_widths(spec: dict, *, steps: int, flags: set[str] | None = None) -> list[int]:
@@ -161,19 +162,68 @@ def prune_to_latency(
     """(pruned model, its architecture record, the plan's record) for the budget
     `teacher FP32 / p.speedup` (the teacher's measured FP32 time when the table has it, the
     predicted one otherwise: the gate compares with the measured teacher), removing blocks and /
-    or narrowing them (p.structure), priced on `images` (validation). `model` is not modified."""
+    or narrowing them (p.structure), priced on `images` (validation). `model` is not modified.
+
+    In p.rounds rounds: each prices the model as it is now and plans an equal share of the way
+    from the teacher's predicted INT8 time to the budget. Blocks that are each cheap to lose alone
+    can be dear together (a whole stage emptied); re-pricing after each round sees that."""
     units = model_units(model, image_size)
     teacher_ms = {rt: predict_ms(units, table, rt) for rt in ("fp32", "int8")}
     measured = table.get("teacher_measured_ms") or {}
     budget = (measured.get("fp32") or teacher_ms["fp32"]) / p.speedup
-    options, fixed = _block_options(model, image_size, table, p, images, labels)
-    plan = plan_to_budget(
-        options,
-        fixed_ms=fixed,
-        budget_ms=budget,
-        allow_width=p.structure != "depth",
-        allow_depth=p.structure != "width",
+    blocks: dict[str, dict] = {}  # by the teacher's block names
+    current = {s["name"]: s["name"] for s in units if s["kind"] == "basic"}  # -> name now
+    pruned, pruned_arch = model, arch
+    for step in range(1, p.rounds + 1):
+        step_budget = teacher_ms["int8"] - (teacher_ms["int8"] - budget) * step / p.rounds
+        options, fixed = _block_options(pruned, image_size, table, p, images, labels)
+        plan = plan_to_budget(
+            options,
+            fixed_ms=fixed,
+            budget_ms=step_budget,
+            allow_width=p.structure != "depth",
+            allow_depth=p.structure != "width",
+        )
+        pruned, pruned_arch, renamed = _apply_plan(pruned, pruned_arch, plan, options, image_size)
+        for teacher_name, name in current.items():
+            if name is None:
+                continue
+            entry = blocks.setdefault(teacher_name, _priced(options[name]))
+            if plan[name] != max(options[name]["costs"]):
+                entry["round"] = step
+            entry["width"], current[teacher_name] = plan[name], renamed.get(name)
+    for teacher_name, name in current.items():
+        blocks[teacher_name]["new_name"] = name
+    return (
+        pruned,
+        pruned_arch,
+        {
+            "budget_int8_ms": budget,
+            "teacher_predicted_ms": teacher_ms,
+            "teacher_measured_ms": measured or None,
+            "pruned_predicted_int8_ms": predict_ms(model_units(pruned, image_size), table, "int8"),
+            "structure": p.structure,
+            "speedup": p.speedup,
+            "rounds": p.rounds,
+            "blocks": blocks,
+            "table_keys": sorted({unit_key(s) for s in model_units(pruned, image_size)}),
+        },
     )
+
+
+def _priced(option: dict) -> dict:
+    """A block's record: its prices when first seen (on the teacher), its fate filled in later."""
+    return {
+        "width": max(option["costs"]),
+        "round": None,
+        "removal_cost": option.get("removal"),
+        "narrowing_costs": option["costs"],
+        "ms": option["times"],
+    }
+
+
+def _apply_plan(model, arch, plan: dict, options: dict, image_size: int):
+    """(the model with the plan's blocks removed and narrowed, its record, {old: new name})."""
     removed = [name for name, width in plan.items() if width is None]
     pruned, pruned_arch = depth.remove_blocks(model, arch, removed) if removed else (model, arch)
     renamed = _renumbered(list(plan), removed)
@@ -182,27 +232,10 @@ def prune_to_latency(
         for name, width in plan.items()
         if width is not None and width < max(options[name]["costs"])
     }
+    if not narrow:
+        return pruned, pruned_arch, renamed
     pruned = narrow_blocks(pruned, narrow, image_size=image_size)
-    record = {
-        "budget_int8_ms": budget,
-        "teacher_predicted_ms": teacher_ms,
-        "teacher_measured_ms": measured or None,
-        "pruned_predicted_int8_ms": predict_ms(model_units(pruned, image_size), table, "int8"),
-        "structure": p.structure,
-        "speedup": p.speedup,
-        "blocks": {
-            name: {
-                "width": width,
-                "new_name": renamed.get(name),
-                "removal_cost": options[name].get("removal"),
-                "narrowing_costs": options[name]["costs"],
-                "ms": options[name]["times"],
-            }
-            for name, width in plan.items()
-        },
-        "table_keys": sorted({unit_key(s) for s in model_units(pruned, image_size)}),
-    }
-    return pruned, pruned_arch, record
+    return pruned, {**pruned_arch, "channels": channel_record(pruned)}, renamed
 
 
 def _renumbered(names: list[str], removed: list[str]) -> dict[str, str]:
