@@ -421,6 +421,7 @@ class LatencyPruneParams(Section):
     width_steps: int = Field(ge=1, le=64)
     cost_images: int = Field(gt=0, le=100_000)
     rounds: int = Field(ge=1, le=20)
+    max_params_ratio: float | None = Field(gt=0.0, le=1.0)
 
 
 class PruneParams(Section):
@@ -468,6 +469,7 @@ class StudentArch(Section):
     init: NonEmptyStr | None
     format: Literal[registry.IMPORT_FORMATS]
     replace_head: bool
+    fit_to_budget: bool
 
     @model_validator(mode="after")
     def _quantizable(self):

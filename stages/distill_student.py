@@ -2,8 +2,10 @@
 shared loop; optionally the same student without the teacher, to measure what KD adds.
 
 distill.student.init starts the student (and its no-teacher baseline) from a trained model;
-its architecture then comes from the file (resnet_slim/train/model_import.py). base.device and
-base.nproc apply as in every training stage (resnet_slim/train/distributed.py)."""
+its architecture then comes from the file (resnet_slim/train/model_import.py).
+distill.student.fit_to_budget first prunes that student to prune.latency's budget and size target
+(the latency table's units, priced on validation), so a nearly fast enough student fits the gate.
+base.device and base.nproc apply as in every training stage (resnet_slim/train/distributed.py)."""
 
 import argparse
 
@@ -13,9 +15,12 @@ from resnet_slim.errors import run_stage
 def distill(args, params, device) -> None:
     from resnet_slim.checkpoints import save_checkpoint
     from resnet_slim.compress.student import distill_student
-    from resnet_slim.io import write_json
+    from resnet_slim.io import read_json, write_json
     from resnet_slim.train import distributed
 
+    table = None
+    if params.distill.student.fit_to_budget:
+        table = read_json(args.latency_table, "latency table")
     student, arch, metrics = distill_student(
         teacher_path=args.teacher,
         cache_path=args.cache,
@@ -24,6 +29,8 @@ def distill(args, params, device) -> None:
         p=params.distill,
         base=params.base,
         device=device,
+        fit=params.prune.latency,
+        latency_table=table,
     )
     if not distributed.is_main_process():
         return  # rank 0 writes the outputs, once
@@ -46,6 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="prepared dataset directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--reports", required=True)
+    parser.add_argument(
+        "--latency-table",
+        default="reports/latency_table.json",
+        help="read with distill.student.fit_to_budget",
+    )
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     # imported after parse_args: torch takes seconds, --help should not

@@ -44,8 +44,10 @@ def test_block_widths_keep_the_own_width_and_at_most_steps():
     assert block_widths({**spec, "mid": 12}, steps=3, flags=AVX2) == [12]
 
 
-def _option(stage, times, costs, removal=None):
+def _option(stage, times, costs, removal=None, params=None):
     option = {"stage": stage, "times": times, "costs": costs}
+    if params is not None:
+        option["params"] = params
     if removal is not None:
         option["removal"] = removal
     return option
@@ -79,6 +81,32 @@ def test_plan_never_takes_a_narrower_width_that_is_not_faster():
     }
     plan = plan_to_budget(options, fixed_ms=0.0, budget_ms=0.9, allow_width=True, allow_depth=True)
     assert plan == {"layer2.1": 16}
+
+
+def test_plan_meets_the_size_target_after_the_time_budget_by_least_loss_per_parameter():
+    options = {
+        # cheap in time, dear in parameters (a wide late block): the size phase's choice
+        "layer1.0": _option("layer1", {16: 1.0}, {16: 0.0}, removal=0.2, params={16: 100}),
+        "layer1.1": _option("layer1", {16: 1.0}, {16: 0.0}, removal=0.1, params={16: 100}),
+        "layer3.0": _option(
+            "layer3", {32: 0.3, 64: 0.4}, {32: 0.05, 64: 0.0}, params={32: 400, 64: 1000}
+        ),
+    }
+    kwargs = {"fixed_ms": 0.0, "allow_width": True, "allow_depth": True, "fixed_params": 50}
+    # time alone (2.4 -> 1.5 ms): layer1.1 goes (0.1 per ms); the model keeps 1,150 parameters
+    assert plan_to_budget(options, budget_ms=1.5, **kwargs) == {
+        "layer1.0": 16,
+        "layer1.1": None,
+        "layer3.0": 64,
+    }
+    # and at most 600 parameters: layer3.0 narrowed (0.05 / 600 saved) rather than layer1.0
+    # removed (which a stage's last block cannot be anyway)
+    plan = plan_to_budget(options, budget_ms=1.5, max_params=600, **kwargs)
+    assert plan == {"layer1.0": 16, "layer1.1": None, "layer3.0": 32}
+    # a size no plan reaches is one line naming the smallest reachable
+    with pytest.raises(UserError, match="no plan has at most 100 parameters") as caught:
+        plan_to_budget(options, budget_ms=1.5, max_params=100, **kwargs)
+    assert "\n" not in str(caught.value) and "550" in str(caught.value)
 
 
 def _tiny_resnet(seed=0):
@@ -142,8 +170,8 @@ def _mac_table(model) -> dict:
     return {"units": units, "constant_ms": {"int8": 0.01, "fp32": 0.01}}
 
 
-@pytest.mark.parametrize("rounds", [1, 3])
-def test_rounds_reprice_the_pruned_model_and_meet_the_budget(monkeypatch, rounds):
+@pytest.mark.parametrize(("rounds", "max_params_ratio"), [(1, None), (3, None), (2, 0.3)])
+def test_rounds_reprice_the_pruned_model_and_meet_the_budget(monkeypatch, rounds, max_params_ratio):
     from resnet_slim.compress import latency_prune
     from resnet_slim.params import LatencyPruneParams
     from resnet_slim.train.models import build_model, make_arch
@@ -160,7 +188,12 @@ def test_rounds_reprice_the_pruned_model_and_meet_the_budget(monkeypatch, rounds
 
     monkeypatch.setattr(latency_prune, "_block_options", spy)
     p = LatencyPruneParams(
-        structure="depth_width", speedup=4.0, width_steps=4, cost_images=32, rounds=rounds
+        structure="depth_width",
+        speedup=4.0,
+        width_steps=4,
+        cost_images=32,
+        rounds=rounds,
+        max_params_ratio=max_params_ratio,
     )
     images, labels = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
     pruned, pruned_arch, plan = latency_prune.prune_to_latency(
@@ -170,6 +203,12 @@ def test_rounds_reprice_the_pruned_model_and_meet_the_budget(monkeypatch, rounds
     if rounds > 1:
         assert priced[-1] < 9  # later rounds priced the model as already pruned
     assert plan["pruned_predicted_int8_ms"] <= plan["budget_int8_ms"]
+    count = sum(t.numel() for t in pruned.parameters())
+    assert plan["pruned_params"] == count
+    assert plan["teacher_params"] == sum(t.numel() for t in model.parameters())
+    if max_params_ratio is not None:  # the size target met, by the pruned model's real count
+        assert plan["max_params"] == int(plan["teacher_params"] * max_params_ratio)
+        assert count <= plan["max_params"]
     assert set(plan["blocks"]) == {f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)}
     for name, block in plan["blocks"].items():
         changed = block["width"] is None or block["width"] < max(block["narrowing_costs"])
@@ -177,4 +216,52 @@ def test_rounds_reprice_the_pruned_model_and_meet_the_budget(monkeypatch, rounds
         assert (block["new_name"] is None) == (block["width"] is None)
     rebuilt = build_model(pruned_arch, image_size=8)
     rebuilt.load_state_dict(pruned.state_dict())  # the record describes the pruned model
+    assert rebuilt(images[:2]).shape == (2, 10)
+
+
+def test_a_student_is_fitted_to_the_teachers_budget_and_size():
+    from resnet_slim.compress import latency_prune
+    from resnet_slim.compress.latency_model import model_units, predict_ms
+    from resnet_slim.params import LatencyPruneParams
+    from resnet_slim.train.architectures import CifarResNet
+    from resnet_slim.train.models import build_model, make_arch
+
+    torch.manual_seed(1)
+    teacher = CifarResNet(depth=32, num_classes=10, width=16).eval()  # 5 blocks per stage
+    student = _tiny_resnet()  # ResNet-20: 3 per stage, the teacher's widths
+    arch = make_arch(name="cifar_resnet", num_classes=10, depth=20, width=16)
+    table = _mac_table(teacher)
+    p = LatencyPruneParams(
+        structure="depth_width",
+        speedup=4.0,
+        width_steps=4,
+        cost_images=32,
+        rounds=1,
+        max_params_ratio=0.3,
+    )
+    images, labels = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    fitted, fitted_arch, plan = latency_prune.prune_to_latency(
+        student,
+        arch,
+        table=table,
+        p=p,
+        image_size=8,
+        images=images,
+        labels=labels,
+        reference=teacher,
+    )
+    teacher_count = sum(t.numel() for t in teacher.parameters())
+    # the budget and the size target are the teacher's, not the student's own
+    assert plan["budget_int8_ms"] == pytest.approx(
+        predict_ms(model_units(teacher, 8), table, "fp32") / 4.0
+    )
+    assert plan["teacher_params"] == teacher_count
+    assert plan["start_params"] == sum(t.numel() for t in student.parameters())
+    assert plan["start_params"] > 0.3 * teacher_count  # so the size target had work to do
+    assert plan["pruned_params"] == sum(t.numel() for t in fitted.parameters())
+    assert plan["pruned_params"] <= int(0.3 * teacher_count)
+    assert plan["pruned_predicted_int8_ms"] <= plan["budget_int8_ms"]
+    assert set(plan["blocks"]) == {f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)}
+    rebuilt = build_model(fitted_arch, image_size=8)
+    rebuilt.load_state_dict(fitted.state_dict())
     assert rebuilt(images[:2]).shape == (2, 10)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from resnet_slim.checkpoints import load_checkpoint, save_checkpoint
@@ -17,7 +18,7 @@ from resnet_slim.errors import UserError
 from resnet_slim.measure import latency_table as lt
 from resnet_slim.measure.latency_check import check_predictions
 from resnet_slim.train.models import build_model, make_arch
-from tests.conftest import write_params
+from tests.conftest import REPO, write_params
 
 QUICK = {"warmup": 2, "runs": 3, "repeats": 2, "passes": 1}  # settings, not a measurement
 
@@ -141,6 +142,21 @@ def test_benchmark_rows_get_predictions_and_unknown_structures_are_named(tmp_pat
     assert summary["errors"].keys() == {"teacher_qat_int8", "teacher"}
     assert summary["max_abs_error"] == pytest.approx(abs(rows["teacher"]["prediction_error"]))
     assert not summary["all_within"] and "predicted_ms" not in rows["student_qat_int8"]
+    assert summary["host_drift"] is None  # the table did not time the whole teacher
+
+
+def test_benchmark_flags_a_table_timed_on_another_host(tmp_path):
+    model, arch = cifar_resnet20()
+    save_checkpoint(tmp_path / "teacher.pt", model=model, arch=arch, params={}, metrics={})
+    table = {**fake_table(model_units(model, 8)), "teacher_measured_ms": {"fp32": 2.0, "int8": 1.0}}
+    rows = {"teacher": {"p50_ms": 2.1}, "teacher_ptq_int8": {"p50_ms": 0.95}}
+    summary = check_predictions(rows, tmp_path, table, image_size=8)
+    assert summary["host_drift"] == pytest.approx({"fp32": 0.05, "int8": -0.05})
+    assert summary["host_drift_within"] is True
+    rows = {"teacher": {"p50_ms": 2.1}, "teacher_qat_int8": {"p50_ms": 1.3}}  # 30 % slower
+    summary = check_predictions(rows, tmp_path, table, image_size=8)
+    assert summary["host_drift"]["int8"] == pytest.approx(0.3)
+    assert summary["host_drift_within"] is False
 
 
 def test_slim_prune_with_method_latency_meets_its_budget(tmp_path, tiny_prepared):
@@ -177,3 +193,74 @@ def test_slim_prune_with_method_latency_meets_its_budget(tmp_path, tiny_prepared
         plan["pruned_predicted_int8_ms"]
     )
     assert pruned(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_distill_fits_the_student_to_the_teachers_budget_and_size(tmp_path, tiny_prepared):
+    from stages.cache_teacher import main as cache_main
+    from stages.distill_student import main as distill_main
+    from stages.latency_table import main as table_main
+
+    teacher, arch = cifar_resnet20(width=32)
+    save_checkpoint(tmp_path / "teacher.pt", model=teacher, arch=arch, params={}, metrics={})
+    student, student_arch = cifar_resnet20(width=32, seed=1)  # the teacher's widths: in the table
+    save_checkpoint(tmp_path / "init.pt", model=student, arch=student_arch, params={}, metrics={})
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())
+    latency = {
+        **defaults["prune"]["latency"],
+        "speedup": 2.0,
+        "width_steps": 2,
+        "cost_images": 40,
+        "max_params_ratio": 0.5,
+    }
+    student_params = {
+        **defaults["distill"]["student"],
+        "init": str(tmp_path / "init.pt"),
+        "format": "resnet_slim",
+        "fit_to_budget": True,
+    }
+    params = write_params(
+        tmp_path / "params.yaml",
+        base={"threads": 1},
+        prune={"latency": latency},
+        distill={
+            "student": student_params,
+            "epochs": 1,
+            "batch_size": 64,
+            "warmup_epochs": 0,
+            "train_baseline": False,
+        },
+    )
+    common = ["--params", str(params), "--data", str(tiny_prepared)]
+    teacher_path, table_path = str(tmp_path / "teacher.pt"), tmp_path / "latency_table.json"
+    distill = [
+        *common,
+        "--teacher",
+        teacher_path,
+        "--cache",
+        str(tmp_path / "cache.pt"),
+        "--latency-table",
+        str(table_path),
+        "--out",
+        str(tmp_path / "student.pt"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
+    cache_main([*common, "--teacher", teacher_path, "--out", str(tmp_path / "cache.pt")])
+    with pytest.raises(UserError, match="latency table"):  # no table yet: one line, no student
+        distill_main(distill)
+    assert not (tmp_path / "student.pt").exists()
+    table_main([*common, "--teacher", teacher_path, "--out", str(table_path)])
+    distill_main(distill)
+
+    plan = json.loads((tmp_path / "reports" / "metrics.json").read_text())["latency_plan"]
+    measured = json.loads(table_path.read_text())["teacher_measured_ms"]
+    assert plan["budget_int8_ms"] == pytest.approx(measured["fp32"] / 2.0)  # the teacher's
+    assert plan["pruned_predicted_int8_ms"] <= plan["budget_int8_ms"]
+    teacher_count = sum(t.numel() for t in teacher.parameters())
+    assert plan["teacher_params"] == teacher_count
+    assert plan["pruned_params"] <= int(0.5 * teacher_count)
+    checkpoint = load_checkpoint(tmp_path / "student.pt")
+    fitted = build_model(checkpoint["arch"], image_size=8)
+    fitted.load_state_dict(checkpoint["state_dict"])  # the record describes the fitted student
+    assert sum(t.numel() for t in fitted.parameters()) == plan["pruned_params"]
+    assert fitted(torch.zeros(2, 3, 8, 8)).shape == (2, 10)

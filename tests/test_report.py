@@ -836,6 +836,8 @@ def test_report_shows_the_latency_plan_and_the_tables_prediction_errors(run_dir)
     bench["models"]["teacher"].update(predicted_ms=6.4, prediction_error=-0.2)
     bench["latency_model"] = {
         "same_machine": False,
+        "host_drift": {"fp32": 0.02, "int8": 0.27},
+        "host_drift_within": False,
         "errors": {"pruned_qat_int8": 0.05, "teacher": -0.2},
         "not_predicted": {"lowrank": "latency table has no unit 'x'"},
         "max_abs_error": 0.2,
@@ -862,5 +864,16 @@ def test_report_shows_the_latency_plan_and_the_tables_prediction_errors(run_dir)
     assert "teacher FP32 2.250 ms measured (2.160 predicted), INT8 0.910 ms predicted" in md
     assert "budget FP32 / 4.8 = 0.450 ms INT8, the plan predicts 0.440 ms" in md
     assert "1 of 3 residual blocks removed (layer1.1); 1 narrowed (layer2.3 32→20" in md
+    assert "per parameter saved" not in md  # no size target set
+    plan.update(max_params=40_000, pruned_params=39_120)
+    write(r / "prune" / "metrics.json", {**prune, "method": "latency", "latency_plan": plan})
+    md, _ = make(run_dir)
+    assert "then, for the size target of 40,000 parameters (39,120 kept), per parameter" in md
+    assert "The student was first fitted" not in md
+    distill = json.loads((r / "distill" / "metrics.json").read_text())
+    write(r / "distill" / "metrics.json", {**distill, "latency_plan": plan})
+    md, _ = make(run_dir)
+    assert "The student was first fitted to the teacher's latency budget (depth_width)" in md
     assert "worst error 20.0% (trusted within ±15%: ✗)" in md and "re-run latency_table" in md
+    assert "The teacher measured +2% (FP32), +27% (INT8) against the table's own timing" in md
     assert "| pruned_qat_int8 |" in md and "+5.0%" in md and "Not predicted: `lowrank`" in md

@@ -18,7 +18,13 @@ from torch import nn
 
 from resnet_slim.compress import depth
 from resnet_slim.compress.channel_removal import narrow_blocks
-from resnet_slim.compress.latency_model import block_spec_at, model_units, predict_ms, unit_key
+from resnet_slim.compress.latency_model import (
+    block_spec_at,
+    model_units,
+    predict_ms,
+    unit_key,
+    unit_ms,
+)
 from resnet_slim.errors import UserError
 from resnet_slim.hardware import fast_int8_widths
 from resnet_slim.params import LatencyPruneParams
@@ -62,14 +68,20 @@ def narrowing_costs(
 
 
 def _moves(name: str, width: int, options: dict, allow_width: bool, allow_depth: bool):
-    """(target width or None = remove, extra loss, ms saved) of every change to one block."""
+    """(target width or None = remove, extra loss, ms saved, parameters saved) of every change to
+    one block."""
     times, costs, removal = options["times"], options["costs"], options.get("removal")
+    params = options.get("params") or dict.fromkeys(costs, 0)
     moves = []
     if allow_width:
-        moves += [(w, costs[w] - costs[width], times[width] - times[w]) for w in costs if w < width]
+        moves += [
+            (w, costs[w] - costs[width], times[width] - times[w], params[width] - params[w])
+            for w in costs
+            if w < width
+        ]
     if allow_depth and removal is not None:
-        moves.append((None, removal - costs[width], times[width]))
-    return [(target, cost, saved) for target, cost, saved in moves if saved > 0]
+        moves.append((None, removal - costs[width], times[width], params[width]))
+    return moves
 
 
 def plan_to_budget(
@@ -79,21 +91,36 @@ def plan_to_budget(
     budget_ms: float,
     allow_width: bool,
     allow_depth: bool,
+    fixed_params: int = 0,
+    max_params: int | None = None,
 ) -> dict[str, int | None]:
-    """{block: inner width kept, or None = removed} meeting `budget_ms`, greedily.
+    """{block: inner width kept, or None = removed} meeting `budget_ms` (and `max_params`),
+    greedily.
 
-    options[block]: "times" {width: ms}, "costs" {width: loss increase}, "removal" (loss increase
-    when removed; absent if the block cannot go) and "stage". `fixed_ms`: what the plan cannot
-    change (stem, head, the per-call constant). Each step takes the change with the least loss per
-    millisecond saved (a change that saves nothing is never taken: fewer MACs at no gain); a
-    stage always keeps one block. A budget no plan meets is a one-line error.
+    options[block]: "times" {width: ms}, "costs" {width: loss increase}, "params" {width:
+    parameter count} (needed with max_params), "removal" (loss increase when removed; absent if
+    the block cannot go) and "stage". `fixed_ms` / `fixed_params`: what the plan cannot change
+    (stem, head, the per-call constant). While the time is over budget each step takes the change
+    with the least loss per millisecond saved (a change that saves no time is never taken: fewer
+    MACs at no gain); then, while the model has more than `max_params` parameters (the gate's size
+    target), the least loss per parameter saved. A stage always keeps one block. A budget no plan
+    meets is a one-line error.
     """
     state = {name: max(o["costs"]) for name, o in options.items()}
 
     def predicted() -> float:
         return fixed_ms + sum(options[n]["times"][w] for n, w in state.items() if w is not None)
 
-    while predicted() > budget_ms:
+    def parameters() -> int:
+        return fixed_params + sum(
+            options[n]["params"][w] for n, w in state.items() if w is not None
+        )
+
+    def over_size() -> bool:
+        return max_params is not None and parameters() > max_params
+
+    while predicted() > budget_ms or over_size():
+        by_time = predicted() > budget_ms  # time first; size once the time is met
         alive = {}
         for name, width in state.items():
             if width is not None:
@@ -102,33 +129,50 @@ def plan_to_budget(
         for name, width in state.items():
             if width is None:
                 continue
-            for target, cost, saved in _moves(
+            for target, cost, saved_ms, saved_params in _moves(
                 name,
                 width,
                 options[name],
                 allow_width,
                 allow_depth and alive[options[name]["stage"]] > 1,
             ):
+                saved = saved_ms if by_time else saved_params
+                if saved <= 0 or saved_ms < 0:  # never slower for size (a slow-kernel width)
+                    continue
                 key = (max(cost, 0.0) / saved, -saved, name)
                 if best is None or key < best[0]:
                     best = (key, name, target)
         if best is None:
+            if by_time:
+                raise UserError(
+                    f"prune.latency: no plan meets the budget of {budget_ms:.3f} ms (predicted "
+                    f"INT8); the fastest reachable is {predicted():.3f} ms: lower "
+                    f"prune.latency.speedup or allow structure depth_width"
+                )
             raise UserError(
-                f"prune.latency: no plan meets the budget of {budget_ms:.3f} ms (predicted INT8); "
-                f"the fastest reachable is {predicted():.3f} ms: lower prune.latency.speedup or "
-                f"allow structure depth_width"
+                f"prune.latency: no plan has at most {max_params:,} parameters; the smallest "
+                f"reachable has {parameters():,}: raise prune.latency.max_params_ratio or allow "
+                f"structure depth_width"
             )
         state[best[1]] = best[2]
     return state
 
 
-def _unit_ms(spec: dict, table: dict) -> float:
-    """What one unit adds to a model's predicted INT8 time (the per-call constant left out)."""
-    return predict_ms([spec], table, "int8") - predict_ms([], table, "int8")
+def _parameter_count(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.parameters())
 
 
-def _block_options(model, image_size, table, p, images, labels) -> tuple[dict, float]:
-    """(every block's priced choices, the fixed INT8 ms), for plan_to_budget."""
+def _block_params(block: nn.Module, widths: list[int]) -> dict[int, int]:
+    """{inner width: the block's parameter count at it}: each inner channel is a conv1 filter,
+    its BN's scale and shift and a conv2 input slice."""
+    per_channel = block.conv1.weight[0].numel() + 2 + block.conv2.weight[:, 0].numel()
+    whole, own = _parameter_count(block), block.conv1.out_channels
+    return {w: whole - (own - w) * per_channel for w in widths}
+
+
+def _block_options(model, image_size, table, p, images, labels) -> tuple[dict, float, int]:
+    """(every block's priced choices, the fixed INT8 ms, the fixed parameter count), for
+    plan_to_budget."""
     specs = model_units(model, image_size)
     blocks = [s for s in specs if s["kind"] == "basic"]
     fixed = predict_ms([s for s in specs if s["kind"] != "basic"], table, "int8")
@@ -137,16 +181,21 @@ def _block_options(model, image_size, table, p, images, labels) -> tuple[dict, f
     removal = {}
     if p.structure != "width":
         removal = depth.block_removal_costs(model, images, labels)
+    modules = dict(model.named_modules())
     options = {}
     for spec in blocks:
         name = spec["name"]
         options[name] = {
             "stage": name.split(".")[0],
             "costs": costs[name],
-            "times": {w: _unit_ms(block_spec_at(spec, w), table) for w in widths[name]},
+            "times": {w: unit_ms(block_spec_at(spec, w), table, "int8") for w in widths[name]},
+            "params": _block_params(modules[name], widths[name]),
             **({"removal": removal[name]} if name in removal else {}),
         }
-    return options, fixed
+    fixed_params = _parameter_count(model) - sum(
+        _parameter_count(modules[s["name"]]) for s in blocks
+    )
+    return options, fixed, fixed_params
 
 
 def prune_to_latency(
@@ -158,31 +207,52 @@ def prune_to_latency(
     image_size: int,
     images: torch.Tensor,
     labels: torch.Tensor,
+    reference: nn.Module | None = None,
 ) -> tuple[nn.Module, dict, dict]:
     """(pruned model, its architecture record, the plan's record) for the budget
     `teacher FP32 / p.speedup` (the teacher's measured FP32 time when the table has it, the
     predicted one otherwise: the gate compares with the measured teacher), removing blocks and /
     or narrowing them (p.structure), priced on `images` (validation). `model` is not modified.
+    `reference`: the teacher when `model` is another network fitted to the teacher's budget (a
+    student); by default `model` is the teacher itself.
 
+    With p.max_params_ratio it also prunes until the model has at most that share of the
+    teacher's parameters (the gate's size target; time first, then size, each by least loss).
     In p.rounds rounds: each prices the model as it is now and plans an equal share of the way
-    from the teacher's predicted INT8 time to the budget. Blocks that are each cheap to lose alone
-    can be dear together (a whole stage emptied); re-pricing after each round sees that."""
-    units = model_units(model, image_size)
-    teacher_ms = {rt: predict_ms(units, table, rt) for rt in ("fp32", "int8")}
+    from the model's predicted INT8 time (and parameter count) to the budget. Blocks that are
+    each cheap to lose alone can be dear together (a whole stage emptied); re-pricing after each
+    round sees that."""
+    teacher = model if reference is None else reference
+    teacher_ms = {
+        rt: predict_ms(model_units(teacher, image_size), table, rt) for rt in ("fp32", "int8")
+    }
     measured = table.get("teacher_measured_ms") or {}
     budget = (measured.get("fp32") or teacher_ms["fp32"]) / p.speedup
+    teacher_params = _parameter_count(teacher)
+    start_ms = predict_ms(model_units(model, image_size), table, "int8")
+    start_params = _parameter_count(model)
+    max_params = None
+    if p.max_params_ratio is not None:
+        max_params = int(teacher_params * p.max_params_ratio)
     blocks: dict[str, dict] = {}  # by the teacher's block names
-    current = {s["name"]: s["name"] for s in units if s["kind"] == "basic"}  # -> name now
+    current = {  # block names in `model` -> their names now
+        s["name"]: s["name"] for s in model_units(model, image_size) if s["kind"] == "basic"
+    }
     pruned, pruned_arch = model, arch
     for step in range(1, p.rounds + 1):
-        step_budget = teacher_ms["int8"] - (teacher_ms["int8"] - budget) * step / p.rounds
-        options, fixed = _block_options(pruned, image_size, table, p, images, labels)
+        step_budget = start_ms - (start_ms - budget) * step / p.rounds
+        step_params = None
+        if max_params is not None:
+            step_params = start_params - (start_params - max_params) * step // p.rounds
+        options, fixed, fixed_params = _block_options(pruned, image_size, table, p, images, labels)
         plan = plan_to_budget(
             options,
             fixed_ms=fixed,
             budget_ms=step_budget,
             allow_width=p.structure != "depth",
             allow_depth=p.structure != "width",
+            fixed_params=fixed_params,
+            max_params=step_params,
         )
         pruned, pruned_arch, renamed = _apply_plan(pruned, pruned_arch, plan, options, image_size)
         for teacher_name, name in current.items():
@@ -205,6 +275,11 @@ def prune_to_latency(
             "structure": p.structure,
             "speedup": p.speedup,
             "rounds": p.rounds,
+            "teacher_params": teacher_params,
+            "start_params": start_params,
+            "start_predicted_int8_ms": start_ms,
+            "max_params": max_params,
+            "pruned_params": _parameter_count(pruned),
             "blocks": blocks,
             "table_keys": sorted({unit_key(s) for s in model_units(pruned, image_size)}),
         },

@@ -21,7 +21,7 @@ from resnet_slim.compress.distill import (
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.io import sha256_file
-from resnet_slim.params import BaseParams, DistillParams
+from resnet_slim.params import BaseParams, DistillParams, LatencyPruneParams
 from resnet_slim.train import distributed, engine
 
 
@@ -86,11 +86,15 @@ def distill_student(
     p: DistillParams,
     base: BaseParams,
     device: torch.device,
+    fit: LatencyPruneParams | None = None,
+    latency_table: dict | None = None,
 ) -> tuple[nn.Module, dict, dict]:
     """The distill_student stage's work: (student, its architecture record, metrics).
 
     The student learns from the teacher (cached outputs, or the teacher run on each batch) and,
     with distill.train_baseline, the same student trains without it to measure what KD adds.
+    With distill.student.fit_to_budget the initial student is first pruned to `fit`'s latency
+    budget and size target (prune.latency, relative to the teacher) over `latency_table`.
     Every process returns the same; the caller writes on rank 0. Warnings print on rank 0.
     """
     from resnet_slim.compress.export import count_macs_params  # onnx: only when counting
@@ -101,6 +105,11 @@ def distill_student(
     labels = data.load_split(prepared_dir, "train").labels
     size = meta["image_size"]
     teacher, initial, arch, origin = _teacher_and_student(teacher_path, p, meta, base.seed, threads)
+    imported, fit_plan = initial, None
+    if p.student.fit_to_budget:
+        initial, arch, fit_plan = fit_student_to_budget(
+            initial, arch, teacher, fit, latency_table, prepared_dir, size
+        )
     teacher_macs, teacher_params = count_macs_params(teacher, size)
     student_params = count_macs_params(initial, size)[1]
     projections = _projections(teacher, initial, size, stages, feature_weight=p.feature_weight)
@@ -125,7 +134,9 @@ def distill_student(
         no_kd = _baseline_metrics(p, student, kd_top1, initial, labels, reports, threads, common)
         metrics.update(no_kd)
     if origin is not None:
-        metrics["student_origin"] = _as_imported(origin, initial, prepared_dir, meta)
+        metrics["student_origin"] = _as_imported(origin, imported, prepared_dir, meta)
+    if fit_plan is not None:
+        metrics["latency_plan"] = fit_plan
     metrics.update(_size_metrics(student, size, teacher_macs, teacher_params))
     return student, arch, metrics
 
@@ -165,6 +176,41 @@ def _teacher_and_student(
         print(f"distill_student: warning: {note}", file=sys.stderr, flush=True)
     check_student(initial, arch, source=p.student.init)
     return teacher, initial, arch, origin
+
+
+def fit_student_to_budget(
+    student: nn.Module,
+    arch: dict,
+    teacher: nn.Module,
+    fit: LatencyPruneParams | None,
+    table: dict | None,
+    prepared_dir: str | Path,
+    size: int,
+) -> tuple[nn.Module, dict, dict]:
+    """(student pruned to the teacher's latency budget and size target, its record, the plan).
+
+    A student that is nearly fast and small enough (a ResNet-32 for a ResNet-56 at a 4x
+    budget) loses a few blocks here, priced on its own validation loss as slim_prune prices the
+    teacher's, then distillation trains what is left."""
+    from resnet_slim.compress.latency_prune import prune_to_latency
+
+    if fit is None or table is None:
+        raise UserError(
+            "distill.student.fit_to_budget needs prune.latency and the latency table "
+            "(the latency_table stage)"
+        )
+    images, labels = data.normalized_split(prepared_dir, "val")
+    student.eval()
+    return prune_to_latency(
+        student,
+        arch,
+        table=table,
+        p=fit,
+        image_size=size,
+        images=images[: fit.cost_images],
+        labels=labels[: fit.cost_images],
+        reference=teacher,
+    )
 
 
 def check_student(model: nn.Module, arch: dict, *, source: str) -> None:

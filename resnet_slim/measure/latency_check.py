@@ -36,6 +36,28 @@ def same_machine(table: dict) -> bool:
     return bool(recorded) and all(here.get(key) == value for key, value in recorded.items())
 
 
+def host_drift(rows: dict[str, dict], table: dict, reference: str = "teacher") -> dict:
+    """How much slower (+) or faster (-) the benchmark measured the teacher than the latency_table
+    stage did ({"fp32": ..., "int8": ...}, INT8 from its static / QAT QDQ build), and whether
+    both are within MAX_ERROR. The CPU fingerprint cannot tell two hosts of one CPU model apart
+    (nor a host loaded by a neighbour): a resumed run on another machine keeps the old table,
+    whose prices then mislead the pruner and the check above alike."""
+    measured = table.get("teacher_measured_ms")
+    if not isinstance(measured, dict):
+        return {"host_drift": None, "host_drift_within": None}
+    now = {"fp32": (rows.get(reference) or {}).get("p50_ms")}
+    for suffix in ("_ptq_int8", "_qat_int8"):
+        if now.get("int8") is None:
+            now["int8"] = (rows.get(reference + suffix) or {}).get("p50_ms")
+    drift = {
+        runtime: now[runtime] / measured[runtime] - 1.0
+        for runtime in ("fp32", "int8")
+        if isinstance(now.get(runtime), (int, float)) and measured.get(runtime)
+    }
+    within = all(abs(d) <= MAX_ERROR for d in drift.values()) if drift else None
+    return {"host_drift": drift or None, "host_drift_within": within}
+
+
 def check_predictions(
     rows: dict[str, dict], models_dir: str | Path, table: dict, *, image_size: int
 ) -> dict:
@@ -58,6 +80,7 @@ def check_predictions(
     worst = max((abs(e) for e in checked.values()), default=None)
     return {
         "same_machine": same_machine(table),
+        **host_drift(rows, table),
         "errors": checked,
         "not_predicted": skipped,
         "max_abs_error": worst,

@@ -164,6 +164,14 @@ def latency_predictions(models: dict, check: dict | None) -> list:
     )
     if check.get("same_machine") is False:
         text += " **The table was measured on another CPU or onnxruntime: re-run latency_table.**"
+    drift = check.get("host_drift") or {}
+    if check.get("host_drift_within") is False:
+        text += (
+            " **The teacher measured "
+            + ", ".join(f"{num(d, '{:+.0%}')} ({rt.upper()})" for rt, d in drift.items())
+            + " against the table's own timing of it: another host or a loaded one; re-run "
+            "latency_table before trusting its prices.**"
+        )
     skipped = check.get("not_predicted") or {}
     if skipped:
         text += " Not predicted: " + "; ".join(f"`{n}` ({why})" for n, why in skipped.items())

@@ -34,8 +34,9 @@ def pruning(prune) -> list:
     return blocks + [("img", "channels.png", "Channels kept per layer")]
 
 
-def _latency_plan(plan) -> list:
-    """prune.method latency: the budget, what the plan predicts, and what became of each block."""
+def _latency_plan(plan, lead: str = "Pruned to a latency budget") -> list:
+    """prune.method latency (or distill.student.fit_to_budget): the budget, what the plan
+    predicts, and what became of each block."""
     if not isinstance(plan, dict) or not isinstance(plan.get("blocks"), dict):
         return []
     teacher = plan.get("teacher_predicted_ms") or {}
@@ -53,7 +54,7 @@ def _latency_plan(plan) -> list:
         else f"{num(teacher.get('fp32'), '{:.3f}')} ms predicted"
     )
     text = (
-        f"Pruned to a latency budget ({plan.get('structure')}): teacher FP32 {reference}, INT8 "
+        f"{lead} ({plan.get('structure')}): teacher FP32 {reference}, INT8 "
         f"{num(teacher.get('int8'), '{:.3f}')} ms predicted; budget FP32 / {plan.get('speedup')} "
         f"= {num(plan.get('budget_int8_ms'), '{:.3f}')} ms INT8, the plan predicts "
         f"{num(plan.get('pruned_predicted_int8_ms'), '{:.3f}')} ms. "
@@ -61,7 +62,13 @@ def _latency_plan(plan) -> list:
         + (f" ({', '.join(removed)})" if removed else "")
         + f"; {len(narrowed)} narrowed"
         + (f" ({', '.join(narrowed)} inner channels)" if narrowed else "")
-        + ". Each choice was the least validation-loss increase per millisecond saved."
+        + ". Each choice was the least validation-loss increase per millisecond saved"
+        + (
+            f"; then, for the size target of {plan['max_params']:,} parameters "
+            f"({plan['pruned_params']:,} kept), per parameter saved."
+            if all(isinstance(plan.get(k), int) for k in ("max_params", "pruned_params"))
+            else "."
+        )
     )
     return [("p", text)]
 
@@ -266,7 +273,10 @@ def distillation(d) -> list:
             f"the labels alone are enough; distillation pays off when the student is too small "
             f"to learn the task from labels."
         )
-    return blocks + [("p", text), ("p", verdict)]
+    fitted = _latency_plan(
+        d.get("latency_plan"), lead="The student was first fitted to the teacher's latency budget"
+    )
+    return blocks + [("p", text), ("p", verdict)] + fitted
 
 
 def quantization(qat: dict) -> list:
