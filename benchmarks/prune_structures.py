@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         "machine": latency_fingerprint(),
         "int8_dot_product": has_int8_dot_product(),
         "teacher": {"top1_test": 100 * teacher_correct.mean(), "ms": timed_ms(teacher, size)},
-        "budget": f"teacher predicted FP32 / {params.prune.latency.speedup}",
+        "budget": f"teacher FP32 (the table's measured, else predicted) / "
+        f"{params.prune.latency.speedup}",
         "finetune_epochs": args.epochs,
         "arms": {},
     }
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
             "ms": timed_ms(pruned, size),
         }
         print(structure, json.dumps(result["arms"][structure]), flush=True)
+        write_json(args.out, result)  # after every arm: a later failure keeps the finished ones
     write_json(args.out, result)
     return 0
 

@@ -1,6 +1,8 @@
 """Confidence intervals, the paired drop and McNemar against hand-computed cases; the upper_ci
 gate."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,17 @@ def test_mcnemar_exact_matches_the_binomial_table(b, c, p):
     result = stats.mcnemar_exact(ref, rel)
     assert (result["ref_only_correct"], result["release_only_correct"]) == (b, c)
     assert result["p_value"] == pytest.approx(p)
+
+
+def test_mcnemar_exact_past_1023_discordant_images():
+    # a weak model on 8,000 test images: 2.0**n overflowed a float here
+    balanced = stats.mcnemar_exact([True] * 600 + [False] * 600, [False] * 600 + [True] * 600)
+    assert balanced["p_value"] == 1.0
+    b, c = 500, 700
+    result = stats.mcnemar_exact([True] * b + [False] * c, [False] * b + [True] * c)
+    z = (abs(b - c) - 1) / math.sqrt(b + c)  # the continuity-corrected normal approximation
+    assert result["p_value"] == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.1)
+    assert 0.0 < result["p_value"] < 1e-8
 
 
 def test_across_seeds_mean_std_and_t_interval():
