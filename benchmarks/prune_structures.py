@@ -91,15 +91,21 @@ def main(argv=None) -> int:
     for structure in args.structures:
         p = prune_params(params.prune, structure, args.epochs, args.mac_ratio)
         with tempfile.TemporaryDirectory() as reports:
-            pruned, _, metrics, _ = slim_prune_and_finetune(
-                teacher_path=args.teacher,
-                prepared_dir=args.data,
-                reports=reports,
-                p=p,
-                base=params.base,
-                device=torch.device("cpu"),
-                latency_table=table,
-            )
+            try:
+                pruned, _, metrics, _ = slim_prune_and_finetune(
+                    teacher_path=args.teacher,
+                    prepared_dir=args.data,
+                    reports=reports,
+                    p=p,
+                    base=params.base,
+                    device=torch.device("cpu"),
+                    latency_table=table,
+                )
+            except UserError as err:  # e.g. width alone cannot reach the budget: a finding
+                result["arms"][structure] = {"unreachable": str(err)}
+                print(structure, "unreachable:", err, flush=True)
+                write_json(args.out, result)
+                continue
         try:
             predicted = predict_ms(model_units(pruned, size), table, "int8")
         except UserError:  # L1 widths are not in the table (it lists the fast ones only)
