@@ -198,3 +198,31 @@ def test_every_json_reader_refuses_what_json_cannot_hold_in_one_line(tmp_path, t
     with pytest.raises(UserError, match=re.escape(words)) as caught:
         read_json(path, what="benchmark results")
     assert "\n" not in str(caught.value)
+
+
+def test_a_decoder_stopped_before_its_initializer_dies(monkeypatch):
+    # A pool terminated early can SIGTERM a worker forked while the parent's recording handler
+    # was installed and before the worker's initializer reset it: that worker must die, not
+    # record the signal and live on (the parent then waited for it forever, a CI hang).
+    import os
+    import signal as signals
+
+    from resnet_slim.data import decode
+
+    outcome = {}
+
+    class ForkingContext:
+        def Pool(self, workers, initializer):  # noqa: N802 (multiprocessing's name)
+            child = os.fork()
+            if child == 0:  # the worker, still with the parent's handler
+                signals.pthread_sigmask(signals.SIG_UNBLOCK, {signals.SIGTERM})
+                os.kill(os.getpid(), signals.SIGTERM)
+                os._exit(0)  # reached only when the signal was swallowed
+            _, status = os.waitpid(child, 0)
+            outcome["status"] = status
+            return type("Pool", (), {"terminate": lambda self: None})()
+
+    monkeypatch.setattr(decode.multiprocessing, "get_context", lambda method: ForkingContext())
+    decode.start_decoders(1)
+    assert os.WIFSIGNALED(outcome["status"])
+    assert os.WTERMSIG(outcome["status"]) == signals.SIGTERM

@@ -104,11 +104,19 @@ def start_decoders(workers: int):
     at-fork hooks, which drops its KeyboardInterrupt: the stop would be lost. So while forking,
     stop signals are only recorded, and re-sent to the stage's own handler once the pool exists.
     """
-    received = []
-    handlers = {
-        number: signal.signal(number, lambda number, _: received.append(number))
-        for number in STOP_SIGNALS
-    }
+    received, parent = [], os.getpid()
+
+    def record(number, _frame):
+        if os.getpid() != parent:
+            # a worker forked with this handler, stopped (the pool terminated early) before its
+            # initializer ran: recording would swallow the SIGTERM, leaving a worker that never
+            # exits and a parent that waits for it forever; die as the default handler would
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
+        received.append(number)
+
+    handlers = {number: signal.signal(number, record) for number in STOP_SIGNALS}
     try:  # fork: the workers need nothing but this module, already imported
         pool = multiprocessing.get_context("fork").Pool(
             max(1, workers), initializer=_worker_signals
