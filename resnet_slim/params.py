@@ -470,6 +470,15 @@ class StudentArch(Section):
     format: Literal[registry.IMPORT_FORMATS]
     replace_head: bool
     fit_to_budget: bool
+    # the student's own budget / size target (null: prune.latency's speedup / max_params_ratio)
+    fit_speedup: float | None = Field(gt=1.0, le=1000.0)
+    fit_max_params_ratio: float | None = Field(gt=0.0, le=1.0)
+
+    def fit_params(self, latency: "LatencyPruneParams") -> "LatencyPruneParams":
+        """prune.latency with the student's own speedup / max_params_ratio where it sets them."""
+        overrides = {"speedup": self.fit_speedup, "max_params_ratio": self.fit_max_params_ratio}
+        chosen = {key: value for key, value in overrides.items() if value is not None}
+        return LatencyPruneParams(**{**latency.model_dump(), **chosen})
 
     @model_validator(mode="after")
     def _quantizable(self):

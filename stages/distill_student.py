@@ -4,7 +4,8 @@ shared loop; optionally the same student without the teacher, to measure what KD
 distill.student.init starts the student (and its no-teacher baseline) from a trained model;
 its architecture then comes from the file (resnet_slim/train/model_import.py).
 distill.student.fit_to_budget first prunes that student to prune.latency's budget and size target
-(the latency table's units, priced on validation), so a nearly fast enough student fits the gate.
+(or its own fit_speedup / fit_max_params_ratio; the latency table's units, priced on validation), so
+a nearly fast enough student fits the gate.
 base.device and base.nproc apply as in every training stage (resnet_slim/train/distributed.py)."""
 
 import argparse
@@ -29,7 +30,7 @@ def distill(args, params, device) -> None:
         p=params.distill,
         base=params.base,
         device=device,
-        fit=params.prune.latency,
+        fit=params.distill.student.fit_params(params.prune.latency),
         latency_table=table,
     )
     if not distributed.is_main_process():

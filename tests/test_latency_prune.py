@@ -109,6 +109,27 @@ def test_plan_meets_the_size_target_after_the_time_budget_by_least_loss_per_para
     assert "\n" not in str(caught.value) and "550" in str(caught.value)
 
 
+def test_plan_gives_back_what_the_last_step_took_beyond_the_need():
+    options = {
+        # cheapest per parameter first, but 100 saved is not enough
+        "layer3.0": _option(
+            "layer3", {32: 0.2, 64: 0.4}, {32: 0.01, 64: 0.0}, params={32: 100, 64: 200}
+        ),
+        # then this removal saves 500 where 100 more were missing
+        "layer3.1": _option("layer3", {64: 0.4}, {64: 0.0}, removal=0.2, params={64: 500}),
+        "layer3.2": _option("layer3", {64: 0.4}, {64: 0.0}, removal=0.9, params={64: 500}),
+    }
+    kwargs = {"fixed_ms": 0.0, "budget_ms": 10.0, "allow_width": True, "allow_depth": True}
+    plan = plan_to_budget(options, max_params=1000, **kwargs)
+    # layer3.0 narrowed (1,100 left), layer3.1 removed (600): layer3.0 gets its width back (700)
+    assert plan == {"layer3.0": 64, "layer3.1": None, "layer3.2": 64}
+    # no room for it: stays narrowed (the plan is never over the size target or the budget)
+    plan = plan_to_budget(options, max_params=650, **kwargs)
+    assert plan == {"layer3.0": 32, "layer3.1": None, "layer3.2": 64}
+    plan = plan_to_budget(options, max_params=1000, **{**kwargs, "budget_ms": 0.7})
+    assert plan == {"layer3.0": 32, "layer3.1": None, "layer3.2": 64}  # 0.6 ms; 0.8 with 64
+
+
 def _tiny_resnet(seed=0):
     from resnet_slim.train.architectures import CifarResNet
 

@@ -195,7 +195,12 @@ def test_slim_prune_with_method_latency_meets_its_budget(tmp_path, tiny_prepared
     assert pruned(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
 
 
-def test_distill_fits_the_student_to_the_teachers_budget_and_size(tmp_path, tiny_prepared):
+@pytest.mark.parametrize("own_budget", [False, True], ids=["prune_latency", "student_own"])
+def test_distill_fits_the_student_to_the_teachers_budget_and_size(
+    tmp_path, tiny_prepared, own_budget
+):
+    """The student's budget and size target are prune.latency's, or its own fit_speedup /
+    fit_max_params_ratio where set (then prune.latency's other values do not apply to it)."""
     from stages.cache_teacher import main as cache_main
     from stages.distill_student import main as distill_main
     from stages.latency_table import main as table_main
@@ -205,12 +210,12 @@ def test_distill_fits_the_student_to_the_teachers_budget_and_size(tmp_path, tiny
     student, student_arch = cifar_resnet20(width=32, seed=1)  # the teacher's widths: in the table
     save_checkpoint(tmp_path / "init.pt", model=student, arch=student_arch, params={}, metrics={})
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())
+    budget = {"speedup": 2.0, "max_params_ratio": 0.5}
     latency = {
         **defaults["prune"]["latency"],
-        "speedup": 2.0,
         "width_steps": 2,
         "cost_images": 40,
-        "max_params_ratio": 0.5,
+        **({"speedup": 1.1, "max_params_ratio": None} if own_budget else budget),
     }
     student_params = {
         **defaults["distill"]["student"],
@@ -218,6 +223,8 @@ def test_distill_fits_the_student_to_the_teachers_budget_and_size(tmp_path, tiny
         "format": "resnet_slim",
         "fit_to_budget": True,
     }
+    if own_budget:
+        student_params |= {"fit_speedup": 2.0, "fit_max_params_ratio": 0.5}
     params = write_params(
         tmp_path / "params.yaml",
         base={"threads": 1},
@@ -255,6 +262,7 @@ def test_distill_fits_the_student_to_the_teachers_budget_and_size(tmp_path, tiny
     plan = json.loads((tmp_path / "reports" / "metrics.json").read_text())["latency_plan"]
     measured = json.loads(table_path.read_text())["teacher_measured_ms"]
     assert plan["budget_int8_ms"] == pytest.approx(measured["fp32"] / 2.0)  # the teacher's
+    assert plan["speedup"] == 2.0 and plan["max_params"] == int(0.5 * plan["teacher_params"])
     assert plan["pruned_predicted_int8_ms"] <= plan["budget_int8_ms"]
     teacher_count = sum(t.numel() for t in teacher.parameters())
     assert plan["teacher_params"] == teacher_count

@@ -25,6 +25,7 @@ from resnet_slim.compress.latency_model import (
     unit_key,
     unit_ms,
 )
+from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.hardware import fast_int8_widths
 from resnet_slim.params import LatencyPruneParams
@@ -103,8 +104,9 @@ def plan_to_budget(
     (stem, head, the per-call constant). While the time is over budget each step takes the change
     with the least loss per millisecond saved (a change that saves no time is never taken: fewer
     MACs at no gain); then, while the model has more than `max_params` parameters (the gate's size
-    target), the least loss per parameter saved. A stage always keeps one block. A budget no plan
-    meets is a one-line error.
+    target), the least loss per parameter saved. A stage always keeps one block. Then what the
+    last steps took beyond the need is given back (_give_back). A budget no plan meets is a
+    one-line error.
     """
     state = {name: max(o["costs"]) for name, o in options.items()}
 
@@ -155,7 +157,40 @@ def plan_to_budget(
                 f"structure depth_width"
             )
         state[best[1]] = best[2]
+    _give_back(
+        state,
+        options,
+        within=lambda: predicted() <= budget_ms and not over_size(),
+        allow_width=allow_width,
+    )
     return state
+
+
+def _give_back(state: dict, options: dict, *, within, allow_width: bool) -> None:
+    """Undo what the greedy no longer needs, in place: its last step can overshoot (removing a
+    wide block for the size target frees more parameters than were missing), so while a narrowed
+    or removed block can get a wider width and the plan still meets budget and size, take the
+    change that gives back the most loss."""
+
+    def loss(name, width):
+        return options[name].get("removal") if width is None else options[name]["costs"][width]
+
+    while True:
+        best = None
+        for name, width in state.items():
+            targets = [w for w in options[name]["costs"] if width is None or w > width]
+            if not allow_width:  # depth only: a removed block comes back whole
+                targets = [max(options[name]["costs"])] if width is None else []
+            for target in targets:
+                gain = loss(name, width) - loss(name, target)
+                state[name] = target
+                fits = within()
+                state[name] = width
+                if fits and gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, name, target)
+        if best is None:
+            return
+        state[best[1]] = best[2]
 
 
 def _parameter_count(module: nn.Module) -> int:
@@ -283,6 +318,35 @@ def prune_to_latency(
             "blocks": blocks,
             "table_keys": sorted({unit_key(s) for s in model_units(pruned, image_size)}),
         },
+    )
+
+
+def prune_on_validation(
+    model: nn.Module,
+    arch: dict,
+    *,
+    table: dict | None,
+    p: LatencyPruneParams,
+    prepared_dir,
+    image_size: int,
+    reference: nn.Module | None = None,
+    needed_by: str,
+) -> tuple[nn.Module, dict, dict]:
+    """prune_to_latency with every choice priced on the first p.cost_images validation images of
+    the prepared data: what slim_prune does to the teacher and distill_student (fit_to_budget) to
+    the initial student. `needed_by` names the setting in the error when the table is missing."""
+    if table is None:
+        raise UserError(f"{needed_by} needs the latency table (the latency_table stage)")
+    images, labels = data.normalized_split(prepared_dir, "val")
+    return prune_to_latency(
+        model,
+        arch,
+        table=table,
+        p=p,
+        image_size=image_size,
+        images=images[: p.cost_images],
+        labels=labels[: p.cost_images],
+        reference=reference,
     )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from resnet_slim.compress.channel_removal import prune_channels
+from resnet_slim.compress.latency_prune import prune_on_validation
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
@@ -202,8 +203,14 @@ def slim_prune_and_finetune(
         model = _sparsity_phase(model, p, where)
         top1["after_sparsity"] = engine.evaluate(model, test_loader)["top1"]
     if p.method == "latency":
-        pruned, arch, plan = _latency_phase(
-            model, checkpoint["arch"], p, latency_table, where, size
+        pruned, arch, plan = prune_on_validation(
+            model,
+            checkpoint["arch"],
+            table=latency_table,
+            p=p.latency,
+            prepared_dir=prepared_dir,
+            image_size=size,
+            needed_by="prune.method latency",
         )
         keep_zeros = None
     else:
@@ -278,26 +285,6 @@ def _removal_phase(model: nn.Module, p, *, image_size: int) -> tuple[nn.Module, 
         keep_residual_streams=p.keep_residual_streams,
     )
     return pruned, None
-
-
-def _latency_phase(model, arch, p, table, where, size) -> tuple[nn.Module, dict, dict]:
-    """(pruned model, its record, the plan): blocks removed / narrowed to the latency budget,
-    each choice priced on the first prune.latency.cost_images validation images."""
-    from resnet_slim.compress.latency_prune import prune_to_latency
-
-    if table is None:
-        raise UserError("prune.method latency needs the latency table (the latency_table stage)")
-    images, labels = data.normalized_split(where["prepared_dir"], "val")
-    count = p.latency.cost_images
-    return prune_to_latency(
-        model,
-        arch,
-        table=table,
-        p=p.latency,
-        image_size=size,
-        images=images[:count],
-        labels=labels[:count],
-    )
 
 
 def _finetune_phase(

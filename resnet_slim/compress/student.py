@@ -18,6 +18,7 @@ from resnet_slim.compress.distill import (
     load_teacher_cache,
     stage_channels,
 )
+from resnet_slim.compress.latency_prune import prune_on_validation
 from resnet_slim.data import loader as data
 from resnet_slim.errors import UserError
 from resnet_slim.io import sha256_file
@@ -107,8 +108,19 @@ def distill_student(
     teacher, initial, arch, origin = _teacher_and_student(teacher_path, p, meta, base.seed, threads)
     imported, fit_plan = initial, None
     if p.student.fit_to_budget:
-        initial, arch, fit_plan = fit_student_to_budget(
-            initial, arch, teacher, fit, latency_table, prepared_dir, size
+        # a student nearly fast and small enough (a ResNet-32 for a ResNet-56 at a 4x budget)
+        # loses a few blocks, priced on its own validation loss, then distillation trains the rest
+        if fit is None:
+            raise UserError("distill.student.fit_to_budget needs prune.latency")
+        initial, arch, fit_plan = prune_on_validation(
+            initial,
+            arch,
+            table=latency_table,
+            p=fit,
+            prepared_dir=prepared_dir,
+            image_size=size,
+            reference=teacher,
+            needed_by="distill.student.fit_to_budget",
         )
     teacher_macs, teacher_params = count_macs_params(teacher, size)
     student_params = count_macs_params(initial, size)[1]
@@ -176,41 +188,6 @@ def _teacher_and_student(
         print(f"distill_student: warning: {note}", file=sys.stderr, flush=True)
     check_student(initial, arch, source=p.student.init)
     return teacher, initial, arch, origin
-
-
-def fit_student_to_budget(
-    student: nn.Module,
-    arch: dict,
-    teacher: nn.Module,
-    fit: LatencyPruneParams | None,
-    table: dict | None,
-    prepared_dir: str | Path,
-    size: int,
-) -> tuple[nn.Module, dict, dict]:
-    """(student pruned to the teacher's latency budget and size target, its record, the plan).
-
-    A student that is nearly fast and small enough (a ResNet-32 for a ResNet-56 at a 4x
-    budget) loses a few blocks here, priced on its own validation loss as slim_prune prices the
-    teacher's, then distillation trains what is left."""
-    from resnet_slim.compress.latency_prune import prune_to_latency
-
-    if fit is None or table is None:
-        raise UserError(
-            "distill.student.fit_to_budget needs prune.latency and the latency table "
-            "(the latency_table stage)"
-        )
-    images, labels = data.normalized_split(prepared_dir, "val")
-    student.eval()
-    return prune_to_latency(
-        student,
-        arch,
-        table=table,
-        p=fit,
-        image_size=size,
-        images=images[: fit.cost_images],
-        labels=labels[: fit.cost_images],
-        reference=teacher,
-    )
 
 
 def check_student(model: nn.Module, arch: dict, *, source: str) -> None:
