@@ -474,7 +474,7 @@ class StudentArch(Section):
     fit_speedup: float | None = Field(gt=1.0, le=1000.0)
     fit_max_params_ratio: float | None = Field(gt=0.0, le=1.0)
 
-    def fit_params(self, latency: "LatencyPruneParams") -> "LatencyPruneParams":
+    def fit_params(self, latency: LatencyPruneParams) -> LatencyPruneParams:
         """prune.latency with the student's own speedup / max_params_ratio where it sets them."""
         overrides = {"speedup": self.fit_speedup, "max_params_ratio": self.fit_max_params_ratio}
         chosen = {key: value for key, value in overrides.items() if value is not None}
