@@ -473,6 +473,8 @@ class StudentArch(Section):
     # the student's own budget / size target (null: prune.latency's speedup / max_params_ratio)
     fit_speedup: float | None = Field(gt=1.0, le=1000.0)
     fit_max_params_ratio: float | None = Field(gt=0.0, le=1.0)
+    # distil this many epochs before the fit, so blocks are priced on a student adapted to the data
+    fit_after_epochs: int = Field(ge=0)
 
     def fit_params(self, latency: LatencyPruneParams) -> LatencyPruneParams:
         """prune.latency with the student's own speedup / max_params_ratio where it sets them."""
@@ -506,6 +508,21 @@ class DistillParams(TrainParams):
         """Feature stages the loss uses: none without a feature term (a 3-stage CIFAR ResNet
         teacher then needs no `feature_stages` change, and the cache holds logits only)."""
         return list(self.feature_stages) if self.feature_weight > 0 else []
+
+    @model_validator(mode="after")
+    def _fit_after_epochs_needs_a_fit(self):
+        if self.student.fit_after_epochs and not self.student.fit_to_budget:
+            raise ValueError(
+                "distill.student.fit_after_epochs distils before the fit to the budget: "
+                "it needs distill.student.fit_to_budget: true (or set it to 0)"
+            )
+        if self.student.fit_after_epochs and self.train_baseline:
+            # the no-teacher baseline would start from a student the teacher already trained
+            raise ValueError(
+                "distill.train_baseline cannot measure what KD adds when "
+                "distill.student.fit_after_epochs distils before the fit: set one of them off"
+            )
+        return self
 
 
 def max_export_opset() -> int | None:

@@ -5,7 +5,8 @@ distill.student.init starts the student (and its no-teacher baseline) from a tra
 its architecture then comes from the file (resnet_slim/train/model_import.py).
 distill.student.fit_to_budget first prunes that student to prune.latency's budget and size target
 (or its own fit_speedup / fit_max_params_ratio; the latency table's units, priced on validation), so
-a nearly fast enough student fits the gate.
+a nearly fast enough student fits the gate; distill.student.fit_after_epochs distils it that many
+epochs before the fit (priced on a student adapted to the data), distill.epochs after.
 base.device and base.nproc apply as in every training stage (resnet_slim/train/distributed.py)."""
 
 import argparse

@@ -2,6 +2,7 @@
 prediction checked against a whole model's measured time on small models), the table's cache, the
 benchmark's prediction check, and the slim_prune stage pruning to a latency budget."""
 
+import copy
 import json
 
 import pytest
@@ -195,12 +196,18 @@ def test_slim_prune_with_method_latency_meets_its_budget(tmp_path, tiny_prepared
     assert pruned(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("own_budget", [False, True], ids=["prune_latency", "student_own"])
+@pytest.mark.parametrize(
+    "own_budget, fit_after_epochs",
+    [(False, 0), (True, 0), (False, 1)],
+    ids=["prune_latency", "student_own", "fit_after_epochs"],
+)
 def test_distill_fits_the_student_to_the_teachers_budget_and_size(
-    tmp_path, tiny_prepared, own_budget
+    tmp_path, tiny_prepared, monkeypatch, own_budget, fit_after_epochs
 ):
     """The student's budget and size target are prune.latency's, or its own fit_speedup /
-    fit_max_params_ratio where set (then prune.latency's other values do not apply to it)."""
+    fit_max_params_ratio where set (then prune.latency's other values do not apply to it).
+    With fit_after_epochs the fit prices the student as distilled that long, not as imported."""
+    from resnet_slim.compress import student as student_module
     from stages.cache_teacher import main as cache_main
     from stages.distill_student import main as distill_main
     from stages.latency_table import main as table_main
@@ -222,6 +229,7 @@ def test_distill_fits_the_student_to_the_teachers_budget_and_size(
         "init": str(tmp_path / "init.pt"),
         "format": "resnet_slim",
         "fit_to_budget": True,
+        "fit_after_epochs": fit_after_epochs,
     }
     if own_budget:
         student_params |= {"fit_speedup": 2.0, "fit_max_params_ratio": 0.5}
@@ -257,9 +265,27 @@ def test_distill_fits_the_student_to_the_teachers_budget_and_size(
         distill_main(distill)
     assert not (tmp_path / "student.pt").exists()
     table_main([*common, "--teacher", teacher_path, "--out", str(table_path)])
+    priced = []  # the students the fit priced
+    fit_to_budget = student_module.prune_on_validation
+    monkeypatch.setattr(
+        student_module,
+        "prune_on_validation",
+        lambda model, *a, **k: priced.append(copy.deepcopy(model)) or fit_to_budget(model, *a, **k),
+    )
     distill_main(distill)
 
-    plan = json.loads((tmp_path / "reports" / "metrics.json").read_text())["latency_plan"]
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    (priced_student,) = priced
+    as_imported = all(
+        torch.equal(a, b)
+        for a, b in zip(
+            priced_student.state_dict().values(), student.state_dict().values(), strict=True
+        )
+    )
+    assert as_imported == (fit_after_epochs == 0)
+    assert ("student_top1_before_fit" in metrics) == (fit_after_epochs > 0)
+    assert (tmp_path / "reports" / "kd_before_fit").exists() == (fit_after_epochs > 0)
+    plan = metrics["latency_plan"]
     measured = json.loads(table_path.read_text())["teacher_measured_ms"]
     assert plan["budget_int8_ms"] == pytest.approx(measured["fp32"] / 2.0)  # the teacher's
     assert plan["speedup"] == 2.0 and plan["max_params"] == int(0.5 * plan["teacher_params"])

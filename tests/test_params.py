@@ -162,6 +162,17 @@ BAD_VALUES = [
         "gate.max_acc_drop_pp: Input should be a finite number",
     ),
     ("export", {"opset": 99}, "export.opset: Value error, this torch exports ONNX opsets up to"),
+    (
+        "distill",
+        {"student": {"fit_after_epochs": 2}},
+        "distill.student.fit_after_epochs distils before the fit to the budget: it needs "
+        "distill.student.fit_to_budget: true",
+    ),
+    (
+        "distill",
+        {"student": {"fit_after_epochs": 2, "fit_to_budget": True}, "train_baseline": True},
+        "distill.train_baseline cannot measure what KD adds when distill.student.fit_after_epochs",
+    ),
 ]
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantize, disable_observer
 
 from resnet_slim.compress.export import export_onnx, make_session, run_onnx, torch_logits
-from resnet_slim.compress.onnx_int8 import int8_kernel_report, store_int8
+from resnet_slim.compress.onnx_int8 import int8_kernel_report, shorten_names, store_int8
 from resnet_slim.errors import UserError
 from resnet_slim.io import atomic_path
 from resnet_slim.train.models import replace_submodule
@@ -88,6 +88,7 @@ def export_qat_onnx(
         export_onnx(_folded_copy(qat_model), raw, image_size=image_size, opset=opset)
         model = onnx.load(str(raw))
     store_int8(model.graph)
+    shorten_names(model)
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)

@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -16,6 +17,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from resnet_slim.compress.export import INPUT_NAME, make_session
+from resnet_slim.compress.onnx_int8 import shorten_names
 from resnet_slim.data.loader import check_finite_images
 from resnet_slim.errors import UserError
 from resnet_slim.hardware import has_int8_dot_product
@@ -81,6 +83,9 @@ def quantize_static_int8(
             calibrate_method=CalibrationMethod.MinMax,
             reduce_range=reduce_range,
         )
+        model = onnx.load(str(tmp))  # a release candidate: shipped without the long names
+        shorten_names(model)
+        onnx.save(model, str(tmp))
 
 
 def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> None:

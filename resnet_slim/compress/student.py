@@ -95,7 +95,9 @@ def distill_student(
     The student learns from the teacher (cached outputs, or the teacher run on each batch) and,
     with distill.train_baseline, the same student trains without it to measure what KD adds.
     With distill.student.fit_to_budget the initial student is first pruned to `fit`'s latency
-    budget and size target (prune.latency, relative to the teacher) over `latency_table`.
+    budget and size target (prune.latency, relative to the teacher) over `latency_table`; with
+    distill.student.fit_after_epochs it is distilled that many epochs first (its own schedule),
+    so the fit prices blocks of a student adapted to the data.
     Every process returns the same; the caller writes on rank 0. Warnings print on rank 0.
     """
     from resnet_slim.compress.export import count_macs_params  # onnx: only when counting
@@ -106,12 +108,31 @@ def distill_student(
     labels = data.load_split(prepared_dir, "train").labels
     size = meta["image_size"]
     teacher, initial, arch, origin = _teacher_and_student(teacher_path, p, meta, base.seed, threads)
-    imported, fit_plan = initial, None
+    targets, loss_fn = _targets_and_loss(
+        p, stages, labels, teacher, teacher_path=teacher_path, cache_path=cache_path, device=device
+    )
+    common = dict(prepared_dir=prepared_dir, meta=meta, base=base, device=device)
+    imported, fit_plan, before_fit = initial, None, {}
     if p.student.fit_to_budget:
         # a student nearly fast and small enough (a ResNet-32 for a ResNet-56 at a 4x budget)
         # loses a few blocks, priced on its own validation loss, then distillation trains the rest
         if fit is None:
             raise UserError("distill.student.fit_to_budget needs prune.latency")
+        if p.student.fit_after_epochs:
+            # priced as imported (a ResNet-32 at 82 % on these JPEGs, 89 % after 4 KD epochs), a
+            # block's loss measures the domain shift more than what the block holds
+            engine.seed_everything(base.seed, threads)
+            initial, before_fit_top1 = train_student(
+                initial,
+                loss_fn,
+                targets,
+                p=p.model_copy(update={"epochs": p.student.fit_after_epochs}),
+                desc="distill before the fit",
+                live_dir=f"{reports}/kd_before_fit",
+                projections=_projections(teacher, initial, size, stages, p.feature_weight),
+                **common,
+            )
+            before_fit = {"student_top1_before_fit": before_fit_top1}
         initial, arch, fit_plan = prune_on_validation(
             initial,
             arch,
@@ -124,12 +145,9 @@ def distill_student(
         )
     teacher_macs, teacher_params = count_macs_params(teacher, size)
     student_params = count_macs_params(initial, size)[1]
-    projections = _projections(teacher, initial, size, stages, feature_weight=p.feature_weight)
-    targets, loss_fn = _targets_and_loss(
-        p, stages, labels, teacher, teacher_path=teacher_path, cache_path=cache_path, device=device
-    )
+    projections = _projections(teacher, initial, size, stages, p.feature_weight)
     _warn_if_larger(student_params, teacher_params)  # only now: every input is known good
-    common = dict(prepared_dir=prepared_dir, meta=meta, p=p, base=base, device=device)
+    common["p"] = p
     engine.seed_everything(base.seed, threads)
     student, kd_top1 = train_student(
         initial,
@@ -141,6 +159,7 @@ def distill_student(
         **common,
     )
     metrics = {"student_top1_kd": kd_top1, "alpha": p.alpha, "temperature": p.temperature}
+    metrics.update(before_fit)
     metrics.update(feature_weight=p.feature_weight, cache_teacher=p.cache_teacher)
     if p.train_baseline:
         no_kd = _baseline_metrics(p, student, kd_top1, initial, labels, reports, threads, common)
@@ -209,7 +228,7 @@ def check_student(model: nn.Module, arch: dict, *, source: str) -> None:
 
 
 def _projections(
-    teacher: nn.Module, student: nn.Module, size: int, stages: list[int], *, feature_weight: float
+    teacher: nn.Module, student: nn.Module, size: int, stages: list[int], feature_weight: float
 ) -> dict[str, tuple[int, int]]:
     """{"layer<k>": (student channels, teacher channels)} for the feature term's projectors
     (none without it). Both models' stages are checked either way, so a bad
@@ -241,7 +260,7 @@ def _targets_and_loss(p, stages, labels, teacher, *, teacher_path, cache_path, d
         alpha=p.alpha,
         temperature=p.temperature,
         feature_weight=p.feature_weight,
-        teacher=teacher.to(device).eval(),
+        teacher=copy.deepcopy(teacher).to(device).eval(),  # `teacher` itself is measured on CPU
         stages=stages,
     )
     return (labels,), loss_fn
