@@ -27,6 +27,7 @@ OPTIONAL_FILES = ["targets.json", "targets_predictions.csv", "latency_table.json
 CURVES = [
     ("teacher/plots/metrics/val_top1.tsv", "curves/teacher_val_top1.tsv"),
     ("prune/finetune/plots/metrics/val_top1.tsv", "curves/prune_finetune_val_top1.tsv"),
+    ("distill/kd_before_fit/plots/metrics/val_top1.tsv", "curves/distill_before_fit_val_top1.tsv"),
     ("distill/kd/plots/metrics/val_top1.tsv", "curves/distill_kd_val_top1.tsv"),
     ("distill/no_kd/plots/metrics/val_top1.tsv", "curves/distill_no_kd_val_top1.tsv"),
 ]
