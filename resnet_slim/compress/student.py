@@ -111,7 +111,7 @@ def distill_student(
     targets, loss_fn = _targets_and_loss(
         p, stages, labels, teacher, teacher_path=teacher_path, cache_path=cache_path, device=device
     )
-    common = dict(prepared_dir=prepared_dir, meta=meta, base=base, device=device)
+    common = dict(prepared_dir=prepared_dir, meta=meta, p=p, base=base, device=device)
     imported, fit_plan, before_fit = initial, None, {}
     if p.student.fit_to_budget:
         # a student nearly fast and small enough (a ResNet-32 for a ResNet-56 at a 4x budget)
@@ -126,11 +126,10 @@ def distill_student(
                 initial,
                 loss_fn,
                 targets,
-                p=p.model_copy(update={"epochs": p.student.fit_after_epochs}),
                 desc="distill before the fit",
                 live_dir=f"{reports}/kd_before_fit",
                 projections=_projections(teacher, initial, size, stages, p.feature_weight),
-                **common,
+                **{**common, "p": p.model_copy(update={"epochs": p.student.fit_after_epochs})},
             )
             before_fit = {"student_top1_before_fit": before_fit_top1}
         initial, arch, fit_plan = prune_on_validation(
@@ -147,7 +146,6 @@ def distill_student(
     student_params = count_macs_params(initial, size)[1]
     projections = _projections(teacher, initial, size, stages, p.feature_weight)
     _warn_if_larger(student_params, teacher_params)  # only now: every input is known good
-    common["p"] = p
     engine.seed_everything(base.seed, threads)
     student, kd_top1 = train_student(
         initial,
